@@ -1,0 +1,18 @@
+"""jaxce: numerically stable, jit-compiled cross-entropy losses for JAX."""
+
+from jaxce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from jaxce._binary import sigmoid_focal_loss as sigmoid_focal_loss
+from jaxce._checked import checked as checked
+from jaxce._linear import linear_cross_entropy as linear_cross_entropy
+from jaxce._primitives import log1m_sigmoid as log1m_sigmoid
+from jaxce._primitives import log_sigmoid as log_sigmoid
+from jaxce._primitives import log_softmax as log_softmax
+from jaxce._primitives import logsumexp as logsumexp
+from jaxce._probabilities import binary_cross_entropy as binary_cross_entropy
+from jaxce._probabilities import categorical_cross_entropy as categorical_cross_entropy
+from jaxce._softmax import softmax_cross_entropy as softmax_cross_entropy
+from jaxce._softmax import (
+    softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,184 @@
+"""Binary (log-sigmoid) cross-entropy and focal loss from logits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxce import _checks, _reduce
+
+
+def elementwise_inputs(
+    logits: ArrayLike, labels: ArrayLike, where: ArrayLike | None, reduction: str
+) -> tuple[jax.Array, jax.Array, jax.Array | None, Any]:
+    """Checks and converts the inputs every elementwise loss shares.
+
+    Returns logits and labels in the compute dtype, the mask broadcast to the
+    logits' shape (or None), and the original dtype of `logits`.
+    """
+    logits = _checks.as_float_array(logits, "logits")
+    labels = jnp.asarray(labels)
+    if not (
+        jnp.issubdtype(labels.dtype, jnp.floating)
+        or jnp.issubdtype(labels.dtype, jnp.integer)
+        or labels.dtype == jnp.bool_
+    ):
+        raise TypeError(f"`labels` must be numeric (0/1 or probabilities), got {labels.dtype}.")
+    _checks.check_broadcastable(labels, logits.shape, "labels", "`logits`")
+    _checks.check_reduction(reduction)
+    mask = None
+    if where is not None:
+        mask = jnp.broadcast_to(_checks.as_mask(where, logits.shape), logits.shape)
+    compute = _checks.compute_dtype(logits)
+    return logits.astype(compute), labels.astype(compute), mask, compute
+
+
+def elementwise_weight(
+    weight: ArrayLike | None, shape: tuple[int, ...], argument: str
+) -> jax.Array | None:
+    if weight is None:
+        return None
+    weight = _checks.as_float_array(weight, argument)
+    _checks.check_broadcastable(weight, shape, argument, "`logits`")
+    _checks.check_values(weight >= 0, weight, argument, "non-negative")
+    return weight
+
+
+def masked_reduce(loss: jax.Array, mask: jax.Array | None, reduction: str) -> jax.Array:
+    """Zeroes excluded elements; ``"mean"`` divides by the number of included ones."""
+    if mask is None:
+        return _reduce.reduce(loss, reduction)
+    loss = jnp.where(mask, loss, 0)
+    return _reduce.reduce(loss, reduction, denominator=jnp.sum(mask, dtype=loss.dtype))
+
+
+def softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(softplus(x), softplus(-x)) = (-log(1 - sigmoid(x)), -log sigmoid(x))``.
+
+    Both share ``log1p(exp(-|x|))``: softplus(x) = max(x, 0) + log1p(exp(-|x|)),
+    which never overflows, and the pair costs one exp and one log1p.
+    """
+    tail = jnp.log1p(jnp.exp(-jnp.abs(x)))
+    return jnp.maximum(x, 0) + tail, jnp.maximum(-x, 0) + tail
+
+
+def sigmoid_binary_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    pos_weight: ArrayLike | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Binary cross-entropy from logits (PyTorch's ``binary_cross_entropy_with_logits``).
+
+    .. math::
+        \ell = -w \left[ p_w\, \tilde y \log \sigma(x) + (1 - \tilde y) \log(1 - \sigma(x)) \right],
+        \qquad \tilde y = (1 - \varepsilon)\, y + \varepsilon / 2
+
+    (Keras' binary label smoothing), computed as
+    :math:`w [p_w \tilde y\, \mathrm{softplus}(-x) + (1 - \tilde y)\, \mathrm{softplus}(x)]`.
+
+    Args:
+      logits: floating array, any shape.
+      labels: 0/1 labels or probabilities, broadcastable to ``logits``.
+      weight: elementwise weight broadcastable to ``logits``.
+      pos_weight: weight of positive examples, broadcastable to ``logits``
+        (PyTorch: one per class along the last axis); may be traced.
+      label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
+      where: boolean mask broadcastable to ``logits``; excluded elements give 0.
+      reduction: ``"none"`` (``logits``' shape), ``"sum"``, or ``"mean"`` over
+        the (included) elements, weights or not.
+
+    Returns:
+      The loss, float32 for half-precision logits.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce
+      >>> print(jaxce.sigmoid_binary_cross_entropy(jnp.array([0.0, 2.0]), jnp.array([1.0, 0.0])))
+      [0.6931472 2.126928 ]
+
+    Finite for all finite logits (``+-1e30`` included), with finite gradients.
+    """
+    x, y, mask, _ = elementwise_inputs(logits, labels, where, reduction)
+    _checks.check_unit_interval(label_smoothing, "label_smoothing")
+    weight = elementwise_weight(weight, x.shape, "weight")
+    pos_weight = elementwise_weight(pos_weight, x.shape, "pos_weight")
+    if not _checks.is_concrete_zero(label_smoothing):
+        smoothing = jnp.asarray(label_smoothing, x.dtype)
+        y = (1 - smoothing) * y + 0.5 * smoothing
+    softplus_x, softplus_neg_x = softplus_pair(x)
+    positive = y * softplus_neg_x
+    if pos_weight is not None:
+        positive = pos_weight.astype(x.dtype) * positive
+        loss = positive + (1 - y) * softplus_x
+        loss = jnp.where(pos_weight < 0, jnp.nan, loss)
+    else:
+        loss = positive + (1 - y) * softplus_x
+    if weight is not None:
+        loss = jnp.where(weight < 0, jnp.nan, weight.astype(x.dtype) * loss)
+    return masked_reduce(loss, mask, reduction)
+
+
+def sigmoid_focal_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    alpha: ArrayLike | None = None,
+    gamma: ArrayLike = 2.0,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Focal loss (Lin et al., 2017) from logits, as in ``optax.sigmoid_focal_loss``.
+
+    .. math::
+        \ell = a_t\, (1 - p_t)^\gamma\, \mathrm{BCE}(x, y), \qquad
+        1 - p_t = y (1 - \sigma(x)) + (1 - y)\, \sigma(x), \qquad
+        a_t = \alpha y + (1 - \alpha)(1 - y)
+
+    (:math:`a_t = 1` when ``alpha`` is None). :math:`\log(1 - p_t)` is a
+    log-sum-exp of log-sigmoids, so the modulating factor never underflows to
+    ``0 ** 0``.
+
+    Args:
+      logits: floating array, any shape.
+      labels: 0/1 labels or probabilities, broadcastable to ``logits``.
+      alpha: weight of positives in ``[0, 1]``, or None; may be traced.
+      gamma: focusing exponent :math:`\ge 0`; may be traced.
+      where: boolean mask broadcastable to ``logits``.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"`` over included elements.
+
+    Returns:
+      The loss, float32 for half-precision logits.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce
+      >>> print(jaxce.sigmoid_focal_loss(jnp.array([0.0]), jnp.array([1.0])))
+      [0.1732868]
+
+    Finite, with finite gradients, for all finite logits.
+    """
+    x, y, mask, _ = elementwise_inputs(logits, labels, where, reduction)
+    _checks.check_scalar(gamma, "gamma")
+    if alpha is not None:
+        _checks.check_unit_interval(alpha, "alpha", closed_right=True)
+    softplus_x, softplus_neg_x = softplus_pair(x)
+    cross_entropy = y * softplus_neg_x + (1 - y) * softplus_x
+    # log(1 - p_t) = log(y e^{-softplus(x)} + (1 - y) e^{-softplus(-x)}).
+    log_miss = jnp.logaddexp(_safe_log(y) - softplus_x, _safe_log(1 - y) - softplus_neg_x)
+    loss = jnp.exp(jnp.asarray(gamma, x.dtype) * log_miss) * cross_entropy
+    if alpha is not None:
+        positive_weight = jnp.asarray(alpha, x.dtype)
+        loss = (positive_weight * y + (1 - positive_weight) * (1 - y)) * loss
+    return masked_reduce(loss, mask, reduction)
+
+
+def _safe_log(x: jax.Array) -> jax.Array:
+    """``log(x)`` with ``log(0) = -inf`` and no ``inf`` in the gradient at 0."""
+    positive = x > 0
+    return jnp.where(positive, jnp.log(jnp.where(positive, x, 1)), -jnp.inf)

@@ -1,0 +1,171 @@
+"""Eager argument checks shared by every loss.
+
+Everything here runs at trace time on shapes, dtypes and Python values, so a
+mistake raises before anything is compiled. Checks on *values* (labels out of
+range, probabilities outside [0, 1]) cannot raise under `jit`; the losses turn
+them into NaN and `jaxce.checked` turns that into an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+REDUCTIONS = ("none", "sum", "mean")
+
+# Set by `jaxce.checked` while it traces the user's function: the losses then
+# emit `checkify.check`s that name the offending index and value.
+_value_checks: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "jaxce_value_checks", default=False
+)
+
+
+@contextlib.contextmanager
+def value_checks_enabled() -> Iterator[None]:
+    token = _value_checks.set(True)
+    try:
+        yield
+    finally:
+        _value_checks.reset(token)
+
+
+def check_values(valid: jax.Array, values: jax.Array, argument: str, expectation: str) -> None:
+    """Under `jaxce.checked`, fails naming the first invalid element of `values`."""
+    if not _value_checks.get():
+        return
+    valid = jnp.broadcast_to(valid, jnp.shape(values)).ravel()
+    flat_values = jnp.ravel(values)
+    first_bad = jnp.argmin(valid)
+    index = jnp.unravel_index(first_bad, jnp.shape(values))
+    checkify.check(
+        jnp.all(valid),
+        f"`{argument}` must be {expectation}; got {{value}} at index {{index}}",
+        value=flat_values[first_bad],
+        index=jnp.stack([jnp.asarray(i) for i in index]) if index else first_bad,
+    )
+
+
+def compute_dtype(x: jax.Array) -> Any:
+    """float64 stays float64; every other float is computed in float32."""
+    return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+
+
+def as_float_array(x: Any, argument: str) -> jax.Array:
+    """Converts `x` to a JAX array and requires a floating dtype."""
+    array = jnp.asarray(x)
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        raise TypeError(
+            f"`{argument}` must have a floating dtype (float16, bfloat16, float32 "
+            f"or float64), got {array.dtype}. Cast it first, e.g. "
+            f"`{argument}.astype(jnp.float32)`."
+        )
+    return array
+
+
+def as_integer_labels(labels: Any, argument: str = "labels") -> jax.Array:
+    array = jnp.asarray(labels)
+    if not jnp.issubdtype(array.dtype, jnp.integer):
+        raise TypeError(
+            f"`{argument}` must have an integer dtype (class indices), got "
+            f"{array.dtype}. For one-hot or soft labels use "
+            "`softmax_cross_entropy`."
+        )
+    return array
+
+
+def optional_float(x: Any, argument: str) -> jax.Array | None:
+    return None if x is None else as_float_array(x, argument)
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
+
+
+def is_concrete_zero(x: Any) -> bool:
+    """True for a Python (or concrete NumPy) zero: the option is off at trace time."""
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and x == 0
+
+
+def check_unit_interval(x: Any, argument: str, *, closed_right: bool = False) -> None:
+    """Checks a hyperparameter in [0, 1) (or [0, 1]) when its value is concrete.
+
+    Traced values pass through: a hyperparameter may be a traced array so that
+    changing it does not retrace.
+    """
+    if isinstance(x, jax.core.Tracer):
+        return
+    value = np.asarray(x)
+    if value.shape != ():
+        raise ValueError(f"`{argument}` must be a scalar, got shape {value.shape}.")
+    upper_ok = value <= 1 if closed_right else value < 1
+    if not (value >= 0 and upper_ok):
+        interval = "[0, 1]" if closed_right else "[0, 1)"
+        raise ValueError(f"`{argument}` must be in {interval}, got {x!r}.")
+
+
+def check_scalar(x: Any, argument: str) -> None:
+    if isinstance(x, jax.core.Tracer):
+        if x.shape != ():
+            raise ValueError(f"`{argument}` must be a scalar, got shape {x.shape}.")
+        return
+    value = np.asarray(x)
+    if value.shape != ():
+        raise ValueError(f"`{argument}` must be a scalar, got shape {value.shape}.")
+    if not np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.complexfloating):
+        raise TypeError(f"`{argument}` must be a real number, got {x!r}.")
+
+
+def normalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    """Returns the class axes as sorted, non-negative, distinct ints."""
+    if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
+        axes: tuple[int, ...] = (int(axis),)
+    elif isinstance(axis, tuple) and all(
+        isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axis
+    ):
+        axes = tuple(int(a) for a in axis)
+        if not axes:
+            raise ValueError("`axis` must name at least one axis, got ().")
+    else:
+        raise TypeError(
+            f"`axis` must be an int or a tuple of ints, got {type(axis).__name__} {axis!r}."
+        )
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"`axis` {a} is out of range for `logits` of rank {ndim}: expected "
+                f"an axis in [{-ndim}, {ndim})."
+            )
+    canonical = tuple(sorted(a % ndim for a in axes))
+    if len(set(canonical)) != len(canonical):
+        raise ValueError(f"`axis` has repeated axes: {axis!r}.")
+    return canonical
+
+
+def check_broadcastable(x: jax.Array, shape: tuple[int, ...], argument: str, target: str) -> None:
+    try:
+        np.broadcast_shapes(x.shape, shape)
+    except ValueError:
+        raise ValueError(
+            f"`{argument}` has shape {x.shape}, which does not broadcast to {target} shape {shape}."
+        ) from None
+    if np.broadcast_shapes(x.shape, shape) != tuple(shape):
+        raise ValueError(
+            f"`{argument}` has shape {x.shape}, which would broadcast {target} "
+            f"shape {shape} to a larger shape {np.broadcast_shapes(x.shape, shape)}."
+        )
+
+
+def as_mask(where: Any, shape: tuple[int, ...], argument: str = "where") -> jax.Array:
+    mask = jnp.asarray(where)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"`{argument}` must be a boolean array, got {mask.dtype}.")
+    check_broadcastable(mask, shape, argument, "the")
+    return mask

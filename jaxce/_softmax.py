@@ -1,0 +1,245 @@
+"""Multiclass (log-softmax) cross-entropy from logits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxce import _checks, _layout, _primitives, _reduce
+
+
+def integer_label_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    mask: jax.Array | None,
+    class_weight: jax.Array | None,
+    ignore_index: int | None,
+    label_smoothing: ArrayLike,
+    z_loss: ArrayLike,
+    reduction: str,
+) -> jax.Array:
+    """The integer-label loss on `[..., C]` logits (compute dtype), labels `[...]`.
+
+    This is the one implementation behind `softmax_cross_entropy_with_integer_labels`
+    and `linear_cross_entropy`'s reference path.
+    """
+    num_classes = logits.shape[-1]
+    class_axis = (logits.ndim - 1,)
+    shifted, row_max = _primitives.shifted_logits(logits, class_axis, mask)
+    log_normalizer = _primitives.log_sum_exp_shifted(shifted, class_axis)[..., 0]
+    classes = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    is_label = classes == labels[..., None]
+    # -log p_y = log sum_j exp(x_j - m) - (x_y - m): both terms are computed in
+    # the shifted frame, so logits of 1e4 lose nothing to `lse(x) - x_y`
+    # cancellation in float32. A select (not a gather) picks x_y so that its
+    # gradient is an elementwise select that fuses with the softmax term.
+    label_shifted = jnp.sum(jnp.where(is_label, shifted, 0), axis=-1)
+    nll = log_normalizer - label_shifted
+
+    in_range = (labels >= 0) & (labels < num_classes)
+    ignored = (labels == ignore_index) if ignore_index is not None else jnp.zeros_like(in_range)
+    _checks.check_values(
+        in_range | ignored,
+        labels,
+        "labels",
+        f"class indices in [0, {num_classes})"
+        + (f" or ignore_index={ignore_index}" if ignore_index is not None else ""),
+    )
+    active = ~ignored
+    if mask is not None:
+        active = active & jnp.any(mask, axis=-1)
+    counted = active & in_range
+
+    if class_weight is None:
+        label_weight = jnp.ones_like(nll)
+    else:
+        label_weight = class_weight[jnp.clip(labels, 0, num_classes - 1)]
+    loss = label_weight * nll
+    if not _checks.is_concrete_zero(label_smoothing):
+        # PyTorch: (1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c).
+        # -log p_c = log_normalizer - shifted_c >= 0, summed without cancellation.
+        neg_log_probs = log_normalizer[..., None] - shifted
+        weights = 1 if class_weight is None else class_weight
+        included = jnp.ones_like(is_label) if mask is None else mask
+        smooth = jnp.sum(jnp.where(included, weights * neg_log_probs, 0), axis=-1)
+        smoothing = jnp.asarray(label_smoothing, loss.dtype)
+        loss = (1 - smoothing) * loss + (smoothing / num_classes) * smooth
+    if class_weight is not None:
+        _layout.check_class_weight_values(class_weight)
+        loss = jnp.where(jnp.any(class_weight < 0), jnp.nan, loss)
+    invalid = active & ~in_range
+    loss = jnp.where(counted, loss, 0)
+    loss = jnp.where(invalid, jnp.nan, loss)
+
+    if _checks.is_concrete_zero(z_loss):
+        z_term = None
+    else:
+        log_partition = log_normalizer + row_max[..., 0]
+        z_coefficient = jnp.asarray(z_loss, log_partition.dtype)
+        z_term = jnp.where(counted, z_coefficient * jnp.square(log_partition), 0)
+
+    if reduction == "none":
+        return loss if z_term is None else loss + z_term
+    if reduction == "sum":
+        return jnp.sum(loss) if z_term is None else jnp.sum(loss) + jnp.sum(z_term)
+    # PyTorch's weighted mean: divide by the summed weights of counted examples.
+    count = jnp.sum(counted, dtype=loss.dtype)
+    denominator = count if class_weight is None else jnp.sum(jnp.where(counted, label_weight, 0))
+    mean = _reduce.safe_divide(jnp.sum(loss), denominator)
+    # z-loss is not class-weighted: its mean is over counted examples.
+    return mean if z_term is None else mean + _reduce.safe_divide(jnp.sum(z_term), count)
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int | Sequence[int] = -1,
+    weight: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Softmax cross-entropy with integer class labels (PyTorch's ``cross_entropy``).
+
+    For logits :math:`x \in \mathbb{R}^C`, label :math:`y`, class weights
+    :math:`w` (all ones by default) and smoothing :math:`\varepsilon`:
+
+    .. math::
+        \ell = (1 - \varepsilon)\, w_y\, (-\log p_y)
+             + \frac{\varepsilon}{C} \sum_c w_c\, (-\log p_c)
+             + z \,(\log \textstyle\sum_c e^{x_c})^2,
+        \qquad p = \operatorname{softmax}(x).
+
+    ``reduction="mean"`` divides the summed cross-entropy by the summed
+    :math:`w_y` of counted examples (PyTorch's weighted mean) and the summed
+    z-loss by the number of counted examples. Examples whose label equals
+    ``ignore_index``, or whose classes are all excluded by ``where``, are not
+    counted; a mean over nothing is 0, with zero gradients (PyTorch: NaN).
+
+    Args:
+      logits: ``[..., num_classes]`` floating logits.
+      labels: ``[...]`` integer class indices (the logits' shape without the
+        class axes). With a tuple ``axis`` a label indexes the flattened class
+        slice.
+      axis: class axis, or a tuple of class axes.
+      weight: ``[num_classes]`` non-negative class weights.
+      ignore_index: label value of examples to skip (e.g. ``-100``).
+      label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
+      z_loss: coefficient :math:`z` of PaLM's auxiliary loss; may be traced.
+      where: boolean mask, of the logits' shape (excluded classes get
+        probability 0) or of the batch shape (excluded examples).
+      reduction: ``"none"`` (``[...]``), ``"sum"`` or ``"mean"`` (scalars).
+
+    Returns:
+      The loss, float32 for half-precision logits (float64 for float64).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> print(jaxce.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1])))
+      [0.27610844 2.9518282 ]
+
+    Logits of ``+-1e30`` give finite losses and gradients. A ``-inf`` logit or
+    an excluded class gets probability 0 and an exactly zero gradient. A label
+    outside ``[0, num_classes)`` that is not ``ignore_index`` (negative ones
+    included) gives that example a NaN loss; ``jaxce.checked`` raises instead.
+    """
+    logits = _checks.as_float_array(logits, "logits")
+    labels = _checks.as_integer_labels(labels)
+    _checks.check_reduction(reduction)
+    _checks.check_unit_interval(label_smoothing, "label_smoothing")
+    _checks.check_scalar(z_loss, "z_loss")
+    if ignore_index is not None and not isinstance(ignore_index, int):
+        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
+    layout = _layout.ClassLayout.of(logits.shape, axis)
+    labels = _layout.batch_labels(labels, layout)
+    mask = layout.mask(where)
+    class_weight = layout.class_weight(weight)
+    compute = _checks.compute_dtype(logits)
+    return integer_label_loss(
+        layout.classes_last(logits).astype(compute),
+        labels,
+        mask=mask,
+        class_weight=None if class_weight is None else class_weight.astype(compute),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+    )
+
+
+def softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int | Sequence[int] = -1,
+    weight: ArrayLike | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Softmax cross-entropy against probability (one-hot or soft) labels.
+
+    .. math::
+        \ell = -\sum_c w_c\, \tilde y_c \log p_c, \qquad
+        \tilde y = (1 - \varepsilon)\, y + \varepsilon / C, \qquad
+        p = \operatorname{softmax}(x).
+
+    ``reduction="mean"`` divides by the number of examples, weights or not
+    (PyTorch's rule for probability targets); examples excluded by ``where``
+    are not counted.
+
+    Args:
+      logits: ``[..., num_classes]`` floating logits.
+      labels: probabilities broadcastable to ``logits``' shape.
+      axis: class axis or tuple of axes.
+      weight: ``[num_classes]`` class weights.
+      label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
+      where: boolean mask of the logits' shape (excluded classes take no part)
+        or of the batch shape (excluded examples).
+      reduction: ``"none"`` (``[...]``), ``"sum"`` or ``"mean"``.
+
+    Returns:
+      The loss, float32 for half-precision logits.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+      >>> print(jaxce.softmax_cross_entropy(logits, labels))
+      [0.27610844 2.9518282 ]
+
+    A class with label 0 contributes 0 even when its logit is ``-inf``
+    (:math:`0 \log 0 = 0`, where optax gives NaN); positive label mass on a
+    ``-inf`` logit gives ``+inf``.
+    """
+    logits = _checks.as_float_array(logits, "logits")
+    labels = _checks.as_float_array(labels, "labels")
+    _checks.check_reduction(reduction)
+    _checks.check_unit_interval(label_smoothing, "label_smoothing")
+    layout = _layout.ClassLayout.of(logits.shape, axis)
+    mask = layout.mask(where)
+    class_weight = layout.class_weight(weight)
+    compute = _checks.compute_dtype(logits)
+    x = layout.classes_last(logits).astype(compute)
+    targets = _layout.dense_labels(labels, layout).astype(compute)
+    if not _checks.is_concrete_zero(label_smoothing):
+        smoothing = jnp.asarray(label_smoothing, compute)
+        targets = (1 - smoothing) * targets + smoothing / layout.num_classes
+    class_axis = (x.ndim - 1,)
+    shifted, _ = _primitives.shifted_logits(x, class_axis, mask)
+    log_probs = shifted - _primitives.log_sum_exp_shifted(shifted, class_axis)
+    weighted_targets = targets if class_weight is None else targets * class_weight.astype(compute)
+    take_part = targets != 0 if mask is None else mask & (targets != 0)
+    loss = -jnp.sum(jnp.where(take_part, weighted_targets * log_probs, 0), axis=-1)
+    if class_weight is not None:
+        _layout.check_class_weight_values(class_weight)
+        loss = jnp.where(jnp.any(class_weight < 0), jnp.nan, loss)
+    return _reduce.reduce_examples(loss, mask, reduction)
