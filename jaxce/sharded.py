@@ -1,0 +1,402 @@
+"""Vocabulary-parallel cross-entropy: logits sharded over the classes, inside ``shard_map``.
+
+Megatron-style vocabulary parallelism splits the class (vocabulary) axis of the
+logits, and of the output embedding that produces them, into contiguous slices
+over a named mesh axis: device ``k`` of ``n`` holds classes
+``[k * V / n, (k + 1) * V / n)``. The losses here run inside
+:func:`jax.shard_map` on one such slice and give every device the loss of the
+whole row. They never gather the logits: per row they exchange one maximum
+(``pmax``) and a few sums (``psum``), so the communication per device is
+``O(rows)``, independent of the vocabulary size.
+
+The plain ``jaxce`` losses need nothing from this module for batch (data)
+parallelism: under ``jit`` with inputs sharded over the batch, XLA's SPMD
+partitioner computes the same result as one device, the weighted-mean
+denominator included.
+
+Gradients are those of the single-device loss as long as ``shard_map`` keeps
+its default ``check_vma=True`` (JAX then knows the summed statistics are
+replicated and transposes ``psum`` correctly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxce import _checks, _layout, _reduce
+
+AxisName = Hashable | Sequence[Hashable]
+
+
+def _shard_layout(axis_name: AxisName, shard_classes: int) -> tuple[int, jax.Array]:
+    """Returns the global number of classes and this shard's first class."""
+    try:
+        num_shards = jax.lax.axis_size(axis_name)
+    except NameError:
+        raise NameError(
+            f"`axis_name` {axis_name!r} is not a mesh axis bound here: call "
+            "jaxce.sharded losses inside `jax.shard_map` over a mesh with that axis."
+        ) from None
+    offset = jax.lax.axis_index(axis_name) * shard_classes
+    return num_shards * shard_classes, offset
+
+
+def _global_class_weight(
+    weight: ArrayLike | None, num_classes: int, shard_classes: int, axis_name: AxisName
+) -> jax.Array | None:
+    if weight is None:
+        return None
+    weight = _checks.as_float_array(weight, "weight")
+    if weight.shape != (num_classes,):
+        raise ValueError(
+            f"`weight` must be the global class-weight vector of shape ({num_classes},): "
+            f"`logits_shard` holds {shard_classes} classes on each of the "
+            f"{num_classes // shard_classes} devices of mesh axis {axis_name!r}, "
+            f"got shape {weight.shape}. If the vocabulary does not split evenly over "
+            f"{axis_name!r}, pad it to a multiple of the axis size (and mask the padding "
+            "with `where`)."
+        )
+    return weight
+
+
+def _reduce_rows(
+    loss: jax.Array,
+    z_term: jax.Array | None,
+    counted: jax.Array,
+    label_weight: jax.Array | None,
+    reduction: str,
+    batch_axis_name: AxisName | None,
+) -> jax.Array:
+    """``integer_label_loss``'s reductions, summed over ``batch_axis_name`` too."""
+    if reduction == "none":
+        return loss if z_term is None else loss + z_term
+
+    def total(x: jax.Array) -> jax.Array:
+        x = jnp.sum(x)
+        return x if batch_axis_name is None else jax.lax.psum(x, batch_axis_name)
+
+    if reduction == "sum":
+        return total(loss) if z_term is None else total(loss) + total(z_term)
+    count = total(counted.astype(loss.dtype))
+    # PyTorch's weighted mean: divide by the summed weights of counted examples.
+    denominator = count if label_weight is None else total(jnp.where(counted, label_weight, 0))
+    mean = _reduce.safe_divide(total(loss), denominator)
+    # z-loss is not class-weighted: its mean is over counted examples.
+    return mean if z_term is None else mean + _reduce.safe_divide(total(z_term), count)
+
+
+def _vocab_parallel_loss(
+    logits_shard: jax.Array,
+    labels: jax.Array,
+    *,
+    axis_name: AxisName,
+    mask: jax.Array | None,
+    class_weight: jax.Array | None,
+    ignore_index: int | None,
+    label_smoothing: ArrayLike,
+    z_loss: ArrayLike,
+    reduction: str,
+    batch_axis_name: AxisName | None,
+) -> jax.Array:
+    """``_softmax.integer_label_loss`` on ``[..., V / n]`` logits (compute dtype).
+
+    ``class_weight`` is the global ``[V]`` vector, already checked.
+    """
+    shard_classes = logits_shard.shape[-1]
+    num_classes, offset = _shard_layout(axis_name, shard_classes)
+
+    # The shift m = max_j x_j is a constant (stop_gradient): log-sum-exp does
+    # not depend on it. pmax of the shard maxima is the global row maximum.
+    local_max = jnp.max(logits_shard, axis=-1, where=mask, initial=-jnp.inf)
+    row_max = jax.lax.pmax(jax.lax.stop_gradient(local_max), axis_name)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, jnp.zeros_like(row_max))
+    shifted = logits_shard - row_max[..., None]
+    if mask is not None:
+        shifted = jnp.where(mask, shifted, -jnp.inf)
+    classes = offset + jax.lax.broadcasted_iota(jnp.int32, shifted.shape, shifted.ndim - 1)
+    is_label = classes == labels[..., None]
+    smoothing_on = not _checks.is_concrete_zero(label_smoothing)
+    shard_weight = (
+        None
+        if class_weight is None
+        else jax.lax.dynamic_slice_in_dim(class_weight, offset, shard_classes)
+    )
+
+    # Every per-row partial sum goes into one psum: O(rows) words per device.
+    partial = {
+        "sum_exp": jnp.sum(jnp.exp(shifted), axis=-1),
+        # x_y - m from the one shard that holds class y (0 elsewhere), picked
+        # with a select so that its gradient fuses with the softmax term.
+        "label_shifted": jnp.sum(jnp.where(is_label, shifted, 0), axis=-1),
+    }
+    if mask is not None:
+        partial["included"] = jnp.sum(mask, axis=-1, dtype=shifted.dtype)
+    if smoothing_on:
+        # sum_c w_c (-log p_c) = L sum_c w_c - sum_c w_c (x_c - m) with
+        # L = log sum_j exp(x_j - m) >= 0 and x_c - m <= 0: both terms are
+        # non-negative, so the split adds without cancellation.
+        included = jnp.ones_like(is_label) if mask is None else mask
+        weights = jnp.ones_like(shifted) if shard_weight is None else shard_weight
+        partial["weight_total"] = jnp.sum(jnp.where(included, weights, 0), axis=-1)
+        partial["weighted_shifted"] = jnp.sum(jnp.where(included, weights * shifted, 0), axis=-1)
+    total = jax.lax.psum(partial, axis_name)
+
+    nonempty = total["sum_exp"] > 0
+    # log(0) stays out of the differentiated path: an empty row has a zero gradient.
+    log_normalizer = jnp.where(
+        nonempty, jnp.log(jnp.where(nonempty, total["sum_exp"], 1)), -jnp.inf
+    )
+    # -log p_y = L - (x_y - m), both in the shifted frame (no lse(x) - x_y cancellation).
+    nll = log_normalizer - total["label_shifted"]
+
+    in_range = (labels >= 0) & (labels < num_classes)
+    ignored = (labels == ignore_index) if ignore_index is not None else jnp.zeros_like(in_range)
+    _checks.check_values(
+        in_range | ignored,
+        labels,
+        "labels",
+        f"class indices in [0, {num_classes})"
+        + (f" or ignore_index={ignore_index}" if ignore_index is not None else ""),
+    )
+    active = ~ignored
+    if mask is not None:
+        active = active & (total["included"] > 0)
+    counted = active & in_range
+
+    # The global weight vector is on every device: w_y is a local lookup.
+    label_weight = (
+        None if class_weight is None else class_weight[jnp.clip(labels, 0, num_classes - 1)]
+    )
+    loss = nll if label_weight is None else label_weight * nll
+    if smoothing_on:
+        # PyTorch: (1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c).
+        smooth = log_normalizer * total["weight_total"] - total["weighted_shifted"]
+        smoothing = jnp.asarray(label_smoothing, loss.dtype)
+        loss = (1 - smoothing) * loss + (smoothing / num_classes) * smooth
+    if class_weight is not None:
+        _layout.check_class_weight_values(class_weight)
+        loss = jnp.where(jnp.any(class_weight < 0), jnp.nan, loss)
+    loss = jnp.where(counted, loss, 0)
+    loss = jnp.where(active & ~in_range, jnp.nan, loss)
+
+    z_term = None
+    if not _checks.is_concrete_zero(z_loss):
+        log_partition = log_normalizer + row_max
+        z_coefficient = jnp.asarray(z_loss, log_partition.dtype)
+        z_term = jnp.where(counted, z_coefficient * jnp.square(log_partition), 0)
+    return _reduce_rows(loss, z_term, counted, label_weight, reduction, batch_axis_name)
+
+
+def _check_options(reduction: str, label_smoothing: Any, z_loss: Any, ignore_index: Any) -> None:
+    _checks.check_reduction(reduction)
+    _checks.check_unit_interval(label_smoothing, "label_smoothing")
+    _checks.check_scalar(z_loss, "z_loss")
+    if ignore_index is not None and not isinstance(ignore_index, int):
+        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits_shard: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis_name: AxisName,
+    weight: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+    batch_axis_name: AxisName | None = None,
+) -> jax.Array:
+    r"""Integer-label softmax cross-entropy with the classes sharded over ``axis_name``.
+
+    Call it inside :func:`jax.shard_map`. Each of the ``n`` devices along mesh
+    axis ``axis_name`` holds the contiguous class slice
+    ``[k V / n, (k + 1) V / n)`` of the logits (``in_specs`` ``P(..., axis_name)``);
+    the result is the loss of
+    :func:`jaxce.softmax_cross_entropy_with_integer_labels` on the full logits,
+    the same on every device of ``axis_name`` (``out_specs`` without
+    ``axis_name``), values and gradients:
+
+    .. math::
+        \ell = (1 - \varepsilon)\, w_y\, (L - s_y)
+             + \frac{\varepsilon}{V} \Bigl(L \sum_c w_c - \sum_c w_c s_c\Bigr)
+             + z\, (L + m)^2,
+
+    with :math:`m = \operatorname{pmax}_k \max_{j \in k} x_j`,
+    :math:`s = x - m`, :math:`L = \log \operatorname{psum}_k \sum_{j \in k} e^{s_j}`,
+    and :math:`s_y`, :math:`\sum_c w_c`, :math:`\sum_c w_c s_c` psums of
+    per-shard partial sums. Communication per device: one ``pmax`` of ``N``
+    words and one ``psum`` of ``2N`` to ``5N`` words (``N`` rows), whatever
+    ``V``; the logits and ``weight`` are never gathered.
+
+    Args:
+      logits_shard: ``[..., V / n]`` floating logits, this device's classes
+        (classes last).
+      labels: ``[...]`` global integer class indices in ``[0, V)``, replicated
+        over ``axis_name``.
+      axis_name: the mesh axis (or tuple of axes) the classes are split over.
+      weight: ``[V]`` global non-negative class weights, replicated; each shard
+        uses its slice.
+      ignore_index: label value of examples to skip.
+      label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
+      z_loss: coefficient :math:`z` of PaLM's auxiliary loss; may be traced.
+      where: boolean mask of ``logits_shard``'s shape (this shard's classes)
+        or of the batch shape ``[...]`` (examples).
+      reduction: ``"none"`` (``[...]``), ``"sum"`` or ``"mean"`` (scalars).
+      batch_axis_name: mesh axis (or axes) the batch is split over, if any:
+        ``"sum"`` and ``"mean"`` then add over it too, so the result is the
+        global sum or mean (PyTorch's weighted-mean denominator over the whole
+        batch). Leave None to reduce only this device's rows.
+
+    Returns:
+      The loss, float32 for half-precision logits (float64 for float64).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxce.sharded
+      >>> from jax.sharding import PartitionSpec as P
+      >>> mesh = jax.sharding.Mesh(jax.devices()[:1], ("vocab",))
+      >>> loss = jax.shard_map(
+      ...     lambda x, y: jaxce.sharded.softmax_cross_entropy_with_integer_labels(
+      ...         x, y, axis_name="vocab"),
+      ...     mesh=mesh, in_specs=(P(None, "vocab"), P()), out_specs=P())
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> print(loss(logits, jnp.array([0, 1])))
+      [0.2761297 2.951799 ]
+
+    As in the single-device loss: logits of ``+-1e30`` give finite losses and
+    gradients, a ``-inf`` logit or an excluded class gets probability 0 and a
+    zero gradient, and a label outside ``[0, V)`` that is not ``ignore_index``
+    gives that example a NaN loss (``jaxce.checked`` raises instead).
+    """
+    logits_shard = _checks.as_float_array(logits_shard, "logits_shard")
+    labels = _checks.as_integer_labels(labels)
+    _check_options(reduction, label_smoothing, z_loss, ignore_index)
+    if logits_shard.ndim == 0:
+        raise ValueError("`logits_shard` must have a class axis, got a scalar.")
+    layout = _layout.ClassLayout.of(logits_shard.shape, -1)
+    labels = _layout.batch_labels(labels, layout)
+    mask = layout.mask(where)
+    shard_classes = logits_shard.shape[-1]
+    num_classes, _ = _shard_layout(axis_name, shard_classes)
+    class_weight = _global_class_weight(weight, num_classes, shard_classes, axis_name)
+    compute = _checks.compute_dtype(logits_shard)
+    return _vocab_parallel_loss(
+        logits_shard.astype(compute),
+        labels,
+        axis_name=axis_name,
+        mask=mask,
+        class_weight=None if class_weight is None else class_weight.astype(compute),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+        batch_axis_name=batch_axis_name,
+    )
+
+
+def linear_cross_entropy(
+    hidden: ArrayLike,
+    weight_shard: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis_name: AxisName,
+    bias_shard: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    softcap: float | None = None,
+    shift: int = 0,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+    batch_axis_name: AxisName | None = None,
+) -> jax.Array:
+    r"""Cross-entropy of ``softcap(hidden @ W.T + b)`` with ``W``'s rows sharded over ``axis_name``.
+
+    Call it inside :func:`jax.shard_map`: each of the ``n`` devices along
+    ``axis_name`` holds the contiguous rows ``[k V / n, (k + 1) V / n)`` of the
+    ``[V, D]`` output embedding (``in_specs`` ``P(axis_name, None)``) and the
+    whole ``hidden``. The result is :func:`jaxce.linear_cross_entropy` of the
+    full embedding,
+
+    .. math::
+        \ell = \mathrm{CE}(c \tanh((h W^\top + b) / c),\ y),
+
+    on every device of ``axis_name``, values and gradients (the gradient of
+    ``hidden`` is summed over the shards by ``shard_map``'s transpose).
+
+    This version materialises this device's ``[..., V / n]`` logit slice and
+    calls :func:`softmax_cross_entropy_with_integer_labels`; ``chunk_size`` is
+    accepted for signature parity and not used. Communication per device is
+    that of the sharded loss, ``O(N)`` words for ``N`` tokens.
+
+    Args:
+      hidden: ``[..., D]`` hidden states, replicated over ``axis_name``.
+      weight_shard: ``[V / n, D]`` this device's rows of the output embedding.
+      labels: ``[...]`` global integer labels.
+      axis_name: the mesh axis (or axes) the vocabulary is split over.
+      bias_shard: optional ``[V / n]`` slice of the bias.
+      ignore_index, label_smoothing, z_loss, reduction, batch_axis_name: as in
+        :func:`softmax_cross_entropy_with_integer_labels`.
+      softcap: Gemma 2's logit soft cap :math:`c`, or None.
+      shift: 0, or 1 for next-token prediction (``hidden[..., t, :]`` predicts
+        ``labels[..., t + 1]``).
+      chunk_size: ignored (see above).
+
+    Returns:
+      The loss (float32 for half-precision inputs).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxce.sharded
+      >>> from jax.sharding import PartitionSpec as P
+      >>> mesh = jax.sharding.Mesh(jax.devices()[:1], ("vocab",))
+      >>> loss = jax.shard_map(
+      ...     lambda h, w, y: jaxce.sharded.linear_cross_entropy(h, w, y, axis_name="vocab"),
+      ...     mesh=mesh, in_specs=(P(), P("vocab", None), P()), out_specs=P())
+      >>> h, w = jnp.ones((2, 4)), jnp.zeros((3, 4))
+      >>> print(f"{float(loss(h, w, jnp.array([0, 2]))):.6f}")
+      1.098612
+
+    Non-finite behaviour is that of the sharded integer-label loss.
+    """
+    del chunk_size
+    hidden = _checks.as_float_array(hidden, "hidden")
+    weight_shard = _checks.as_float_array(weight_shard, "weight_shard")
+    labels = _checks.as_integer_labels(labels)
+    _check_options(reduction, label_smoothing, z_loss, ignore_index)
+    if shift not in (0, 1):
+        raise ValueError(f"`shift` must be 0 or 1, got {shift!r}.")
+    if weight_shard.ndim != 2 or hidden.ndim == 0 or weight_shard.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"`weight_shard` must have shape [V / n, D] with D = hidden.shape[-1]; got "
+            f"`weight_shard` {weight_shard.shape} and `hidden` {hidden.shape}."
+        )
+    if shift:
+        hidden, labels = hidden[..., :-1, :], labels[..., 1:]
+    compute = _checks.compute_dtype(hidden)
+    logits = jnp.einsum("...d,vd->...v", hidden, weight_shard, preferred_element_type=compute)
+    if bias_shard is not None:
+        bias = _checks.as_float_array(bias_shard, "bias_shard")
+        if bias.shape != (weight_shard.shape[0],):
+            raise ValueError(
+                f"`bias_shard` must have shape ({weight_shard.shape[0]},), one bias per "
+                f"row of `weight_shard`, got {bias.shape}."
+            )
+        logits = logits + bias.astype(compute)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    return softmax_cross_entropy_with_integer_labels(
+        logits,
+        labels,
+        axis_name=axis_name,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+        batch_axis_name=batch_axis_name,
+    )
