@@ -1,12 +1,340 @@
-"""Linear + cross-entropy for large vocabularies."""
+"""Linear + cross-entropy for large vocabularies, without the ``[tokens, vocab]`` logits.
+
+The tokens are processed in chunks of ``chunk_size`` rows inside a loop; a
+chunk's ``[chunk_size, V]`` logits are the largest thing alive at any time.
+
+``"mean"`` and ``"sum"`` (a scalar loss) use a ``custom_jvp`` whose rule
+computes the gradients with respect to ``hidden``, ``weight`` and ``bias`` in
+the same pass as the loss: three matrix products in total, the same as the
+unfused formulation. The tangent of the loss is then the inner product of those
+gradients with the input tangents, which is linear, so reverse mode transposes
+it into "scale the saved gradients by the cotangent" and forward mode works
+too. ``"none"`` (a loss per token) cannot use that trick, because the weight
+gradient would depend on one cotangent per token; it differentiates through a
+chunk loop whose body is rematerialised (``jax.checkpoint``), so the backward
+pass recomputes each chunk's logits: four matrix products.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _softmax
+from jaxce import _checks, _reduce
+
+# Default chunk: the `[chunk, V]` float32 logits of one chunk stay near this many
+# bytes (a few such buffers are alive at once), within [_MIN_CHUNK, _MAX_CHUNK]
+# rows so that the matrix products stay large enough to run at full speed.
+_CHUNK_LOGIT_BYTES = 16 * 2**20
+_MIN_CHUNK = 16
+_MAX_CHUNK = 1024
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
+    """The chunk size ``chunk_size=None`` picks.
+
+    The largest power of two ``c`` with ``c * vocab_size * 4 <= 16 MiB``,
+    clipped to ``[16, 1024]`` and to the number of tokens.
+    """
+    rows = max(1, _CHUNK_LOGIT_BYTES // (4 * max(vocab_size, 1)))
+    chunk = 1 << (rows.bit_length() - 1)
+    return max(1, min(num_tokens, max(_MIN_CHUNK, min(_MAX_CHUNK, chunk))))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Trace-time configuration of one call (hashable: a `nondiff_argnum`)."""
+
+    num_tokens: int
+    chunk: int
+    softcap: float | None
+    smoothing: bool
+    z_loss: bool
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_tokens // self.chunk)
+
+
+def _chunk_rows(static: _Static, index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Start row of chunk ``index`` and which of its rows no earlier chunk covered.
+
+    The last chunk is moved back to end at the last token (it overlaps the one
+    before it) so that every chunk has the same static shape without padding,
+    which would copy ``hidden``.
+    """
+    start = jnp.minimum(index * static.chunk, static.num_tokens - static.chunk)
+    rows = start + jnp.arange(static.chunk)
+    return start, rows >= index * static.chunk
+
+
+def _logits(
+    static: _Static, hidden: jax.Array, weight: jax.Array, bias: jax.Array | None, compute: Any
+) -> jax.Array:
+    """``softcap(hidden @ weight.T + bias)`` for one chunk, in ``compute``."""
+    logits = jax.lax.dot_general(
+        hidden, weight, (((1,), (1,)), ((), ())), preferred_element_type=compute
+    )
+    if bias is not None:
+        logits = logits + bias.astype(compute)
+    if static.softcap is not None:
+        logits = static.softcap * jnp.tanh(logits / static.softcap)
+    return logits
+
+
+def _row_loss(
+    static: _Static,
+    logits: jax.Array,
+    target: jax.Array,
+    smoothing: jax.Array,
+    z_coefficient: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-row cross-entropy (+ z-loss) of ``[C, V]`` logits, and the softmax pieces."""
+    vocab = logits.shape[-1]
+    # lse = m + log sum_j exp(x_j - m) with m the row max: no exp overflows, and
+    # -log p_y = log sum_j exp(x_j - m) - (x_y - m) has no lse - x_y cancellation.
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    shifted = logits - row_max
+    exp_shifted = jnp.exp(shifted)
+    sum_exp = jnp.sum(exp_shifted, axis=-1)
+    log_normalizer = jnp.log(sum_exp)
+    label_shifted = jnp.take_along_axis(shifted, target[:, None], axis=-1)[:, 0]
+    nll = log_normalizer - label_shifted
+    log_partition = log_normalizer + row_max[:, 0]
+    pieces = {
+        "exp_shifted": exp_shifted,
+        "sum_exp": sum_exp,
+        "log_partition": log_partition,
+        "nll": nll,
+    }
+    loss = nll
+    if static.smoothing:
+        # PyTorch: (1 - eps) (-log p_y) + (eps / V) sum_c (-log p_c), where
+        # sum_c -log p_c = V log sum_j exp(x_j - m) - sum_c (x_c - m).
+        smooth = vocab * log_normalizer - jnp.sum(shifted, axis=-1)
+        pieces["smooth"] = smooth
+        loss = (1 - smoothing) * nll + (smoothing / vocab) * smooth
+    if static.z_loss:
+        loss = loss + z_coefficient * jnp.square(log_partition)
+    return loss, pieces
+
+
+def _weighted_loss_primal(
+    static: _Static,
+    hidden: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    target: jax.Array,
+    row_weight: jax.Array,
+    smoothing: jax.Array,
+    z_coefficient: jax.Array,
+) -> jax.Array:
+    """``sum_i row_weight_i * loss_i`` without gradients: one matrix product."""
+    compute = row_weight.dtype
+
+    def body(index: jax.Array, total: jax.Array) -> jax.Array:
+        start, fresh = _chunk_rows(static, index)
+        hidden_c = jax.lax.dynamic_slice_in_dim(hidden, start, static.chunk)
+        target_c = jax.lax.dynamic_slice_in_dim(target, start, static.chunk)
+        weight_c = jnp.where(
+            fresh, jax.lax.dynamic_slice_in_dim(row_weight, start, static.chunk), 0
+        )
+        logits = _logits(static, hidden_c, weight, bias, compute)
+        loss, _ = _row_loss(static, logits, target_c, smoothing, z_coefficient)
+        return total + jnp.sum(jnp.where(weight_c != 0, weight_c * loss, 0))
+
+    return jax.lax.fori_loop(0, static.num_chunks, body, jnp.zeros((), compute))
+
+
+def _is_zero(tangent: Any) -> bool:
+    return tangent is None or isinstance(tangent, SymbolicZero)
+
+
+def _weighted_loss_and_grads(
+    static: _Static,
+    hidden: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    target: jax.Array,
+    row_weight: jax.Array,
+    smoothing: jax.Array,
+    z_coefficient: jax.Array,
+    *,
+    want_hidden: bool,
+    want_weight: bool,
+    want_bias: bool,
+) -> dict[str, jax.Array]:
+    """The weighted loss and its gradients, chunk by chunk, in one pass.
+
+    For one row with ``p = softmax(x)``, ``lse = log sum exp x`` and smoothing
+    ``eps``, the gradient of ``(1 - eps)(lse - x_y) + (eps / V) sum_c (lse - x_c)
+    + z lse^2`` with respect to the logits ``x`` is
+    ``p (1 + 2 z lse) - (1 - eps) onehot(y) - eps / V``; the soft cap multiplies
+    it by ``1 - (x / c)^2``. It is then pushed through the linear layer with two
+    matrix products per chunk, accumulated in ``compute`` precision.
+    """
+    compute = row_weight.dtype
+    vocab, dim = weight.shape
+    matmul_dtype = jnp.result_type(hidden.dtype, weight.dtype)
+
+    def body(index: jax.Array, carry: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        start, fresh = _chunk_rows(static, index)
+        hidden_c = jax.lax.dynamic_slice_in_dim(hidden, start, static.chunk)
+        target_c = jax.lax.dynamic_slice_in_dim(target, start, static.chunk)
+        weight_c = jnp.where(
+            fresh, jax.lax.dynamic_slice_in_dim(row_weight, start, static.chunk), 0
+        )
+        counted = weight_c != 0
+        logits = _logits(static, hidden_c, weight, bias, compute)
+        loss, pieces = _row_loss(static, logits, target_c, smoothing, z_coefficient)
+        carry = dict(carry)
+        carry["total"] = carry["total"] + jnp.sum(jnp.where(counted, weight_c * loss, 0))
+
+        # d total / d eps and d total / d z: cheap by-products, so that a traced
+        # `label_smoothing` or `z_loss` is differentiable too.
+        if static.smoothing:
+            d_smoothing = pieces["smooth"] / vocab - pieces["nll"]
+            carry["smoothing"] = carry["smoothing"] + jnp.sum(
+                jnp.where(counted, weight_c * d_smoothing, 0)
+            )
+        if static.z_loss:
+            carry["z_loss"] = carry["z_loss"] + jnp.sum(
+                jnp.where(counted, weight_c * jnp.square(pieces["log_partition"]), 0)
+            )
+
+        probs = pieces["exp_shifted"] / pieces["sum_exp"][:, None]
+        scale = weight_c
+        if static.z_loss:
+            scale = scale * (1 + 2 * z_coefficient * pieces["log_partition"])
+        d_logits = probs * scale[:, None]
+        label_coefficient = weight_c
+        if static.smoothing:
+            label_coefficient = (1 - smoothing) * weight_c
+            d_logits = d_logits - (smoothing / vocab) * weight_c[:, None]
+        classes = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+        d_logits = jnp.where(
+            classes == target_c[:, None], d_logits - label_coefficient[:, None], d_logits
+        )
+        if static.softcap is not None:
+            d_logits = d_logits * (1 - jnp.square(logits / static.softcap))
+        d_logits = jnp.where(counted[:, None], d_logits, 0)
+        d_logits_mm = d_logits.astype(matmul_dtype)
+
+        if want_hidden:
+            d_hidden = jax.lax.dot_general(
+                d_logits_mm, weight, (((1,), (0,)), ((), ())), preferred_element_type=compute
+            )
+            old = jax.lax.dynamic_slice_in_dim(carry["hidden"], start, static.chunk)
+            carry["hidden"] = jax.lax.dynamic_update_slice_in_dim(
+                carry["hidden"], jnp.where(fresh[:, None], d_hidden, old), start, axis=0
+            )
+        if want_weight:
+            carry["weight"] = carry["weight"] + jax.lax.dot_general(
+                d_logits_mm, hidden_c, (((0,), (0,)), ((), ())), preferred_element_type=compute
+            )
+        if want_bias:
+            carry["bias"] = carry["bias"] + jnp.sum(d_logits, axis=0)
+        return carry
+
+    init = {"total": jnp.zeros((), compute)}
+    if static.smoothing:
+        init["smoothing"] = jnp.zeros((), compute)
+    if static.z_loss:
+        init["z_loss"] = jnp.zeros((), compute)
+    if want_hidden:
+        init["hidden"] = jnp.zeros((static.num_tokens, dim), compute)
+    if want_weight:
+        init["weight"] = jnp.zeros((vocab, dim), compute)
+    if want_bias:
+        init["bias"] = jnp.zeros((vocab,), compute)
+    return jax.lax.fori_loop(0, static.num_chunks, body, init)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _weighted_loss(
+    static: _Static,
+    hidden: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    target: jax.Array,
+    row_weight: jax.Array,
+    smoothing: jax.Array,
+    z_coefficient: jax.Array,
+) -> jax.Array:
+    return _weighted_loss_primal(
+        static, hidden, weight, bias, target, row_weight, smoothing, z_coefficient
+    )
+
+
+def _weighted_loss_jvp(
+    static: _Static, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[jax.Array, jax.Array]:
+    hidden, weight, bias, target, row_weight, smoothing, z_coefficient = primals
+    t_hidden, t_weight, t_bias, _, _, t_smoothing, t_z = tangents
+    out = _weighted_loss_and_grads(
+        static,
+        hidden,
+        weight,
+        bias,
+        target,
+        row_weight,
+        smoothing,
+        z_coefficient,
+        want_hidden=not _is_zero(t_hidden),
+        want_weight=not _is_zero(t_weight),
+        want_bias=not _is_zero(t_bias),
+    )
+    compute = row_weight.dtype
+    # The loss is differentiable, so its tangent is <gradient, input tangent>:
+    # linear in the tangents, which reverse mode transposes into a scaling of
+    # the gradients computed above (no logits are saved for the backward pass).
+    tangent = jnp.zeros((), compute)
+    for name, t in (("hidden", t_hidden), ("weight", t_weight), ("bias", t_bias)):
+        if not _is_zero(t):
+            tangent = tangent + jnp.sum(out[name] * t.astype(compute))
+    if static.smoothing and not _is_zero(t_smoothing):
+        tangent = tangent + out["smoothing"] * t_smoothing.astype(compute)
+    if static.z_loss and not _is_zero(t_z):
+        tangent = tangent + out["z_loss"] * t_z.astype(compute)
+    return out["total"], tangent
+
+
+_weighted_loss.defjvp(_weighted_loss_jvp, symbolic_zeros=True)
+
+
+def _per_token_loss(
+    static: _Static,
+    hidden: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    target: jax.Array,
+    smoothing: jax.Array,
+    z_coefficient: jax.Array,
+    compute: Any,
+) -> jax.Array:
+    """``[N]`` losses, differentiable by JAX: the backward pass recomputes each chunk."""
+
+    # Rematerialised: the backward pass keeps only the chunk index per chunk
+    # and recomputes that chunk's logits, never holding `[N, V]`.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_loss(index: jax.Array) -> jax.Array:
+        start, _ = _chunk_rows(static, index)
+        hidden_c = jax.lax.dynamic_slice_in_dim(hidden, start, static.chunk)
+        target_c = jax.lax.dynamic_slice_in_dim(target, start, static.chunk)
+        logits = _logits(static, hidden_c, weight, bias, compute)
+        loss, _ = _row_loss(static, logits, target_c, smoothing, z_coefficient)
+        return loss
+
+    stacked = jax.lax.map(chunk_loss, jnp.arange(static.num_chunks))
+    # The last chunk ends at the last token; only its last rows are new.
+    tail = static.num_tokens - (static.num_chunks - 1) * static.chunk
+    return jnp.concatenate([stacked[:-1].reshape(-1), stacked[-1, static.chunk - tail :]])
 
 
 def linear_cross_entropy(
@@ -23,55 +351,171 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
-    r"""Cross-entropy of ``softcap(hidden @ weight.T + bias)`` against integer labels.
+    r"""Cross-entropy of ``softcap(hidden @ weight.T + bias)`` without holding the logits.
+
+    Equal to :func:`softmax_cross_entropy_with_integer_labels` on the logits
 
     .. math::
-        \ell = \mathrm{CE}(c \tanh((h W^\top + b) / c),\ y)
+        x = c \tanh\bigl((h W^\top + b) / c\bigr)
 
-    with the semantics of :func:`softmax_cross_entropy_with_integer_labels`.
+    (no ``tanh`` when ``softcap`` is None), with the same ``ignore_index``,
+    ``label_smoothing``, ``z_loss`` and reductions, but the ``[N, V]`` logits
+    are never materialised: the ``N`` tokens are processed ``chunk_size`` at a
+    time, and the largest temporaries are a few ``[chunk_size, V]`` buffers
+    plus the ``[V, D]`` weight gradient. With ``reduction="mean"`` or
+    ``"sum"`` the gradients are computed during the forward pass (three
+    matrix products in total, like the unfused formulation); with ``"none"``
+    the backward pass recomputes each chunk's logits (four).
+
     ``shift=1`` is next-token prediction: ``hidden[..., t, :]`` predicts
-    ``labels[..., t + 1]``.
+    ``labels[..., t + 1]`` and the last position predicts nothing.
 
     Args:
-      hidden: ``[..., D]`` hidden states.
-      weight: ``[V, D]`` output embedding.
-      labels: ``[...]`` integer labels.
-      bias: optional ``[V]``.
-      ignore_index, label_smoothing, z_loss, reduction: as in
-        :func:`softmax_cross_entropy_with_integer_labels`.
-      softcap: Gemma 2's logit soft cap :math:`c`, or None.
+      hidden: ``[..., D]`` hidden states (any leading dimensions; with
+        ``shift=1``, ``[..., T, D]``).
+      weight: ``[V, D]`` output embedding (the logits are ``hidden @ weight.T``).
+      labels: ``[...]`` integer labels (``hidden``'s shape without ``D``).
+      bias: optional ``[V]`` output bias.
+      ignore_index: label value of tokens to skip (e.g. ``-100``).
+      label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
+      z_loss: coefficient of PaLM's ``z_loss * logsumexp(x)**2``; may be traced.
+      softcap: Gemma 2's logit soft cap :math:`c > 0`, or None.
       shift: 0, or 1 for next-token prediction.
-      chunk_size: tokens per chunk (None: chosen from the shapes).
+      chunk_size: tokens per chunk. None picks the largest power of two whose
+        float32 ``[chunk_size, V]`` logits fit in 16 MiB, clipped to
+        ``[16, 1024]`` and to the number of tokens.
+      reduction: ``"mean"`` (over counted tokens; 0 with zero gradients when
+        none is counted), ``"sum"``, or ``"none"`` (``[...]``, or
+        ``[..., T - 1]`` with ``shift=1``).
 
     Returns:
-      The loss (float32 for half-precision inputs).
+      The loss, float32 for half-precision inputs (float64 for float64).
+      Gradients with respect to ``hidden``, ``weight`` and ``bias`` come back
+      in their dtypes, accumulated in float32 (or float64).
 
     Example:
       >>> import jax.numpy as jnp, jaxce
       >>> h, w = jnp.ones((2, 4)), jnp.zeros((3, 4))
       >>> print(f"{float(jaxce.linear_cross_entropy(h, w, jnp.array([0, 2]))):.6f}")
       1.098612
+
+    Reverse mode, ``jit``, ``vmap``, ``jax.checkpoint`` and forward mode
+    (``jvp``, ``hessian``) work; forward mode on ``"mean"`` / ``"sum"``
+    computes all first-order gradients, so it costs three matrix products too.
+    A label outside ``[0, V)`` that is not ``ignore_index`` makes its loss (and
+    a reduced loss) NaN, with finite gradients; ``jaxce.checked`` raises.
+    Logits of any finite size give finite losses.
     """
-    del chunk_size
     hidden = _checks.as_float_array(hidden, "hidden")
     weight = _checks.as_float_array(weight, "weight")
     labels = _checks.as_integer_labels(labels)
+    bias = _checks.optional_float(bias, "bias")
     _checks.check_reduction(reduction)
-    if shift not in (0, 1):
-        raise ValueError(f"`shift` must be 0 or 1, got {shift!r}.")
+    _checks.check_unit_interval(label_smoothing, "label_smoothing")
+    _checks.check_scalar(z_loss, "z_loss")
+    _check_arguments(hidden, weight, labels, bias, ignore_index, softcap, shift, chunk_size)
+
+    compute = jnp.result_type(_checks.compute_dtype(hidden), _checks.compute_dtype(weight))
+    matmul_dtype = jnp.result_type(hidden.dtype, weight.dtype)
+    hidden, weight = hidden.astype(matmul_dtype), weight.astype(matmul_dtype)
+    vocab, dim = weight.shape
+
+    active = jnp.ones(labels.shape, bool)
     if shift:
-        hidden, labels = hidden[..., :-1, :], labels[..., 1:]
-    compute = _checks.compute_dtype(hidden)
-    logits = jnp.einsum("...d,vd->...v", hidden, weight, preferred_element_type=compute)
-    if bias is not None:
-        logits = logits + _checks.as_float_array(bias, "bias").astype(compute)
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
-    return _softmax.softmax_cross_entropy_with_integer_labels(
-        logits,
+        # Shift the labels, not `hidden` (which slicing would copy): position t
+        # takes label t + 1, and the last position is left out.
+        labels = jnp.concatenate([labels[..., 1:], jnp.zeros_like(labels[..., :1])], axis=-1)
+        active = active.at[..., -1].set(False)
+    in_range = (labels >= 0) & (labels < vocab)
+    if ignore_index is not None:
+        active = active & (labels != ignore_index)
+    _checks.check_values(
+        in_range | ~active,
         labels,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        reduction=reduction,
+        "labels",
+        f"class indices in [0, {vocab})"
+        + (f" or ignore_index={ignore_index}" if ignore_index is not None else ""),
     )
+    counted = (active & in_range).reshape(-1)
+    invalid = (active & ~in_range).reshape(-1)
+    target = jnp.clip(labels, 0, vocab - 1).astype(jnp.int32).reshape(-1)
+    flat_hidden = hidden.reshape(-1, dim)
+    num_tokens = flat_hidden.shape[0]
+    smoothing = jnp.asarray(label_smoothing, compute)
+    z_coefficient = jnp.asarray(z_loss, compute)
+
+    if num_tokens == 0:
+        if reduction != "none":
+            return jnp.zeros((), compute)
+        empty = jnp.zeros(labels.shape, compute)
+        return empty[..., :-1] if shift else empty
+    chunk = default_chunk_size(num_tokens, vocab) if chunk_size is None else chunk_size
+    static = _Static(
+        num_tokens=num_tokens,
+        chunk=min(chunk, num_tokens),
+        softcap=None if softcap is None else float(softcap),
+        smoothing=not _checks.is_concrete_zero(label_smoothing),
+        z_loss=not _checks.is_concrete_zero(z_loss),
+    )
+
+    if reduction == "none":
+        loss = _per_token_loss(
+            static, flat_hidden, weight, bias, target, smoothing, z_coefficient, compute
+        )
+        loss = jnp.where(invalid, jnp.nan, jnp.where(counted, loss, 0)).reshape(labels.shape)
+        return loss[..., :-1] if shift else loss
+
+    row_weight = counted.astype(compute)
+    if reduction == "mean":
+        # PyTorch's mean over counted tokens; over none it is 0 (zero weights).
+        count = jnp.sum(row_weight)
+        row_weight = _reduce.safe_divide(row_weight, count)
+    total = _weighted_loss(
+        static, flat_hidden, weight, bias, target, row_weight, smoothing, z_coefficient
+    )
+    # A NaN constant, not a select: the gradients of the valid tokens stay as
+    # in the materialised formulation.
+    return total + jnp.where(jnp.any(invalid), jnp.nan, 0).astype(compute)
+
+
+def _check_arguments(
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    bias: jax.Array | None,
+    ignore_index: Any,
+    softcap: Any,
+    shift: Any,
+    chunk_size: Any,
+) -> None:
+    if hidden.ndim < 1:
+        raise ValueError("`hidden` must have shape [..., D], got a scalar.")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"`weight` must have shape [V, D] with D = {hidden.shape[-1]} (the last "
+            f"axis of `hidden`), got {weight.shape}. The logits are `hidden @ weight.T`; "
+            "pass the transpose if your weight is [D, V]."
+        )
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"`labels` must have shape {hidden.shape[:-1]} (`hidden`'s shape without "
+            f"its last axis), got {labels.shape}."
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"`bias` must have shape ({weight.shape[0]},), got {bias.shape}.")
+    if ignore_index is not None and not isinstance(ignore_index, int):
+        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
+    if softcap is not None and (
+        isinstance(softcap, jax.core.Tracer)
+        or not isinstance(softcap, (int, float))
+        or not softcap > 0
+    ):
+        raise ValueError(f"`softcap` must be a positive Python float or None, got {softcap!r}.")
+    if shift not in (0, 1) or isinstance(shift, bool):
+        raise ValueError(f"`shift` must be 0 or 1, got {shift!r}.")
+    if shift and labels.ndim < 1:
+        raise ValueError("`shift=1` needs `hidden` of shape [..., T, D] and `labels` [..., T].")
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
