@@ -123,7 +123,7 @@ def categorical_cross_entropy(
     targets = _layout.dense_labels(labels, layout).astype(compute)
     if class_weight is not None:
         _layout.check_class_weight_values(class_weight)
-        targets = targets * class_weight.astype(compute)
+        targets = targets * class_weight.astype(compute).reshape((1,) * (p.ndim - 1) + (-1,))
     take_part = targets != 0 if mask is None else mask & (targets != 0)
     loss = -jnp.sum(jnp.where(take_part, targets * clamped_log(p), 0), axis=-1)
     loss = jnp.where(jnp.all(_valid_probabilities(p), axis=-1), loss, jnp.nan)

@@ -11,6 +11,11 @@ from jax.typing import ArrayLike
 from jaxce import _checks, _layout, _primitives, _reduce
 
 
+def _trailing(class_weight: jax.Array, ndim: int) -> jax.Array:
+    """``[C]`` class weights as ``[1, ..., 1, C]``, to broadcast against ``ndim``-d logits."""
+    return class_weight.reshape((1,) * (ndim - 1) + class_weight.shape)
+
+
 def integer_label_loss(
     logits: jax.Array,
     labels: jax.Array,
@@ -63,7 +68,8 @@ def integer_label_loss(
         # PyTorch: (1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c).
         # -log p_c = log_normalizer - shifted_c >= 0, summed without cancellation.
         neg_log_probs = log_normalizer[..., None] - shifted
-        weights = 1 if class_weight is None else class_weight
+        # Explicit leading axes keep this valid under jax_numpy_rank_promotion="raise".
+        weights = 1 if class_weight is None else _trailing(class_weight, logits.ndim)
         included = jnp.ones_like(is_label) if mask is None else mask
         smooth = jnp.sum(jnp.where(included, weights * neg_log_probs, 0), axis=-1)
         smoothing = jnp.asarray(label_smoothing, loss.dtype)
@@ -236,7 +242,11 @@ def softmax_cross_entropy(
     class_axis = (x.ndim - 1,)
     shifted, _ = _primitives.shifted_logits(x, class_axis, mask)
     log_probs = shifted - _primitives.log_sum_exp_shifted(shifted, class_axis)
-    weighted_targets = targets if class_weight is None else targets * class_weight.astype(compute)
+    weighted_targets = (
+        targets
+        if class_weight is None
+        else targets * _trailing(class_weight.astype(compute), x.ndim)
+    )
     take_part = targets != 0 if mask is None else mask & (targets != 0)
     loss = -jnp.sum(jnp.where(take_part, weighted_targets * log_probs, 0), axis=-1)
     if class_weight is not None:
