@@ -12,14 +12,18 @@ from jaxce import _checks, _reduce
 
 
 def elementwise_inputs(
-    logits: ArrayLike, labels: ArrayLike, where: ArrayLike | None, reduction: str
+    logits: ArrayLike,
+    labels: ArrayLike,
+    where: ArrayLike | None,
+    reduction: str,
+    argument: str = "logits",
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, Any]:
     """Checks and converts the inputs every elementwise loss shares.
 
     Returns logits and labels in the compute dtype, the mask broadcast to the
     logits' shape (or None), and the original dtype of `logits`.
     """
-    logits = _checks.as_float_array(logits, "logits")
+    logits = _checks.as_float_array(logits, argument)
     labels = jnp.asarray(labels)
     if not (
         jnp.issubdtype(labels.dtype, jnp.floating)
@@ -27,13 +31,14 @@ def elementwise_inputs(
         or labels.dtype == jnp.bool_
     ):
         raise TypeError(f"`labels` must be numeric (0/1 or probabilities), got {labels.dtype}.")
-    _checks.check_broadcastable(labels, logits.shape, "labels", "`logits`")
+    _checks.check_broadcastable(labels, logits.shape, "labels", f"`{argument}`")
     _checks.check_reduction(reduction)
     mask = None
     if where is not None:
         mask = jnp.broadcast_to(_checks.as_mask(where, logits.shape), logits.shape)
     compute = _checks.compute_dtype(logits)
-    return logits.astype(compute), labels.astype(compute), mask, compute
+    labels = jnp.broadcast_to(labels.astype(compute), logits.shape)
+    return logits.astype(compute), labels, mask, compute
 
 
 def elementwise_weight(
@@ -44,7 +49,7 @@ def elementwise_weight(
     weight = _checks.as_float_array(weight, argument)
     _checks.check_broadcastable(weight, shape, argument, "`logits`")
     _checks.check_values(weight >= 0, weight, argument, "non-negative")
-    return weight
+    return jnp.broadcast_to(weight, shape)
 
 
 def masked_reduce(loss: jax.Array, mask: jax.Array | None, reduction: str) -> jax.Array:
@@ -55,14 +60,26 @@ def masked_reduce(loss: jax.Array, mask: jax.Array | None, reduction: str) -> ja
     return _reduce.reduce(loss, reduction, denominator=jnp.sum(mask, dtype=loss.dtype))
 
 
+@jax.custom_jvp
 def softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(softplus(x), softplus(-x)) = (-log(1 - sigmoid(x)), -log sigmoid(x))``.
 
     Both share ``log1p(exp(-|x|))``: softplus(x) = max(x, 0) + log1p(exp(-|x|)),
-    which never overflows, and the pair costs one exp and one log1p.
+    which never overflows, and the pair costs one exp and one log1p. The JVP is
+    written out because autodiff of ``max`` and ``|x|`` at the kink ``x = 0``
+    gives 1 instead of ``sigmoid(0) = 0.5``.
     """
     tail = jnp.log1p(jnp.exp(-jnp.abs(x)))
     return jnp.maximum(x, 0) + tail, jnp.maximum(-x, 0) + tail
+
+
+@softplus_pair.defjvp
+def _softplus_pair_jvp(
+    primals: tuple[jax.Array], tangents: tuple[jax.Array]
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    (x,), (tangent,) = primals, tangents
+    # d softplus(x) / dx = sigmoid(x); d softplus(-x) / dx = -sigmoid(-x).
+    return softplus_pair(x), (jax.nn.sigmoid(x) * tangent, -jax.nn.sigmoid(-x) * tangent)
 
 
 def sigmoid_binary_cross_entropy(

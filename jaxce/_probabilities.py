@@ -63,7 +63,7 @@ def binary_cross_entropy(
     A probability outside ``[0, 1]`` gives that element a NaN loss
     (``jaxce.checked`` raises instead).
     """
-    p, y, mask, _ = _binary.elementwise_inputs(probs, labels, where, reduction)
+    p, y, mask, _ = _binary.elementwise_inputs(probs, labels, where, reduction, "probs")
     weight = _binary.elementwise_weight(weight, p.shape, "weight")
     valid = _valid_probabilities(p)
     loss = -(y * clamped_log(p) + (1 - y) * clamped_log(1 - p))

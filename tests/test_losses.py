@@ -1,0 +1,528 @@
+"""Semantics, numerics, dtypes, transformations and bad input of every public loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import LOSSES, LossCase, np_integer_ce, np_log_softmax, np_logsumexp
+
+import jaxce
+
+REDUCTIONS = ["none", "sum", "mean"]
+
+
+# --------------------------------------------------------------------------- #
+# Transformations: jit, vmap, grad, jvp, hessian in float32, float64, bfloat16.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("case", LOSSES, ids=str)
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_jit_matches_eager_and_vmap_matches_batch(case: LossCase, dtype: str) -> None:
+    rng = np.random.default_rng(1)
+    x, y = case.make_inputs(rng, 6, 5)
+    with jax.enable_x64(dtype == "float64"):
+        x = jnp.asarray(x, dtype)
+        y = jnp.asarray(y)
+        eager = case.fn(x, y)
+        jitted = jax.jit(case.fn)(x, y)
+        per_example = jax.vmap(case.fn)(x, y)
+        expected_dtype = jnp.float64 if dtype == "float64" else jnp.float32
+        assert eager.dtype == expected_dtype
+        np.testing.assert_allclose(jitted, eager, rtol=1e-6)
+        np.testing.assert_allclose(per_example, eager, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", LOSSES, ids=str)
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_jvp_tangent_equals_grad_dot_direction(case: LossCase, dtype: str) -> None:
+    rng = np.random.default_rng(2)
+    x, y = case.make_inputs(rng, 4, 3)
+    direction = rng.normal(size=x.shape) * 0.01
+    with jax.enable_x64(dtype == "float64"):
+        x, y = jnp.asarray(x, dtype), jnp.asarray(y)
+        v = jnp.asarray(direction, dtype)
+
+        def total(z: jax.Array) -> jax.Array:
+            return case.fn(z, y, reduction="mean")
+
+        grad = jax.jit(jax.grad(total))(x)
+        assert grad.dtype == x.dtype
+        _, tangent = jax.jit(lambda z, t: jax.jvp(total, (z,), (t,)))(x, v)
+        expected = jnp.sum(grad.astype(jnp.float32) * v.astype(jnp.float32))
+        tolerance = 5e-2 if dtype == "bfloat16" else 1e-5
+        np.testing.assert_allclose(tangent, expected, rtol=tolerance, atol=tolerance * 1e-2)
+
+
+@pytest.mark.parametrize("case", LOSSES, ids=str)
+def test_hessian_is_symmetric_and_matches_finite_differences_of_grad(case: LossCase) -> None:
+    rng = np.random.default_rng(3)
+    x, y = case.make_inputs(rng, 2, 3)
+    with jax.enable_x64(True):
+        x, y = jnp.asarray(x), jnp.asarray(y)
+
+        def total(z: jax.Array) -> jax.Array:
+            return case.fn(z, y, reduction="sum")
+
+        hessian = jax.jit(jax.hessian(total))(x).reshape(x.size, x.size)
+        grad = jax.grad(total)
+        step = 1e-6
+        columns = []
+        for k in range(x.size):
+            e = jnp.zeros(x.size).at[k].set(step).reshape(x.shape)
+            columns.append(((grad(x + e) - grad(x - e)) / (2 * step)).ravel())
+        np.testing.assert_allclose(hessian, hessian.T, atol=1e-12)
+        np.testing.assert_allclose(hessian, np.stack(columns, axis=1), atol=1e-6)
+
+
+def test_softmax_hessian_is_diag_p_minus_outer_p() -> None:
+    with jax.enable_x64(True):
+        x = jnp.array([0.3, -1.2, 2.0, 0.0])
+        p = jax.nn.softmax(x)
+        hessian = jax.hessian(lambda z: jaxce.softmax_cross_entropy_with_integer_labels(z, 1))(x)
+        np.testing.assert_allclose(hessian, jnp.diag(p) - jnp.outer(p, p), atol=1e-14)
+        soft = jax.hessian(lambda z: jaxce.softmax_cross_entropy(z, jnp.full(4, 0.25)))(x)
+        np.testing.assert_allclose(soft, jnp.diag(p) - jnp.outer(p, p), atol=1e-14)
+
+
+# --------------------------------------------------------------------------- #
+# Numerics.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e30], ids=["1e4", "1e30"])
+def test_integer_labels_extreme_logits_match_float64(scale: float) -> None:
+    rng = np.random.default_rng(4)
+    x64 = rng.choice([-1.0, 0.5, 1.0], size=(8, 6)) * scale
+    x64 += rng.normal(size=x64.shape) * (scale * 1e-6)
+    labels = rng.integers(0, 6, size=8)
+    x32 = x64.astype(np.float32)
+    loss, grad = jax.jit(
+        jax.value_and_grad(
+            lambda z: jaxce.softmax_cross_entropy_with_integer_labels(z, labels, reduction="sum")
+        )
+    )(x32)
+    reference_x = x32.astype(np.float64)
+    reference = np.sum(np_logsumexp(reference_x) - reference_x[np.arange(8), labels])
+    reference_grad = np.exp(np_log_softmax(reference_x)) - np.eye(6)[labels]
+    assert np.isfinite(loss) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(loss, reference, rtol=1e-6)
+    np.testing.assert_allclose(grad, reference_grad, atol=1e-6)
+
+
+def test_integer_labels_beat_optax_cancellation_at_1e4() -> None:
+    """optax's `logsumexp(x) - x_y` loses about 2e-4 at logits of 1e4 in float32."""
+    import optax
+
+    x = np.array([[1e4, 1e4 - 3.0, 1e4 - 7.0]], np.float32)
+    exact = np_logsumexp(x.astype(np.float64)) - x.astype(np.float64)[:, 1]
+    ours = jaxce.softmax_cross_entropy_with_integer_labels(x, np.array([1]))
+    theirs = optax.softmax_cross_entropy_with_integer_labels(x, np.array([1]))
+    assert abs(float(ours[0]) - exact[0]) < 1e-6
+    assert abs(float(theirs[0]) - exact[0]) > abs(float(ours[0]) - exact[0])
+
+
+@pytest.mark.parametrize("case", LOSSES[:4], ids=str)
+def test_logit_losses_finite_at_1e30(case: LossCase) -> None:
+    x = jnp.array([[1e30, -1e30, 0.0], [-1e30, 1e30, 3.0]], jnp.float32)
+    rng = np.random.default_rng(5)
+    _, y = case.make_inputs(rng, 2, 3)
+    loss, grad = jax.value_and_grad(lambda z: case.fn(z, y, reduction="sum"))(x)
+    assert np.isfinite(loss)
+    assert np.all(np.isfinite(grad))
+
+
+def test_binary_extreme_logits_match_float64() -> None:
+    x = np.array([1e30, -1e30, 30.0, -30.0, 1e4, -1e4], np.float32)
+    y = np.array([0.0, 1.0, 1.0, 0.0, 0.3, 0.7])
+    loss, grad = jax.value_and_grad(
+        lambda z: jaxce.sigmoid_binary_cross_entropy(z, y, reduction="sum")
+    )(x)
+    x64 = x.astype(np.float64)
+    reference = np.sum(y * np.logaddexp(0, -x64) + (1 - y) * np.logaddexp(0, x64))
+    reference_grad = 1 / (1 + np.exp(-x64)) - y
+    np.testing.assert_allclose(loss, reference, rtol=1e-6)
+    np.testing.assert_allclose(grad, reference_grad, atol=1e-6)
+
+
+def test_binary_gradient_at_zero_logit_is_exact() -> None:
+    """The shared softplus tail uses |x|: its gradient at 0 must still be sigmoid(0) - y."""
+    grad = jax.grad(lambda z: jaxce.sigmoid_binary_cross_entropy(z, 1.0))(0.0)
+    assert float(grad) == pytest.approx(-0.5, abs=1e-7)
+    grad0 = jax.grad(lambda z: jaxce.sigmoid_binary_cross_entropy(z, 0.0))(0.0)
+    assert float(grad0) == pytest.approx(0.5, abs=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_is_computed_in_float32(dtype: str) -> None:
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(16, 50)) * 4
+    labels = rng.integers(0, 50, size=16)
+    half = jnp.asarray(x, dtype)
+    loss, grad = jax.value_and_grad(
+        lambda z: jaxce.softmax_cross_entropy_with_integer_labels(z, labels, reduction="mean")
+    )(half)
+    assert loss.dtype == jnp.float32
+    assert grad.dtype == jnp.dtype(dtype)
+    exact = np_integer_ce(
+        np.asarray(half.astype(jnp.float32), np.float64), labels, reduction="mean"
+    )
+    np.testing.assert_allclose(loss, exact, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+# Semantics: reductions, weights, ignore_index, smoothing, z-loss, where.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2], ids=["no_smoothing", "smoothing"])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3], ids=["no_z", "z_loss"])
+def test_integer_labels_match_float64_formula(
+    reduction: str, weighted: bool, smoothing: float, z_loss: float
+) -> None:
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(9, 7)) * 3
+    labels = rng.integers(0, 7, size=9)
+    labels[[1, 4]] = -100
+    weight = rng.uniform(0.2, 2.0, size=7) if weighted else None
+    options = dict(
+        weight=weight,
+        ignore_index=-100,
+        label_smoothing=smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+    )
+    with jax.enable_x64(True):
+        ours = jaxce.softmax_cross_entropy_with_integer_labels(jnp.asarray(x), labels, **options)
+    np.testing.assert_allclose(ours, np_integer_ce(x, labels, **options), rtol=1e-12, atol=1e-12)
+
+
+def test_empty_mean_is_zero_with_zero_gradient() -> None:
+    x = jnp.ones((3, 4))
+    labels = jnp.array([-100, -100, -100])
+
+    def loss(z: jax.Array) -> jax.Array:
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            z,
+            labels,
+            ignore_index=-100,
+            weight=jnp.ones(4),
+            label_smoothing=0.1,
+            z_loss=0.01,
+            reduction="mean",
+        )
+
+    value, grad = jax.value_and_grad(loss)(x)
+    assert float(value) == 0.0
+    assert np.all(np.asarray(grad) == 0.0)
+    masked = jaxce.sigmoid_binary_cross_entropy(
+        x, 1.0, where=jnp.zeros((3, 4), bool), reduction="mean"
+    )
+    assert float(masked) == 0.0
+
+
+@pytest.mark.parametrize("case", LOSSES, ids=str)
+def test_mean_and_sum_agree_with_none(case: LossCase) -> None:
+    rng = np.random.default_rng(8)
+    x, y = case.make_inputs(rng, 5, 4)
+    per = case.fn(x, y)
+    np.testing.assert_allclose(case.fn(x, y, reduction="sum"), jnp.sum(per), rtol=1e-6)
+    np.testing.assert_allclose(case.fn(x, y, reduction="mean"), jnp.mean(per), rtol=1e-6)
+
+
+def test_where_excludes_classes_like_minus_inf_logits() -> None:
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(4, 6)).astype(np.float32)
+    mask = np.ones((4, 6), bool)
+    mask[:, [2, 5]] = False
+    labels = np.array([0, 1, 3, 4])
+    as_inf = np.where(mask, x, -np.inf)
+
+    def masked(z: jax.Array) -> jax.Array:
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            z, labels, where=mask, label_smoothing=0.1, reduction="sum"
+        )
+
+    value, grad = jax.value_and_grad(masked)(x)
+    assert np.all(np.asarray(grad)[~mask] == 0.0)
+    assert np.all(np.isfinite(grad))
+    # Smoothing spreads eps / C over the C classes; excluded classes take no part.
+    plain_value = jaxce.softmax_cross_entropy_with_integer_labels(
+        as_inf[:, mask[0]], labels - (labels > 2)
+    )
+    log_p = np_log_softmax(as_inf[:, mask[0]].astype(np.float64))
+    smooth = -np.sum(log_p, axis=-1) / 6
+    reference = np.sum(0.9 * np.asarray(plain_value, np.float64) + 0.1 * smooth)
+    np.testing.assert_allclose(value, reference, rtol=1e-5)
+    # -inf logits: same value, no NaN anywhere.
+    inf_value, inf_grad = jax.value_and_grad(
+        lambda z: jaxce.softmax_cross_entropy_with_integer_labels(z, labels, reduction="sum")
+    )(jnp.asarray(as_inf))
+    np.testing.assert_allclose(inf_value, jnp.sum(plain_value), rtol=1e-6)
+    assert np.all(np.asarray(inf_grad)[~mask] == 0.0)
+
+
+def test_where_of_batch_shape_excludes_examples_and_mean_counts_the_rest() -> None:
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(5, 3))
+    labels = rng.integers(0, 3, size=5)
+    keep = np.array([True, False, True, True, False])
+    loss = jaxce.softmax_cross_entropy_with_integer_labels(x, labels, where=keep)
+    assert np.all(np.asarray(loss)[~keep] == 0.0)
+    mean = jaxce.softmax_cross_entropy_with_integer_labels(x, labels, where=keep, reduction="mean")
+    full = jaxce.softmax_cross_entropy_with_integer_labels(x[keep], labels[keep], reduction="mean")
+    np.testing.assert_allclose(mean, full, rtol=1e-6)
+    soft = jaxce.softmax_cross_entropy(x, np.eye(3)[labels], where=keep, reduction="mean")
+    np.testing.assert_allclose(soft, full, rtol=1e-6)
+
+
+def test_soft_labels_zero_mass_on_minus_inf_logit_is_zero_not_nan() -> None:
+    x = jnp.array([[0.0, -jnp.inf, 1.0]])
+    y = jnp.array([[0.5, 0.0, 0.5]])
+    value, grad = jax.value_and_grad(lambda z: jaxce.softmax_cross_entropy(z, y).sum())(x)
+    assert np.isfinite(value)
+    assert np.all(np.isfinite(grad))
+    assert float(grad[0, 1]) == 0.0
+    positive_mass = jaxce.softmax_cross_entropy(x, jnp.array([[0.5, 0.5, 0.0]]))
+    assert np.isposinf(positive_mass[0])
+
+
+def test_tuple_axis_indexes_flattened_class_slice() -> None:
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(2, 3, 4, 5))
+    labels = rng.integers(0, 12, size=(2, 5))
+    ours = jaxce.softmax_cross_entropy_with_integer_labels(x, labels, axis=(1, 2))
+    flat = np.moveaxis(x, 3, 1).reshape(2, 5, 12)
+    expected = np_logsumexp(flat) - np.take_along_axis(flat, labels[..., None], -1)[..., 0]
+    np.testing.assert_allclose(ours, expected, rtol=1e-5)
+    class_weight = rng.uniform(size=(3, 4))
+    weighted = jaxce.softmax_cross_entropy_with_integer_labels(
+        x, labels, axis=(1, 2), weight=class_weight
+    )
+    np.testing.assert_allclose(weighted, expected * class_weight.reshape(-1)[labels], rtol=1e-5)
+
+
+def test_binary_smoothing_is_keras() -> None:
+    x = np.array([-2.0, 0.5, 3.0])
+    y = np.array([1.0, 0.0, 1.0])
+    eps = 0.2
+    smoothed = y * (1 - eps) + 0.5 * eps
+    expected = smoothed * np.logaddexp(0, -x) + (1 - smoothed) * np.logaddexp(0, x)
+    with jax.enable_x64(True):
+        ours = jaxce.sigmoid_binary_cross_entropy(x, y, label_smoothing=eps)
+    np.testing.assert_allclose(ours, expected, rtol=1e-12)
+
+
+def test_bce_from_probabilities_clamps_log_at_minus_100() -> None:
+    p = jnp.array([0.0, 1.0, 0.0, 1.0])
+    y = jnp.array([1.0, 0.0, 0.0, 1.0])
+    loss, grad = jax.value_and_grad(lambda q: jaxce.binary_cross_entropy(q, y).sum())(p)
+    np.testing.assert_allclose(loss, 200.0)
+    assert np.all(np.isfinite(grad))
+
+
+# --------------------------------------------------------------------------- #
+# Bad values: NaN under jit, an error under jaxce.checked.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("bad_label", [-1, 3, 99], ids=["minus_one", "num_classes", "far"])
+def test_out_of_range_label_gives_nan_for_that_example(bad_label: int) -> None:
+    x = jnp.zeros((3, 3))
+    labels = jnp.array([0, bad_label, 2])
+    loss = jax.jit(jaxce.softmax_cross_entropy_with_integer_labels)(x, labels)
+    assert np.isfinite(loss[0]) and np.isfinite(loss[2])
+    assert np.isnan(loss[1])
+    mean = jaxce.softmax_cross_entropy_with_integer_labels(x, labels, reduction="mean")
+    assert np.isnan(mean)
+    ignored = jaxce.softmax_cross_entropy_with_integer_labels(x, labels, ignore_index=bad_label)
+    assert float(ignored[1]) == 0.0
+
+
+def test_checked_names_index_and_value_of_bad_label() -> None:
+    loss = jaxce.checked(jaxce.softmax_cross_entropy_with_integer_labels)
+    with pytest.raises(Exception, match=r"labels.*got -1 at index \[2\]"):
+        loss(jnp.zeros((4, 3)), jnp.array([0, 1, -1, 2]))
+    np.testing.assert_allclose(
+        loss(jnp.zeros((2, 3)), jnp.array([0, 1])), np.log(3) * np.ones(2), rtol=1e-6
+    )
+
+
+def test_checked_names_probability_outside_unit_interval() -> None:
+    loss = jaxce.checked(jaxce.binary_cross_entropy)
+    with pytest.raises(Exception, match=r"probs.*got 1.5 at index \[1\]"):
+        loss(jnp.array([0.5, 1.5]), jnp.array([1.0, 0.0]))
+    assert np.isnan(jaxce.binary_cross_entropy(jnp.array([0.5, 1.5]), jnp.array([1.0, 0.0]))[1])
+
+
+def test_checked_names_negative_weight() -> None:
+    loss = jaxce.checked(
+        lambda x, y, w: jaxce.softmax_cross_entropy_with_integer_labels(x, y, weight=w)
+    )
+    with pytest.raises(Exception, match=r"weight.*non-negative.*-2"):
+        loss(jnp.zeros((2, 3)), jnp.array([0, 1]), jnp.array([1.0, -2.0, 1.0]))
+
+
+# --------------------------------------------------------------------------- #
+# Bad input at trace time: a clear error naming the argument.
+# --------------------------------------------------------------------------- #
+
+
+BAD_INPUTS = [
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 3), jnp.int32), jnp.array([0, 1])
+        ),
+        TypeError,
+        r"`logits` must have a floating dtype.*int32",
+        id="integer_logits",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 3)), jnp.array([0.0, 1.0])
+        ),
+        TypeError,
+        r"`labels` must have an integer dtype.*float32",
+        id="float_labels",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 3)), jnp.array([0, 1, 2])
+        ),
+        ValueError,
+        r"`labels` has shape \(3,\); expected the batch shape \(2,\)",
+        id="labels_shape",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 3)), jnp.array([0, 1]), reduction="avg"
+        ),
+        ValueError,
+        r"`reduction` must be one of .* got 'avg'",
+        id="reduction",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 3)), jnp.array([0, 1]), label_smoothing=1.0
+        ),
+        ValueError,
+        r"`label_smoothing` must be in \[0, 1\), got 1.0",
+        id="smoothing_one",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy(
+            jnp.zeros((2, 3)), jnp.ones((2, 3)), label_smoothing=-0.1
+        ),
+        ValueError,
+        r"`label_smoothing` must be in \[0, 1\), got -0.1",
+        id="smoothing_negative",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 3)), jnp.array([0, 1]), weight=jnp.ones(4)
+        ),
+        ValueError,
+        r"`weight` must hold one weight per class: shape \(3,\), got \(4,\)",
+        id="weight_length",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 3)), jnp.array([0, 1]), axis=2
+        ),
+        ValueError,
+        r"`axis` 2 is out of range for `logits` of rank 2",
+        id="axis_out_of_range",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy(jnp.zeros((2, 3)), jnp.ones((2, 4))),
+        ValueError,
+        r"`labels` has shape \(2, 4\), which does not broadcast",
+        id="soft_labels_shape",
+    ),
+    pytest.param(
+        lambda: jaxce.sigmoid_binary_cross_entropy(
+            jnp.zeros((2, 3)), jnp.ones((2, 3)), pos_weight=jnp.ones(4)
+        ),
+        ValueError,
+        r"`pos_weight` has shape \(4,\)",
+        id="pos_weight_shape",
+    ),
+    pytest.param(
+        lambda: jaxce.sigmoid_binary_cross_entropy(jnp.zeros((3,)), jnp.ones((2, 3))),
+        ValueError,
+        r"`labels` has shape \(2, 3\), which would broadcast",
+        id="labels_enlarge_logits",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 3)), jnp.array([0, 1]), where=jnp.ones((2, 3))
+        ),
+        TypeError,
+        r"`where` must be a boolean array",
+        id="where_dtype",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 3, 4)), jnp.zeros((2, 4), int), axis=1, where=jnp.ones((3,), bool)
+        ),
+        ValueError,
+        r"`where` has rank 1",
+        id="where_rank",
+    ),
+    pytest.param(
+        lambda: jaxce.binary_cross_entropy(jnp.zeros(3, jnp.int32), jnp.ones(3)),
+        TypeError,
+        r"`probs` must have a floating dtype",
+        id="integer_probs",
+    ),
+    pytest.param(
+        lambda: jaxce.sigmoid_focal_loss(jnp.zeros(3), jnp.ones(3), alpha=1.5),
+        ValueError,
+        r"`alpha` must be in \[0, 1\], got 1.5",
+        id="alpha",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 3)), jnp.array([0, 1]), axis="last"
+        ),
+        TypeError,
+        r"`axis` must be an int or a tuple of ints",
+        id="axis_type",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "message"), BAD_INPUTS)
+def test_bad_input_raises_naming_the_argument(call, error, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_bad_input_raises_at_trace_time_under_jit() -> None:
+    with pytest.raises(ValueError, match="`reduction`"):
+        jax.jit(
+            lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, reduction="max")
+        )(jnp.zeros((2, 3)), jnp.array([0, 1]))
+
+
+def test_traced_hyperparameters_are_accepted() -> None:
+    x = jnp.ones((2, 3))
+    labels = jnp.array([0, 2])
+
+    @jax.jit
+    def loss(smoothing: jax.Array, z: jax.Array) -> jax.Array:
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            x, labels, label_smoothing=smoothing, z_loss=z, reduction="mean"
+        )
+
+    np.testing.assert_allclose(
+        loss(0.1, 0.01),
+        jaxce.softmax_cross_entropy_with_integer_labels(
+            x, labels, label_smoothing=0.1, z_loss=0.01, reduction="mean"
+        ),
+        rtol=1e-6,
+    )
