@@ -141,7 +141,11 @@ def _vocab_parallel_loss(
         # L = log sum_j exp(x_j - m) >= 0 and x_c - m <= 0: both terms are
         # non-negative, so the split adds without cancellation.
         included = jnp.ones_like(is_label) if mask is None else mask
-        weights = jnp.ones_like(shifted) if shard_weight is None else shard_weight
+        weights = (
+            jnp.ones_like(shifted)
+            if shard_weight is None
+            else jnp.broadcast_to(shard_weight, shifted.shape)
+        )
         partial["weight_total"] = jnp.sum(jnp.where(included, weights, 0), axis=-1)
         partial["weighted_shifted"] = jnp.sum(jnp.where(included, weights * shifted, 0), axis=-1)
     total = jax.lax.psum(partial, axis_name)
@@ -387,7 +391,7 @@ def linear_cross_entropy(
                 f"`bias_shard` must have shape ({weight_shard.shape[0]},), one bias per "
                 f"row of `weight_shard`, got {bias.shape}."
             )
-        logits = logits + bias.astype(compute)
+        logits = logits + jnp.broadcast_to(bias.astype(compute), logits.shape)
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
     return softmax_cross_entropy_with_integer_labels(
