@@ -1,0 +1,1 @@
+"""The jit benchmark harness: `python -m benchmarks [--quick] [--only PATTERN] [--out DIR]`."""

@@ -1,0 +1,128 @@
+"""`python -m benchmarks [--quick] [--only PATTERN] [--out DIR]`.
+
+Runs the cases of `benchmarks.cases` (all of them, or the `--quick` subset with
+fewer runs), prints progress, and writes `results.json`, `results.md`,
+`results.png` and `readme_section.md` under `DIR/<device>/` (default
+`benchmarks/results/<device>/`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import pathlib
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks import cases as cases_module
+from benchmarks import harness, report
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a subset, 10 runs (< 2 min)")
+    parser.add_argument("--only", metavar="PATTERN", help="cases whose name matches this regex")
+    parser.add_argument("--out", metavar="DIR", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--runs", type=int, help="timed runs per competitor (>= 10)")
+    return parser.parse_args(argv)
+
+
+def run_cases(
+    selected: Sequence[cases_module.Case],
+    *,
+    runs: int,
+    warmup: int,
+    progress: harness.Progress | None = None,
+) -> list[harness.Measurement]:
+    """Measures each case in turn; a competitor that fails to build is reported, not fatal."""
+    measurements = []
+    for case in selected:
+        if progress is not None:
+            progress.begin(case.name)
+        prepared: dict[str, Any] = {}
+        for name, prepare in case.competitors().items():
+            try:
+                prepared[name] = prepare()
+            except Exception as error:  # a broken competitor must not stop the run
+                prepared[name] = error
+        results = harness.measure_case(
+            case.name,
+            prepared,
+            runs=runs,
+            warmup=warmup,
+            baseline=case.baseline,
+            floor=case.floor,
+        )
+        del prepared
+        gc.collect()
+        if progress is not None:
+            progress.end(results)
+        measurements.extend(results)
+    return measurements
+
+
+def linear_measurements(quick: bool) -> tuple[list[harness.Measurement], dict[str, str]]:
+    """The fused linear cross-entropy cases of `benchmarks.linear`, when that module exists."""
+    try:
+        linear = importlib.import_module("benchmarks.linear")
+    except ImportError:
+        return [], {}
+    rows = linear.run(quick)
+    fields = {f.name for f in harness.Measurement.__dataclass_fields__.values()}
+    measurements = []
+    for row in rows:
+        known = {k: v for k, v in row.items() if k in fields}
+        known.setdefault("runs", row.get("runs", 0))
+        measurements.append(harness.Measurement(**known))
+    descriptions = {row["case"]: row.get("description", "fused linear CE") for row in rows}
+    return measurements, descriptions
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    runs = args.runs or (10 if args.quick else 20)
+    if runs < 10:
+        raise SystemExit("--runs must be at least 10")
+    selected = [c for c in cases_module.all_cases() if c.quick or not args.quick]
+    if args.only:
+        selected = [c for c in selected if re.search(args.only, c.name)]
+    include_linear = not args.quick and (not args.only or re.search(args.only, "linear"))
+    progress = harness.Progress(len(selected) + bool(include_linear))
+    stamp = harness.stamp(["benchmarks", *argv])
+    sys.stderr.write(f"{stamp['device']}, jax {stamp['jax']}: measuring bandwidth ...\n")
+    bandwidth = harness.memory_bandwidth()
+    measurements = run_cases(selected, runs=runs, warmup=2, progress=progress)
+    descriptions = {c.name: c.description for c in selected}
+    baselines = {c.name: c.baseline for c in selected}
+    if include_linear:
+        progress.begin("linear (benchmarks/linear.py)")
+        linear, linear_descriptions = linear_measurements(args.quick)
+        progress.end(linear)
+        measurements += linear
+        descriptions.update(linear_descriptions)
+    results = {
+        "stamp": stamp,
+        "bandwidth_gbps": bandwidth,
+        "cases": {
+            name: {"description": descriptions[name], "baseline": baselines.get(name)}
+            for name in descriptions
+        },
+        "measurements": [m.as_dict() for m in measurements],
+    }
+    out = args.out / stamp["device"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    report.write_all(results, out)
+    sys.stderr.write(f"wrote {out}/results.json, results.md, results.png, readme_section.md\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
