@@ -1,0 +1,805 @@
+r"""Closed-form gradients of every jaxce loss, with no autodiff inside.
+
+``jaxce.derivatives.<loss>(<the loss's arguments>)`` returns the gradient of
+that loss with respect to its first argument: of ``loss(...).sum()`` for
+``reduction="none"`` and of the scalar for ``"sum"`` and ``"mean"``.
+:func:`linear_cross_entropy` returns the gradients with respect to ``hidden``,
+``weight`` and ``bias``.
+
+The reference documents state the per-sample derivatives,
+:math:`\sigma(x) - y` and :math:`\operatorname{softmax}(x) - y` with respect to
+logits and :math:`-y/p + (1-y)/(1-p)` and :math:`-y/p` with respect to
+probabilities. They are the gradients of ``reduction="sum"``; ``"mean"``
+divides each by the mean's denominator :math:`n` (the number of elements or
+examples, or PyTorch's summed class weights), the factor ``1/n`` that a
+per-sample formula leaves out.
+
+Conventions shared by every function here:
+
+- Computed in float32 for half-precision inputs (float64 stays float64) and
+  returned in the dtype of the argument it is the gradient of.
+- Elements or classes excluded by ``where``, examples whose label is
+  ``ignore_index``, and everything a mean over zero examples touches have an
+  exactly zero gradient.
+- Invalid values (a label outside ``[0, C)``, a probability outside ``[0, 1]``,
+  a negative weight) make the loss NaN. The closed form then gives the
+  affected elements a zero gradient, which is what ``jax.grad`` of the shipped
+  loss gives; the NaN loss is the signal, and ``jaxce.checked`` raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxce import _binary, _checks, _layout, _probabilities
+
+__all__ = [
+    "binary_cross_entropy",
+    "categorical_cross_entropy",
+    "linear_cross_entropy",
+    "log1m_sigmoid",
+    "log_sigmoid",
+    "log_softmax",
+    "logsumexp",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+]
+
+
+def _unlayout(gradient: jax.Array, layout: _layout.ClassLayout) -> jax.Array:
+    """Inverse of ``layout.classes_last``: `[*batch, C]` back to the input's layout."""
+    gradient = gradient.reshape(*layout.batch_shape, *layout.class_shape)
+    batch_axes = tuple(i for i in range(layout.ndim) if i not in layout.axes)
+    permutation = batch_axes + layout.axes
+    if permutation == tuple(range(layout.ndim)):
+        return gradient
+    inverse = [0] * layout.ndim
+    for position, axis in enumerate(permutation):
+        inverse[axis] = position
+    return jnp.transpose(gradient, inverse)
+
+
+def _per_class(class_weight: jax.Array, ndim: int) -> jax.Array:
+    """`[C]` class weights as `[1, ..., 1, C]`, explicitly broadcastable to rank `ndim`."""
+    return class_weight.reshape((1,) * (ndim - 1) + class_weight.shape)
+
+
+def _mean_scale(count: jax.Array, reduction: str) -> jax.Array:
+    """The factor the per-example gradient is multiplied by: 1, or 1/n (0 when n = 0)."""
+    if reduction != "mean":
+        return jnp.ones((), count.dtype)
+    nonzero = count != 0
+    return jnp.where(nonzero, 1 / jnp.where(nonzero, count, 1), 0)
+
+
+def _elementwise_scale(mask: jax.Array | None, shape: tuple[int, ...], reduction: str, dtype):
+    """Mask times the mean's 1/n for the elementwise (binary) losses."""
+    if mask is None:
+        count = jnp.asarray(_size(shape), dtype)
+        return _mean_scale(count, reduction)
+    count = jnp.sum(mask, dtype=dtype)
+    return jnp.where(mask, _mean_scale(count, reduction), 0)
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    size = 1
+    for d in shape:
+        size *= d
+    return size
+
+
+def _sigmoid(x: jax.Array) -> jax.Array:
+    # 1 / (1 + e^-x) for x >= 0 and e^x / (1 + e^x) otherwise: no exp overflows.
+    decay = jnp.exp(-jnp.abs(x))
+    return jnp.where(x >= 0, 1 / (1 + decay), decay / (1 + decay))
+
+
+def log_sigmoid(x: ArrayLike) -> jax.Array:
+    r"""Derivative of :func:`jaxce.log_sigmoid`: :math:`\frac{d}{dx}\log\sigma(x) = \sigma(-x)`.
+
+    Args:
+      x: any floating array.
+
+    Returns:
+      :math:`\sigma(-x)`, ``x``'s shape and dtype (the gradient of
+      ``log_sigmoid(x).sum()``).
+
+    Example:
+      >>> import jaxce.derivatives
+      >>> print(jaxce.derivatives.log_sigmoid(0.0))
+      0.5
+
+    Finite for every ``x``; ``+-inf`` give ``0`` and ``1``.
+    """
+    x = _checks.as_float_array(x, "x")
+    return _sigmoid(-x.astype(_checks.compute_dtype(x))).astype(x.dtype)
+
+
+def log1m_sigmoid(x: ArrayLike) -> jax.Array:
+    r"""Derivative of :func:`jaxce.log1m_sigmoid`: :math:`\frac{d}{dx}\log(1-\sigma(x)) = -\sigma(x)`.
+
+    Args:
+      x: any floating array.
+
+    Returns:
+      :math:`-\sigma(x)`, ``x``'s shape and dtype.
+
+    Example:
+      >>> import jaxce.derivatives
+      >>> print(jaxce.derivatives.log1m_sigmoid(0.0))
+      -0.5
+
+    Finite for every ``x``.
+    """
+    x = _checks.as_float_array(x, "x")
+    return (-_sigmoid(x.astype(_checks.compute_dtype(x)))).astype(x.dtype)
+
+
+def _softmax_parts(
+    x: jax.Array, mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(p, shifted, log_normalizer, row_max)`` over the last axis of compute-dtype ``x``.
+
+    ``p`` is 0 for excluded classes and for rows without any finite logit, so
+    it never holds ``exp(-inf - (-inf)) = nan``.
+    """
+    row_max = jnp.max(x, axis=-1, keepdims=True, where=mask, initial=-jnp.inf)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
+    shifted = x - row_max
+    if mask is not None:
+        shifted = jnp.where(mask, shifted, -jnp.inf)
+    total = jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True)
+    nonempty = total > 0
+    log_normalizer = jnp.where(nonempty, jnp.log(jnp.where(nonempty, total, 1)), -jnp.inf)
+    p = jnp.where(nonempty, jnp.exp(shifted - jnp.where(nonempty, log_normalizer, 0)), 0)
+    return p, shifted, log_normalizer, row_max
+
+
+def logsumexp(
+    x: ArrayLike, axis: int | Sequence[int] | None = -1, where: ArrayLike | None = None
+) -> jax.Array:
+    r"""Derivative of :func:`jaxce.logsumexp`: :math:`\partial_j \log\sum_c e^{x_c} = p_j`.
+
+    :math:`p = \operatorname{softmax}(x)` over ``axis``, 0 for excluded entries.
+
+    Args:
+      x: floating array.
+      axis: reduced axis or axes (``None``: all).
+      where: optional boolean mask broadcastable to ``x``.
+
+    Returns:
+      ``softmax(x)``, ``x``'s shape and dtype (the gradient of ``logsumexp(x).sum()``).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce.derivatives
+      >>> print(jaxce.derivatives.logsumexp(jnp.array([0.0, 0.0])))
+      [0.5 0.5]
+
+    A row whose entries are all excluded or ``-inf`` has a zero gradient.
+    """
+    x = _checks.as_float_array(x, "x")
+    layout = _layout.ClassLayout.of(x.shape, tuple(range(x.ndim)) if axis is None else axis)
+    mask = None
+    if where is not None:
+        full = jnp.broadcast_to(_checks.as_mask(where, x.shape), x.shape)
+        mask = layout.classes_last(full)
+    x_last = layout.classes_last(x).astype(_checks.compute_dtype(x))
+    p, _, _, _ = _softmax_parts(x_last, mask)
+    return _unlayout(p, layout).astype(x.dtype)
+
+
+def log_softmax(
+    x: ArrayLike, axis: int | Sequence[int] = -1, where: ArrayLike | None = None
+) -> jax.Array:
+    r"""Derivative of ``jaxce.log_softmax(x).sum()``: :math:`1 - K p_j`.
+
+    :math:`\sum_i \log p_i = \sum_i x_i - K \log\sum_c e^{x_c}` over the
+    :math:`K` included entries of a row, so :math:`\partial_j = 1 - K p_j`
+    for included :math:`j` and 0 for excluded ones.
+
+    Args:
+      x: floating array.
+      axis: class axis or axes.
+      where: optional boolean mask broadcastable to ``x``.
+
+    Returns:
+      ``x``'s shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce.derivatives
+      >>> print(jaxce.derivatives.log_softmax(jnp.array([0.0, 0.0])))
+      [0. 0.]
+
+    Entries excluded by ``where`` get a zero gradient.
+    """
+    x = _checks.as_float_array(x, "x")
+    layout = _layout.ClassLayout.of(x.shape, axis)
+    mask = None
+    if where is not None:
+        full = jnp.broadcast_to(_checks.as_mask(where, x.shape), x.shape)
+        mask = layout.classes_last(full)
+    x_last = layout.classes_last(x).astype(_checks.compute_dtype(x))
+    p, _, _, _ = _softmax_parts(x_last, mask)
+    if mask is None:
+        gradient = 1 - x_last.shape[-1] * p
+    else:
+        included = jnp.sum(mask, axis=-1, keepdims=True, dtype=x_last.dtype)
+        gradient = jnp.where(mask, 1 - included * p, 0)
+    return _unlayout(gradient, layout).astype(x.dtype)
+
+
+def sigmoid_binary_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    pos_weight: ArrayLike | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Gradient of :func:`jaxce.sigmoid_binary_cross_entropy` with respect to ``logits``.
+
+    With :math:`\ell = w[p_w \tilde y\, \mathrm{softplus}(-x) + (1-\tilde y)\,
+    \mathrm{softplus}(x)]`, :math:`\mathrm{softplus}'(x) = \sigma(x)` and
+    :math:`\mathrm{softplus}'(-x) \cdot (-1) = -\sigma(-x) = \sigma(x) - 1`:
+
+    .. math::
+        \frac{\partial \ell}{\partial x}
+          = w\left[(1 - \tilde y)\,\sigma(x) - p_w \tilde y\,(1 - \sigma(x))\right]
+          = w\left[(1 + (p_w - 1)\tilde y)\,\sigma(x) - p_w \tilde y\right],
+
+    which is the documents' :math:`\sigma(x) - y` when :math:`w = p_w = 1`
+    and there is no smoothing (:math:`\tilde y = (1-\varepsilon) y + \varepsilon/2`).
+    That is the per-element gradient of ``"none"`` (of its sum) and of
+    ``"sum"``; ``"mean"`` divides it by the number :math:`n` of included
+    elements.
+
+    Args:
+      logits, labels, weight, pos_weight, label_smoothing, where, reduction:
+        as in :func:`jaxce.sigmoid_binary_cross_entropy`.
+
+    Returns:
+      ``logits``' shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce.derivatives
+      >>> x, y = jnp.array([0.0, 2.0]), jnp.array([1.0, 0.0])
+      >>> print(jaxce.derivatives.sigmoid_binary_cross_entropy(x, y, reduction="mean"))
+      [-0.25       0.4403985]
+
+    Finite for every finite logit; a negative ``weight`` or ``pos_weight``
+    (NaN loss) gives that element a zero gradient.
+    """
+    dtype = _checks.as_float_array(logits, "logits").dtype
+    x, y, mask, _ = _binary.elementwise_inputs(logits, labels, where, reduction)
+    _checks.check_unit_interval(label_smoothing, "label_smoothing")
+    weight = _binary.elementwise_weight(weight, x.shape, "weight")
+    pos_weight = _binary.elementwise_weight(pos_weight, x.shape, "pos_weight")
+    y = jnp.broadcast_to(y, x.shape)
+    if not _checks.is_concrete_zero(label_smoothing):
+        smoothing = jnp.asarray(label_smoothing, x.dtype)
+        y = (1 - smoothing) * y + 0.5 * smoothing
+    s = _sigmoid(x)
+    if pos_weight is None:
+        gradient = s - y
+    else:
+        pos_weight = jnp.broadcast_to(pos_weight, x.shape)
+        pw = pos_weight.astype(x.dtype)
+        gradient = (1 - y) * s - pw * y * (1 - s)
+        gradient = jnp.where(pos_weight < 0, 0, gradient)
+    if weight is not None:
+        weight = jnp.broadcast_to(weight, x.shape)
+        gradient = jnp.where(weight < 0, 0, weight.astype(x.dtype) * gradient)
+    gradient = gradient * _elementwise_scale(mask, x.shape, reduction, x.dtype)
+    return jnp.broadcast_to(gradient, x.shape).astype(dtype)
+
+
+def sigmoid_focal_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    alpha: ArrayLike | None = None,
+    gamma: ArrayLike = 2.0,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Gradient of :func:`jaxce.sigmoid_focal_loss` with respect to ``logits``.
+
+    With :math:`s = \sigma(x)`, :math:`q = 1 - p_t = y(1-s) + (1-y)s`,
+    :math:`\mathrm{CE} = y\,\mathrm{softplus}(-x) + (1-y)\,\mathrm{softplus}(x)`,
+    :math:`\mathrm{CE}' = s - y` and :math:`q' = (1 - 2y)\,s(1-s)`, the product
+    rule on :math:`\ell = a_t q^\gamma \mathrm{CE}` gives
+
+    .. math::
+        \frac{\partial \ell}{\partial x}
+          = a_t\left[\gamma\, q^{\gamma - 1} (1 - 2y)\, s (1 - s)\, \mathrm{CE}
+            + q^\gamma (s - y)\right].
+
+    :math:`q^{\gamma-1} s (1-s)` is evaluated as
+    :math:`\exp((\gamma - 1)\log q + \log s + \log(1-s))` with every log from
+    log-sigmoids, so it neither overflows when :math:`q \to 0` nor rounds
+    :math:`s(1-s)` to 0. For :math:`\gamma = 0` this is the BCE gradient
+    :math:`a_t(s - y)`. Per element for ``"none"``/``"sum"``; ``"mean"``
+    divides by the number :math:`n` of included elements.
+
+    Args:
+      logits, labels, alpha, gamma, where, reduction: as in
+        :func:`jaxce.sigmoid_focal_loss`.
+
+    Returns:
+      ``logits``' shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce.derivatives
+      >>> print(jaxce.derivatives.sigmoid_focal_loss(jnp.array([0.0]), jnp.array([1.0])))
+      [-0.2982868]
+
+    Finite for every finite logit.
+    """
+    dtype = _checks.as_float_array(logits, "logits").dtype
+    x, y, mask, _ = _binary.elementwise_inputs(logits, labels, where, reduction)
+    _checks.check_scalar(gamma, "gamma")
+    if alpha is not None:
+        _checks.check_unit_interval(alpha, "alpha", closed_right=True)
+    y = jnp.broadcast_to(y, x.shape)
+    g = jnp.asarray(gamma, x.dtype)
+    # log s = -softplus(-x), log(1 - s) = -softplus(x), both without overflow.
+    log_s = -jnp.logaddexp(-x, 0)
+    log_1ms = -jnp.logaddexp(x, 0)
+    cross_entropy = -y * log_s - (1 - y) * log_1ms
+    log_q = jnp.logaddexp(_log_or_minus_inf(y) + log_1ms, _log_or_minus_inf(1 - y) + log_s)
+    modulation = jnp.exp(g * log_q)
+    slope = jnp.exp((g - 1) * log_q + log_s + log_1ms)
+    gradient = g * (1 - 2 * y) * slope * cross_entropy + modulation * (jnp.exp(log_s) - y)
+    if alpha is not None:
+        a = jnp.asarray(alpha, x.dtype)
+        gradient = (a * y + (1 - a) * (1 - y)) * gradient
+    gradient = gradient * _elementwise_scale(mask, x.shape, reduction, x.dtype)
+    return jnp.broadcast_to(gradient, x.shape).astype(dtype)
+
+
+def _log_or_minus_inf(x: jax.Array) -> jax.Array:
+    positive = x > 0
+    return jnp.where(positive, jnp.log(jnp.where(positive, x, 1)), -jnp.inf)
+
+
+def binary_cross_entropy(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Gradient of :func:`jaxce.binary_cross_entropy` with respect to ``probs``.
+
+    The documents' form: :math:`\ell = -w[y \log p + (1-y)\log(1-p)]` gives
+
+    .. math::
+        \frac{\partial \ell}{\partial p} = w\left[-\frac{y}{p} + \frac{1-y}{1-p}\right]
+          = w\,\frac{p - y}{p(1-p)}.
+
+    Each log is clamped at -100 (PyTorch), so a term whose log is clamped
+    (:math:`p \le e^{-100}`, or :math:`1 - p \le e^{-100}`) is constant and
+    contributes 0: :math:`\ell` is flat there. Per element for
+    ``"none"``/``"sum"``; ``"mean"`` divides by the number :math:`n` of
+    included elements.
+
+    Args:
+      probs, labels, weight, where, reduction: as in
+        :func:`jaxce.binary_cross_entropy`.
+
+    Returns:
+      ``probs``' shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce.derivatives
+      >>> p, y = jnp.array([0.5, 0.2]), jnp.array([1.0, 0.0])
+      >>> print(jaxce.derivatives.binary_cross_entropy(p, y))
+      [-2.    1.25]
+
+    :math:`y/p` overflows to ``inf`` in float32 for ``p`` below about ``y *
+    3e-39`` (as ``jax.grad`` does); a probability outside ``[0, 1]`` or a
+    negative weight (NaN loss) gives a zero gradient.
+    """
+    dtype = _checks.as_float_array(probs, "probs").dtype
+    p, y, mask, _ = _binary.elementwise_inputs(probs, labels, where, reduction)
+    weight = _binary.elementwise_weight(weight, p.shape, "weight")
+    y = jnp.broadcast_to(y, p.shape)
+    threshold = jnp.exp(jnp.asarray(_probabilities.LOG_CLAMP, p.dtype))
+    # d/dp max(log p, -100) = 1/p above the clamp and 0 below it.
+    inv_p = jnp.where(p > threshold, 1 / jnp.where(p > threshold, p, 1), 0)
+    one_minus = 1 - p
+    inv_1mp = jnp.where(
+        one_minus > threshold, 1 / jnp.where(one_minus > threshold, one_minus, 1), 0
+    )
+    gradient = -y * inv_p + (1 - y) * inv_1mp
+    if weight is not None:
+        weight = jnp.broadcast_to(weight, p.shape)
+        gradient = jnp.where(weight < 0, 0, weight.astype(p.dtype) * gradient)
+    gradient = jnp.where((p >= 0) & (p <= 1), gradient, 0)
+    gradient = gradient * _elementwise_scale(mask, p.shape, reduction, p.dtype)
+    return jnp.broadcast_to(gradient, p.shape).astype(dtype)
+
+
+def categorical_cross_entropy(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int | Sequence[int] = -1,
+    weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Gradient of :func:`jaxce.categorical_cross_entropy` with respect to ``probs``.
+
+    The documents' form: :math:`\ell = -\sum_c w_c y_c \log p_c` gives
+
+    .. math::
+        \frac{\partial \ell}{\partial p_c} = -\frac{w_c\, y_c}{p_c},
+
+    with 0 where :math:`y_c = 0`, where the class is excluded by ``where``, and
+    where the log is clamped at -100 (:math:`p_c \le e^{-100}`, PyTorch's
+    clamp). The probabilities are independent inputs here (no softmax), so
+    the rows do not sum to anything in particular. Per example for
+    ``"none"``/``"sum"``; ``"mean"`` divides by the number :math:`n` of
+    counted examples.
+
+    Args:
+      probs, labels, axis, weight, where, reduction: as in
+        :func:`jaxce.categorical_cross_entropy`.
+
+    Returns:
+      ``probs``' shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce.derivatives
+      >>> p, y = jnp.array([[0.5, 0.25, 0.25]]), jnp.array([[1.0, 0.0, 0.0]])
+      >>> print(jaxce.derivatives.categorical_cross_entropy(p, y))
+      [[-2.  0.  0.]]
+
+    A row with a probability outside ``[0, 1]`` (NaN loss) or any negative
+    class weight gives a zero gradient.
+    """
+    probs = _checks.as_float_array(probs, "probs")
+    labels = _checks.as_float_array(labels, "labels")
+    _checks.check_reduction(reduction)
+    layout = _layout.ClassLayout.of(probs.shape, axis)
+    mask = layout.mask(where)
+    class_weight = layout.class_weight(weight)
+    compute = _checks.compute_dtype(probs)
+    p = layout.classes_last(probs).astype(compute)
+    targets = _layout.dense_labels(labels, layout).astype(compute)
+    if class_weight is not None:
+        targets = targets * _per_class(class_weight.astype(compute), targets.ndim)
+    take_part = targets != 0 if mask is None else mask & (targets != 0)
+    threshold = jnp.exp(jnp.asarray(_probabilities.LOG_CLAMP, compute))
+    above = p > threshold
+    gradient = jnp.where(take_part & above, -targets / jnp.where(above, p, 1), 0)
+    valid_row = jnp.all((p >= 0) & (p <= 1), axis=-1, keepdims=True)
+    gradient = jnp.where(valid_row, gradient, 0)
+    if class_weight is not None:
+        gradient = jnp.where(jnp.any(class_weight < 0), 0, gradient)
+    gradient = gradient * _example_scale(mask, layout.batch_shape, reduction, compute)
+    return _unlayout(gradient, layout).astype(probs.dtype)
+
+
+def _example_scale(mask: jax.Array | None, batch_shape: tuple[int, ...], reduction: str, dtype):
+    """1 or 1/n for multiclass losses, n the number of examples with an included class."""
+    if mask is None:
+        return _mean_scale(jnp.asarray(_size(batch_shape), dtype), reduction)
+    counted = jnp.broadcast_to(jnp.any(mask, axis=-1), batch_shape)
+    return _mean_scale(jnp.sum(counted, dtype=dtype), reduction)
+
+
+def softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int | Sequence[int] = -1,
+    weight: ArrayLike | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Gradient of :func:`jaxce.softmax_cross_entropy` with respect to ``logits``.
+
+    With :math:`a_c = w_c \tilde y_c` (:math:`\tilde y = (1-\varepsilon) y +
+    \varepsilon/C`) and :math:`\partial \log p_c / \partial x_j = \delta_{cj} - p_j`,
+
+    .. math::
+        \frac{\partial \ell}{\partial x_j} = -\sum_c a_c (\delta_{cj} - p_j)
+          = p_j \sum_c a_c - a_j,
+
+    the documents' :math:`\operatorname{softmax}(x) - y` when the labels sum to
+    1, there are no class weights and no smoothing. Classes excluded by
+    ``where`` have :math:`p_j = 0` and take no part (gradient 0). Per example
+    for ``"none"``/``"sum"``; ``"mean"`` divides by the number :math:`n` of
+    counted examples (weights or not, PyTorch's rule for probability targets).
+
+    Args:
+      logits, labels, axis, weight, label_smoothing, where, reduction: as in
+        :func:`jaxce.softmax_cross_entropy`.
+
+    Returns:
+      ``logits``' shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce.derivatives
+      >>> x, y = jnp.array([[0.0, 0.0]]), jnp.array([[1.0, 0.0]])
+      >>> print(jaxce.derivatives.softmax_cross_entropy(x, y))
+      [[-0.5  0.5]]
+
+    Finite for logits of ``+-1e30`` and ``-inf`` (a ``-inf`` class has
+    :math:`p_j = 0`); a row without any finite logit has a zero gradient, and
+    any negative class weight (NaN loss) zeroes the whole gradient.
+    """
+    logits = _checks.as_float_array(logits, "logits")
+    labels = _checks.as_float_array(labels, "labels")
+    _checks.check_reduction(reduction)
+    _checks.check_unit_interval(label_smoothing, "label_smoothing")
+    layout = _layout.ClassLayout.of(logits.shape, axis)
+    mask = layout.mask(where)
+    class_weight = layout.class_weight(weight)
+    compute = _checks.compute_dtype(logits)
+    x = layout.classes_last(logits).astype(compute)
+    targets = _layout.dense_labels(labels, layout).astype(compute)
+    if not _checks.is_concrete_zero(label_smoothing):
+        smoothing = jnp.asarray(label_smoothing, compute)
+        targets = (1 - smoothing) * targets + smoothing / layout.num_classes
+    weighted = targets
+    if class_weight is not None:
+        weighted = targets * _per_class(class_weight.astype(compute), targets.ndim)
+    take_part = targets != 0 if mask is None else mask & (targets != 0)
+    weighted = jnp.where(take_part, weighted, 0)
+    p, _, _, _ = _softmax_parts(x, mask)
+    gradient = p * jnp.sum(weighted, axis=-1, keepdims=True) - weighted
+    if class_weight is not None:
+        gradient = jnp.where(jnp.any(class_weight < 0), 0, gradient)
+    gradient = gradient * _example_scale(mask, layout.batch_shape, reduction, compute)
+    return _unlayout(gradient, layout).astype(logits.dtype)
+
+
+def _integer_label_logit_gradient(
+    x: jax.Array,
+    labels: jax.Array,
+    *,
+    mask: jax.Array | None,
+    class_weight: jax.Array | None,
+    ignore_index: int | None,
+    label_smoothing: ArrayLike,
+    z_loss: ArrayLike,
+    reduction: str,
+) -> jax.Array:
+    """Gradient of the integer-label loss on `[..., C]` compute-dtype logits (classes last)."""
+    num_classes = x.shape[-1]
+    p, _, log_normalizer, row_max = _softmax_parts(x, mask)
+    classes = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    is_label = classes == labels[..., None]
+    if mask is not None:
+        # An excluded class is not a variable of the loss: its gradient is 0.
+        is_label = is_label & mask
+    in_range = (labels >= 0) & (labels < num_classes)
+    ignored = (labels == ignore_index) if ignore_index is not None else jnp.zeros_like(in_range)
+    active = ~ignored
+    if mask is not None:
+        active = active & jnp.any(mask, axis=-1)
+    counted = active & in_range
+
+    if class_weight is None:
+        label_weight = jnp.ones(labels.shape, x.dtype)
+    else:
+        label_weight = class_weight[jnp.clip(labels, 0, num_classes - 1)]
+    # d(-log p_y)/dx_j = p_j - [j = y].
+    gradient = label_weight[..., None] * (p - is_label)
+    if not _checks.is_concrete_zero(label_smoothing):
+        # d/dx_j (eps/C) sum_c w_c (-log p_c) = (eps/C) (p_j sum_c w_c - w_j).
+        smoothing = jnp.asarray(label_smoothing, x.dtype)
+        weights = jnp.ones((num_classes,), x.dtype) if class_weight is None else class_weight
+        weights = _per_class(weights, x.ndim)
+        included = weights if mask is None else jnp.where(mask, weights, 0)
+        smooth = p * jnp.sum(included, axis=-1, keepdims=True) - included
+        gradient = (1 - smoothing) * gradient + (smoothing / num_classes) * smooth
+    if class_weight is not None:
+        gradient = jnp.where(jnp.any(class_weight < 0), 0, gradient)
+    gradient = jnp.where(counted[..., None], gradient, 0)
+    if reduction == "mean":
+        count = jnp.sum(counted, dtype=x.dtype)
+        denominator = (
+            count if class_weight is None else jnp.sum(jnp.where(counted, label_weight, 0))
+        )
+        gradient = gradient * _mean_scale(denominator, "mean")
+
+    if not _checks.is_concrete_zero(z_loss):
+        # d/dx_j z (log Z)^2 = 2 z log Z p_j; under "mean" averaged over counted examples.
+        log_partition = log_normalizer + row_max
+        z_coefficient = jnp.asarray(z_loss, x.dtype)
+        z_gradient = jnp.where(counted[..., None], 2 * z_coefficient * log_partition * p, 0)
+        if reduction == "mean":
+            z_gradient = z_gradient * _mean_scale(jnp.sum(counted, dtype=x.dtype), "mean")
+        gradient = gradient + z_gradient
+    return gradient
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int | Sequence[int] = -1,
+    weight: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Gradient of :func:`jaxce.softmax_cross_entropy_with_integer_labels` w.r.t. ``logits``.
+
+    For one example with label :math:`y`, :math:`\partial(-\log p_c)/\partial
+    x_j = p_j - \delta_{cj}`, so
+
+    .. math::
+        \frac{\partial \ell}{\partial x_j}
+          = (1 - \varepsilon)\, w_y (p_j - \delta_{yj})
+          + \frac{\varepsilon}{C}\Big(p_j \sum_c w_c - w_j\Big)
+          + 2 z \log Z\, p_j,
+        \qquad \log Z = \log \textstyle\sum_c e^{x_c},
+
+    the documents' :math:`\operatorname{softmax}(x) - \text{onehot}(y)` when
+    :math:`w = 1`, :math:`\varepsilon = z = 0`. The sums run over the classes
+    ``where`` includes; excluded classes get 0. Per example for
+    ``"none"``/``"sum"``; under ``"mean"`` the cross-entropy terms are divided
+    by :math:`n = \sum w_y` over counted examples (their number without
+    class weights) and the z-loss term by the number of counted examples.
+    Ignored examples, and examples whose classes are all excluded, get 0.
+
+    Args:
+      logits, labels, axis, weight, ignore_index, label_smoothing, z_loss,
+        where, reduction: as in
+        :func:`jaxce.softmax_cross_entropy_with_integer_labels`.
+
+    Returns:
+      ``logits``' shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce.derivatives
+      >>> x = jnp.array([[0.0, 0.0], [0.0, 0.0]])
+      >>> g = jaxce.derivatives.softmax_cross_entropy_with_integer_labels
+      >>> print(g(x, jnp.array([0, 1]), reduction="mean"))
+      [[-0.25  0.25]
+       [ 0.25 -0.25]]
+
+    Finite for logits of ``+-1e30`` and ``-inf``. An out-of-range label (NaN
+    loss) gives its example a zero gradient and leaves the mean's denominator
+    alone, as ``jax.grad`` of the loss does; any negative class weight zeroes
+    the cross-entropy part.
+    """
+    logits = _checks.as_float_array(logits, "logits")
+    labels = _checks.as_integer_labels(labels)
+    _checks.check_reduction(reduction)
+    _checks.check_unit_interval(label_smoothing, "label_smoothing")
+    _checks.check_scalar(z_loss, "z_loss")
+    if ignore_index is not None and not isinstance(ignore_index, int):
+        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
+    layout = _layout.ClassLayout.of(logits.shape, axis)
+    labels = _layout.batch_labels(labels, layout)
+    mask = layout.mask(where)
+    class_weight = layout.class_weight(weight)
+    compute = _checks.compute_dtype(logits)
+    gradient = _integer_label_logit_gradient(
+        layout.classes_last(logits).astype(compute),
+        labels,
+        mask=mask,
+        class_weight=None if class_weight is None else class_weight.astype(compute),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+    )
+    return _unlayout(gradient, layout).astype(logits.dtype)
+
+
+def linear_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    softcap: float | None = None,
+    shift: int = 0,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    r"""Gradients of :func:`jaxce.linear_cross_entropy` w.r.t. ``hidden``, ``weight``, ``bias``.
+
+    With logits :math:`u = h W^\top + b`, capped logits :math:`s = c \tanh(u / c)`
+    and :math:`G = \partial \ell / \partial s` the integer-label gradient of
+    :func:`softmax_cross_entropy_with_integer_labels` (per token), the chain rule
+    through :math:`\partial s / \partial u = 1 - \tanh^2(u / c)` gives
+
+    .. math::
+        G_u = G \odot (1 - \tanh^2(u/c)), \qquad
+        \frac{\partial \ell}{\partial h} = G_u W, \qquad
+        \frac{\partial \ell}{\partial W} = G_u^\top h, \qquad
+        \frac{\partial \ell}{\partial b} = \textstyle\sum_{\text{tokens}} G_u
+
+    (:math:`G_u = G` without a soft cap). With ``shift=1`` the last position
+    of each sequence predicts nothing and gets a zero ``hidden`` gradient.
+    The default ``reduction="mean"`` divides by the number of counted tokens.
+
+    Args:
+      hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss,
+        softcap, shift, chunk_size, reduction: as in
+        :func:`jaxce.linear_cross_entropy` (``chunk_size`` does not change
+        the result).
+
+    Returns:
+      ``(d_hidden, d_weight, d_bias)`` in the shapes and dtypes of ``hidden``,
+      ``weight`` and ``bias``; ``d_bias`` is None without a bias.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce.derivatives
+      >>> h, w = jnp.ones((2, 4)), jnp.zeros((3, 4))
+      >>> dh, dw, db = jaxce.derivatives.linear_cross_entropy(h, w, jnp.array([0, 2]))
+      >>> print(dw[:, 0].round(4))
+      [-0.1667  0.3333 -0.1667]
+
+    The logits are materialised here ``[..., V]``: this is a reference for
+    verification, not a memory-efficient backward pass.
+    """
+    del chunk_size
+    hidden = _checks.as_float_array(hidden, "hidden")
+    weight = _checks.as_float_array(weight, "weight")
+    labels = _checks.as_integer_labels(labels)
+    bias_array = None if bias is None else _checks.as_float_array(bias, "bias")
+    _checks.check_reduction(reduction)
+    _checks.check_unit_interval(label_smoothing, "label_smoothing")
+    _checks.check_scalar(z_loss, "z_loss")
+    if shift not in (0, 1):
+        raise ValueError(f"`shift` must be 0 or 1, got {shift!r}.")
+    compute = _checks.compute_dtype(hidden)
+    h = hidden.astype(compute)
+    if shift:
+        h, labels = h[..., :-1, :], labels[..., 1:]
+    w = weight.astype(compute)
+    logits = jnp.einsum("...d,vd->...v", h, w)
+    if bias_array is not None:
+        logits = logits + bias_array.astype(compute)
+    cap_slope = None
+    if softcap is not None:
+        capped = jnp.tanh(logits / softcap)
+        cap_slope = 1 - jnp.square(capped)
+        logits = softcap * capped
+    labels = jnp.broadcast_to(labels, logits.shape[:-1])
+    gradient = _integer_label_logit_gradient(
+        logits,
+        labels,
+        mask=None,
+        class_weight=None,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+    )
+    if cap_slope is not None:
+        gradient = gradient * cap_slope
+    d_hidden = jnp.einsum("...v,vd->...d", gradient, w)
+    if shift:
+        padding = [(0, 0)] * (d_hidden.ndim - 2) + [(0, 1), (0, 0)]
+        d_hidden = jnp.pad(d_hidden, padding)
+    d_weight = jnp.einsum("...v,...d->vd", gradient, h)
+    d_bias = None
+    if bias_array is not None:
+        d_bias = jnp.sum(gradient.reshape(-1, gradient.shape[-1]), axis=0)
+        d_bias = d_bias.reshape(bias_array.shape).astype(bias_array.dtype)
+    return d_hidden.astype(hidden.dtype), d_weight.astype(weight.dtype), d_bias

@@ -1,0 +1,599 @@
+r"""Gradient verification: ``jax.grad`` against closed forms, references and finite differences.
+
+:func:`check_gradients` evaluates, for one loss at one point,
+
+- ``jax.grad`` of the shipped loss (in the inputs' dtype),
+- the closed-form derivative (in the inputs' dtype),
+- ``jax.grad`` of a plain reference formulation that shares no code with the
+  loss (from ``jaxce._references`` for the library's losses, or your own),
+  in float64,
+- central finite differences of the loss in float64, with a step per element
+  :math:`h_i = \epsilon^{1/3} \max(1, |x_i|)` (:math:`\epsilon` the float64
+  machine epsilon: the step that balances truncation error :math:`O(h^2)`
+  against rounding error :math:`O(\epsilon / h)`),
+- forward mode: the ``jax.jvp`` tangent along random directions :math:`v`
+  against :math:`\nabla \ell \cdot v` from the closed form,
+
+and reports, for each pair, the maximum absolute error and the norm-wise
+relative error :math:`\max_i |a_i - b_i| / \max_i |b_i|` (for the directional
+pair, :math:`|t - g \cdot v| / \sum_i |g_i v_i|`). Norm-wise, because an
+element-wise relative error is meaningless for entries that cancel to nearly
+0 (``softmax(x) - onehot(y)``).
+
+Tolerances (:data:`TOLERANCES`) are per input dtype:
+
+- float64: ``1e-12`` between analytic forms, ``1e-7`` against finite
+  differences (their own error is about :math:`\epsilon^{2/3} \approx 4
+  \times 10^{-11}` times the third derivative).
+- float32: ``1e-6`` for every pair (float32 rounding is :math:`6 \times
+  10^{-8}`; the losses lose a few units of it).
+- bfloat16: ``1e-2``. The gradient is computed in float32 and rounded to
+  bfloat16 (8 significant bits), so two correct results of the same float32
+  math may differ by one bfloat16 unit in the last place, :math:`2^{-7}
+  \approx 7.8 \times 10^{-3}` of the element; against the exact float64
+  values the rounding is half of that. ``1e-2`` admits one unit and nothing
+  more: a wrong formula (a sign, a missing ``1/n``) is off by 100% or more.
+- float16: ``2e-3`` by the same argument with 11 significant bits
+  (:math:`2^{-10} \approx 9.8 \times 10^{-4}`).
+
+``python -m jaxce verify`` runs the check for every loss of the library
+under its main option sets in float32, float64 and bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["TOLERANCES", "Comparison", "GradientReport", "check_gradients", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Norm-wise relative tolerances: between analytic forms, and against finite differences."""
+
+    analytic: float
+    finite_differences: float
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(analytic=1e-12, finite_differences=1e-7),
+    "float32": Tolerance(analytic=1e-6, finite_differences=1e-6),
+    "bfloat16": Tolerance(analytic=1e-2, finite_differences=1e-2),
+    "float16": Tolerance(analytic=2e-3, finite_differences=2e-3),
+}
+
+CLOSED_VS_GRAD = "closed form vs jax.grad"
+CLOSED_VS_REFERENCE = "closed form vs reference"
+GRAD_VS_REFERENCE = "jax.grad vs reference"
+CLOSED_VS_FINITE_DIFFERENCES = "closed form vs finite differences"
+JVP_VS_CLOSED = "jvp vs closed form . v"
+PAIRS = (
+    CLOSED_VS_GRAD,
+    CLOSED_VS_REFERENCE,
+    GRAD_VS_REFERENCE,
+    CLOSED_VS_FINITE_DIFFERENCES,
+    JVP_VS_CLOSED,
+)
+
+# Losses whose derivative returns one gradient per differentiated argument.
+_DEFAULT_WRT: dict[str, tuple[int | str, ...]] = {"linear_cross_entropy": (0, 1, "bias")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One pair of gradients for one argument: max absolute and norm-wise relative error."""
+
+    pair: str
+    argument: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.max_rel <= self.tolerance)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "passed": self.passed}
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientReport:
+    """What :func:`check_gradients` found: one :class:`Comparison` per pair and argument."""
+
+    name: str
+    dtype: str
+    options: str
+    rows: tuple[Comparison, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(row.passed for row in self.rows)
+
+    def worst(self, pair: str) -> Comparison | None:
+        """The row of ``pair`` with the largest relative error (over arguments)."""
+        rows = [row for row in self.rows if row.pair == pair]
+        return max(rows, key=lambda row: _sortable(row.max_rel)) if rows else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "options": self.options,
+            "passed": self.passed,
+            "rows": [row.to_dict() for row in self.rows],
+        }
+
+    def __str__(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        title = f"{self.name}({self.options}) [{self.dtype}]: {verdict}"
+        header = f"  {'pair':<34} {'argument':<10} {'max abs':>10} {'max rel':>10} {'tol':>8}"
+        lines = [title, header]
+        for row in self.rows:
+            mark = "ok" if row.passed else "FAIL"
+            lines.append(
+                f"  {row.pair:<34} {row.argument:<10} {row.max_abs:>10.2e} "
+                f"{row.max_rel:>10.2e} {row.tolerance:>8.0e} {mark}"
+            )
+        return "\n".join(lines)
+
+
+def _sortable(value: float) -> float:
+    return math.inf if math.isnan(value) else value
+
+
+def _errors(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """Max absolute error and norm-wise relative error; mismatched NaN/inf count as inf."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    same_special = (np.isnan(actual) & np.isnan(expected)) | (
+        np.isinf(actual) & (actual == expected)
+    )
+    difference = np.where(same_special, 0.0, np.abs(actual - expected))
+    difference = np.where(np.isnan(difference), np.inf, difference)
+    max_abs = float(np.max(difference, initial=0.0))
+    finite = np.isfinite(expected) & np.isfinite(actual)
+    scale = max(
+        float(np.max(np.abs(np.where(finite, expected, 0)), initial=0.0)),
+        float(np.max(np.abs(np.where(finite, actual, 0)), initial=0.0)) if max_abs else 0.0,
+    )
+    if max_abs == 0.0:
+        return 0.0, 0.0
+    return max_abs, (max_abs / scale if scale > 0 else math.inf)
+
+
+def _substitute(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    wrt: Sequence[int | str],
+    values: Sequence[Any],
+) -> tuple[list[Any], dict[str, Any]]:
+    new_args, new_kwargs = list(args), dict(kwargs)
+    for key, value in zip(wrt, values, strict=True):
+        if isinstance(key, int):
+            new_args[key] = value
+        else:
+            new_kwargs[key] = value
+    return new_args, new_kwargs
+
+
+def _argument_name(loss: Callable[..., Any], key: int | str) -> str:
+    if isinstance(key, str):
+        return key
+    try:
+        import inspect
+
+        parameters = list(inspect.signature(loss).parameters)
+        return parameters[key]
+    except (TypeError, ValueError, IndexError):
+        return f"arg{key}"
+
+
+def _finite_differences(
+    scalar: Callable[[tuple[jax.Array, ...]], jax.Array], values: tuple[jax.Array, ...]
+) -> list[jax.Array]:
+    """Central differences in float64 with step eps^(1/3) max(1, |x_i|), one per element."""
+    gradients = []
+    for k, value in enumerate(values):
+        flat = value.ravel()
+        step = np.cbrt(np.finfo(np.float64).eps) * jnp.maximum(1.0, jnp.abs(flat))
+        directions = jnp.diag(step)
+
+        def at(delta: jax.Array, k: int = k, value: jax.Array = value) -> jax.Array:
+            moved = list(values)
+            moved[k] = (value.ravel() + delta).reshape(value.shape)
+            return scalar(tuple(moved))
+
+        # Divide by the steps actually taken, after rounding of x + h and x - h.
+        span = (flat + step) - (flat - step)
+        plus = jax.vmap(at)(directions)
+        minus = jax.vmap(at)(-directions)
+        gradients.append(((plus - minus) / span).reshape(value.shape))
+    return gradients
+
+
+def _as_tuple(gradient: Any) -> tuple[Any, ...]:
+    return tuple(gradient) if isinstance(gradient, (tuple, list)) else (gradient,)
+
+
+def check_gradients(
+    loss: Callable[..., jax.Array],
+    derivative: Callable[..., Any],
+    *args: Any,
+    reference: Callable[..., jax.Array] | None = None,
+    wrt: Sequence[int | str] | None = None,
+    num_directions: int = 3,
+    seed: int = 0,
+    options: str | None = None,
+    **kwargs: Any,
+) -> GradientReport:
+    r"""Compares every available gradient of ``loss`` at ``(*args, **kwargs)``.
+
+    The differentiated function is ``loss(*args, **kwargs).sum()``. ``derivative``
+    is called with the same arguments and returns the gradient with respect to
+    the argument(s) in ``wrt`` (one array, or a tuple in ``wrt``'s order, with
+    None for an argument that is absent).
+
+    Args:
+      loss: a pure, jit-able JAX function; any of jaxce's losses or your own.
+      derivative: its closed-form gradient, same arguments (jit-able).
+      *args: positional arguments of ``loss``.
+      reference: an independent formulation of the same loss, same arguments,
+        differentiated with ``jax.grad`` in float64. Defaults to jaxce's own
+        reference for jaxce's losses; None for other losses skips that pair.
+      wrt: positions (ints) or keyword names (strs) of the differentiated
+        arguments; default ``(0,)`` (``(0, 1, "bias")`` for
+        ``linear_cross_entropy``).
+      num_directions: random directions for the forward-mode check.
+      seed: seed of those directions.
+      options: a label for the report (default: the keyword arguments).
+      **kwargs: keyword arguments of ``loss``.
+
+    Returns:
+      A :class:`GradientReport`; ``report.passed`` is the verdict against
+      :data:`TOLERANCES` for the differentiated arguments' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce, jaxce.derivatives
+      >>> from jaxce import verify
+      >>> x, y = jnp.array([[0.5, -1.0, 2.0]]), jnp.array([[0.0, 1.0, 0.0]])
+      >>> report = verify.check_gradients(
+      ...     jaxce.softmax_cross_entropy, jaxce.derivatives.softmax_cross_entropy, x, y
+      ... )
+      >>> report.passed
+      True
+
+    Finite differences evaluate the loss ``2 n`` times (``n`` elements of the
+    differentiated arguments), batched with ``vmap``: keep the inputs small,
+    and keep the point a few steps away from kinks and domain edges (a
+    probability within ``1e-5`` of 0 or 1). A NaN or inf in one gradient
+    that the other does not have counts as an infinite error.
+    """
+    name = getattr(loss, "__name__", "loss")
+    if wrt is None:
+        wrt = _DEFAULT_WRT.get(name, (0,))
+    if reference is None:
+        reference = _library_reference(loss)
+    if options is None:
+        options = ", ".join(f"{k}={_describe(v)}" for k, v in kwargs.items())
+    present = [
+        key
+        for key in wrt
+        if (key < len(args) if isinstance(key, int) else kwargs.get(key) is not None)
+    ]
+    with jax.enable_x64(True):
+        values = tuple(jnp.asarray(args[k] if isinstance(k, int) else kwargs[k]) for k in present)
+        dtype = jnp.result_type(*values)
+        tolerance = TOLERANCES.get(jnp.dtype(dtype).name, TOLERANCES["float32"])
+
+        def scalar_of(function: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+            def scalar(vals: tuple[jax.Array, ...]) -> jax.Array:
+                new_args, new_kwargs = _substitute(args, kwargs, present, vals)
+                return jnp.sum(function(*new_args, **new_kwargs))
+
+            return scalar
+
+        def closed_form(vals: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+            new_args, new_kwargs = _substitute(args, kwargs, present, vals)
+            result = _as_tuple(derivative(*new_args, **new_kwargs))
+            by_key = dict(zip(wrt, result, strict=True))
+            return tuple(by_key[key] for key in present)
+
+        rng = np.random.default_rng(seed)
+        directions = tuple(
+            jnp.asarray(rng.standard_normal((num_directions, *v.shape)), v.dtype) for v in values
+        )
+
+        @_fast_jit
+        def evaluate(vals: tuple[jax.Array, ...]) -> dict[str, Any]:
+            wide = tuple(v.astype(jnp.float64) for v in vals)
+            scalar = scalar_of(loss)
+            result: dict[str, Any] = {
+                "grad": jax.grad(scalar)(vals),
+                "closed": closed_form(vals),
+                "fd": _finite_differences(scalar, wide),
+                "jvp": jax.vmap(lambda d: jax.jvp(scalar, (vals,), (d,))[1])(directions),
+            }
+            if reference is not None:
+                result["reference"] = jax.grad(scalar_of(reference))(wide)
+            return result
+
+        results = jax.tree.map(np.asarray, evaluate(values))
+
+    rows = []
+    for index, key in enumerate(present):
+        argument = _argument_name(loss, key)
+        closed = results["closed"][index]
+        pairs = [
+            (CLOSED_VS_GRAD, closed, results["grad"][index], tolerance.analytic),
+            (
+                CLOSED_VS_FINITE_DIFFERENCES,
+                closed,
+                results["fd"][index],
+                tolerance.finite_differences,
+            ),
+        ]
+        if reference is not None:
+            ref = results["reference"][index]
+            pairs.insert(1, (CLOSED_VS_REFERENCE, closed, ref, tolerance.analytic))
+            pairs.insert(2, (GRAD_VS_REFERENCE, results["grad"][index], ref, tolerance.analytic))
+        for pair, actual, expected, tol in pairs:
+            max_abs, max_rel = _errors(actual, expected)
+            rows.append(Comparison(pair, argument, max_abs, max_rel, tol))
+    rows.append(_directional_row(results, directions, present, tolerance.analytic))
+    return GradientReport(name, jnp.dtype(dtype).name, options, tuple(rows))
+
+
+def _directional_row(
+    results: dict[str, Any],
+    directions: tuple[jax.Array, ...],
+    present: Sequence[int | str],
+    tolerance: float,
+) -> Comparison:
+    worst_abs, worst_rel = 0.0, 0.0
+    for index, tangent in enumerate(results["jvp"]):
+        terms = [
+            np.asarray(g, np.float64) * np.asarray(d[index], np.float64)
+            for g, d in zip(results["closed"], directions, strict=True)
+        ]
+        predicted = sum(float(np.sum(t)) for t in terms)
+        magnitude = sum(float(np.sum(np.abs(t))) for t in terms)
+        error = abs(float(tangent) - predicted)
+        if math.isnan(error):
+            error = math.inf
+        worst_abs = max(worst_abs, error)
+        if error:
+            worst_rel = max(worst_rel, error / magnitude if magnitude else math.inf)
+    label = "all" if len(present) > 1 else "direction"
+    return Comparison(JVP_VS_CLOSED, label, worst_abs, worst_rel, tolerance)
+
+
+def _library_reference(loss: Callable[..., Any]) -> Callable[..., jax.Array] | None:
+    import jaxce
+    from jaxce import _references
+
+    name = getattr(loss, "__name__", "")
+    if getattr(jaxce, name, None) is loss:
+        return _references.REFERENCES.get(name)
+    return None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (jax.Array, np.ndarray)):
+        return f"[{'x'.join(map(str, value.shape))}]" if value.shape else str(value)
+    return repr(value)
+
+
+# --- python -m jaxce verify ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One loss under one option set: how to build its arguments from a seeded generator."""
+
+    name: str
+    options: str
+    build: Callable[[np.random.Generator, Any], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+def _cases() -> list[Case]:
+    def logits(rng: np.random.Generator, dtype: Any, shape: tuple[int, ...]) -> jax.Array:
+        return jnp.asarray(2 * rng.standard_normal(shape), dtype)
+
+    def soft(rng: np.random.Generator, shape: tuple[int, ...], axis: int = -1) -> np.ndarray:
+        raw = rng.uniform(0.05, 1.0, shape)
+        return raw / raw.sum(axis=axis, keepdims=True)
+
+    def class_weight(rng: np.random.Generator, size: int) -> np.ndarray:
+        return rng.uniform(0.5, 2.0, size).astype(np.float32)
+
+    batch, classes = (3, 4), 5
+    shape = (*batch, classes)
+    cases = [
+        Case("sigmoid_binary_cross_entropy", "defaults",
+             lambda r, d: ((logits(r, d, shape), r.uniform(0, 1, shape)), {})),
+        Case("sigmoid_binary_cross_entropy", "weight, pos_weight, mean",
+             lambda r, d: ((logits(r, d, shape), (r.uniform(size=shape) > 0.5) * 1.0),
+                           {"weight": class_weight(r, classes), "pos_weight": class_weight(r, classes),
+                            "reduction": "mean"})),
+        Case("sigmoid_binary_cross_entropy", "label_smoothing, where, sum",
+             lambda r, d: ((logits(r, d, shape), (r.uniform(size=shape) > 0.5) * 1.0),
+                           {"label_smoothing": 0.1, "where": r.uniform(size=shape) > 0.3,
+                            "reduction": "sum"})),
+        Case("binary_cross_entropy", "defaults",
+             lambda r, d: ((jnp.asarray(r.uniform(0.05, 0.95, shape), d), r.uniform(0, 1, shape)), {})),
+        Case("binary_cross_entropy", "weight, where, mean",
+             lambda r, d: ((jnp.asarray(r.uniform(0.05, 0.95, shape), d), (r.uniform(size=shape) > 0.5) * 1.0),
+                           {"weight": r.uniform(0.5, 2.0, shape).astype(np.float32),
+                            "where": r.uniform(size=shape) > 0.3, "reduction": "mean"})),
+        Case("softmax_cross_entropy", "defaults",
+             lambda r, d: ((logits(r, d, shape), soft(r, shape)), {})),
+        Case("softmax_cross_entropy", "weight, label_smoothing, mean",
+             lambda r, d: ((logits(r, d, shape), soft(r, shape)),
+                           {"weight": class_weight(r, classes), "label_smoothing": 0.1,
+                            "reduction": "mean"})),
+        Case("softmax_cross_entropy", "axis=(0, 2), where, sum",
+             lambda r, d: ((logits(r, d, shape), soft(r, shape)),
+                           {"axis": (0, 2), "where": r.uniform(size=shape) > 0.2, "reduction": "sum"})),
+        Case("softmax_cross_entropy_with_integer_labels", "defaults",
+             lambda r, d: ((logits(r, d, shape), r.integers(0, classes, batch)), {})),
+        Case("softmax_cross_entropy_with_integer_labels", "weight, ignore_index, mean",
+             lambda r, d: ((logits(r, d, shape), np.where(r.uniform(size=batch) > 0.25,
+                                                           r.integers(0, classes, batch), -100)),
+                           {"weight": class_weight(r, classes), "ignore_index": -100,
+                            "reduction": "mean"})),
+        Case("softmax_cross_entropy_with_integer_labels", "label_smoothing, z_loss, weight, mean",
+             lambda r, d: ((logits(r, d, shape), r.integers(0, classes, batch)),
+                           {"label_smoothing": 0.1, "z_loss": 1e-2,
+                            "weight": class_weight(r, classes), "reduction": "mean"})),
+        Case("softmax_cross_entropy_with_integer_labels", "axis=0, where, sum",
+             lambda r, d: _labels_kept_by_where(logits(r, d, shape), r, "sum")),
+        Case("categorical_cross_entropy", "defaults",
+             lambda r, d: ((jnp.asarray(soft(r, shape), d), soft(r, shape)), {})),
+        Case("categorical_cross_entropy", "weight, where, mean",
+             lambda r, d: ((jnp.asarray(soft(r, shape), d), soft(r, shape)),
+                           {"weight": class_weight(r, classes), "where": r.uniform(size=batch) > 0.3,
+                            "reduction": "mean"})),
+        Case("sigmoid_focal_loss", "defaults",
+             lambda r, d: ((logits(r, d, shape), (r.uniform(size=shape) > 0.5) * 1.0), {})),
+        Case("sigmoid_focal_loss", "alpha, gamma=1.5, where, mean",
+             lambda r, d: ((logits(r, d, shape), r.uniform(0, 1, shape)),
+                           {"alpha": 0.25, "gamma": 1.5, "where": r.uniform(size=shape) > 0.3,
+                            "reduction": "mean"})),
+        Case("linear_cross_entropy", "defaults",
+             lambda r, d: ((jnp.asarray(r.standard_normal((2, 6, 8)), d),
+                            jnp.asarray(0.5 * r.standard_normal((11, 8)), d),
+                            r.integers(0, 11, (2, 6))), {})),
+        Case("linear_cross_entropy", "bias, softcap, shift, ignore_index, smoothing, z_loss",
+             lambda r, d: ((jnp.asarray(r.standard_normal((2, 6, 8)), d),
+                            jnp.asarray(0.5 * r.standard_normal((11, 8)), d),
+                            np.where(r.uniform(size=(2, 6)) > 0.2, r.integers(0, 11, (2, 6)), -100)),
+                           {"bias": jnp.asarray(r.standard_normal(11), d), "softcap": 3.0, "shift": 1,
+                            "ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3})),
+        Case("linear_cross_entropy", "sum",
+             lambda r, d: ((jnp.asarray(r.standard_normal((5, 8)), d),
+                            jnp.asarray(0.5 * r.standard_normal((11, 8)), d),
+                            r.integers(0, 11, (5,))), {"reduction": "sum"})),
+    ]  # fmt: skip
+    return cases
+
+
+def _labels_kept_by_where(
+    logits: jax.Array, rng: np.random.Generator, reduction: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Integer labels over axis 0 and a class mask that never excludes the label itself.
+
+    (An excluded label class has probability 0: an infinite loss, no derivative to check.)
+    """
+    num_classes, *batch = logits.shape
+    labels = rng.integers(0, num_classes, batch)
+    where = rng.uniform(size=logits.shape) > 0.3
+    where[labels, *np.indices(batch)] = True
+    return (logits, labels), {"axis": 0, "where": where, "reduction": reduction}
+
+
+DTYPES = ("float32", "float64", "bfloat16")
+
+
+def run_all(
+    dtypes: Sequence[str] = DTYPES, losses: Sequence[str] | None = None
+) -> list[GradientReport]:
+    """Runs :func:`check_gradients` for every loss, main option set and dtype."""
+    import jaxce
+    from jaxce import derivatives
+
+    reports = []
+    for case_index, case in enumerate(_cases()):
+        if losses and case.name not in losses:
+            continue
+        for dtype_name in dtypes:
+            with jax.enable_x64(True):
+                rng = np.random.default_rng(case_index)
+                args, kwargs = case.build(rng, jnp.dtype(dtype_name))
+            reports.append(
+                check_gradients(
+                    getattr(jaxce, case.name),
+                    getattr(derivatives, case.name),
+                    *args,
+                    options=case.options,
+                    **kwargs,
+                )
+            )
+    return reports
+
+
+def format_table(reports: Sequence[GradientReport]) -> str:
+    """One row per loss, option set and dtype: the worst relative error of each pair."""
+    short = {
+        CLOSED_VS_GRAD: "cf~grad",
+        CLOSED_VS_REFERENCE: "cf~ref",
+        GRAD_VS_REFERENCE: "grad~ref",
+        CLOSED_VS_FINITE_DIFFERENCES: "cf~fd",
+        JVP_VS_CLOSED: "jvp~cf",
+    }
+    name_width = max(len(r.name) for r in reports)
+    options_width = max(len(r.options) for r in reports)
+    header = f"{'loss':<{name_width}}  {'options':<{options_width}}  {'dtype':<8}"
+    header += "".join(f"  {short[p]:>9}" for p in PAIRS) + "  verdict"
+    lines = [header, "-" * len(header)]
+    for report in reports:
+        line = f"{report.name:<{name_width}}  {report.options:<{options_width}}  {report.dtype:<8}"
+        for pair in PAIRS:
+            row = report.worst(pair)
+            line += f"  {row.max_rel:>9.1e}" if row is not None else f"  {'-':>9}"
+        lines.append(line + ("  PASS" if report.passed else "  FAIL"))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jaxce verify [--json] [--dtype D ...] [--loss NAME ...]``; 1 on any failure."""
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxce verify",
+        description="Compare jax.grad of every jaxce loss with its closed form, an independent "
+        "reference, finite differences and forward mode.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the reports as JSON")
+    parser.add_argument("--dtype", action="append", choices=sorted(TOLERANCES), help="repeatable")
+    parser.add_argument("--loss", action="append", help="only this loss (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print every comparison")
+    options = parser.parse_args(list(argv) if argv is not None else None)
+    start = time.perf_counter()
+    reports = run_all(options.dtype or DTYPES, options.loss)
+    elapsed = time.perf_counter() - start
+    failed = [r for r in reports if not r.passed]
+    if options.json:
+        print(
+            json.dumps({"passed": not failed, "reports": [r.to_dict() for r in reports]}, indent=1)
+        )
+    else:
+        print(format_table(reports))
+        if options.verbose or failed:
+            print()
+            for report in reports if options.verbose else failed:
+                print(report)
+        tolerances = ", ".join(
+            f"{k} {v.analytic:g}/{v.finite_differences:g}" for k, v in TOLERANCES.items()
+        )
+        print(
+            f"\n{len(reports) - len(failed)}/{len(reports)} passed in {elapsed:.1f} s "
+            f"(norm-wise relative errors; tolerance analytic/finite-differences: {tolerances})"
+        )
+    return 1 if failed or not reports else 0
+
+
+# The checks run once each: XLA's slow optimisation passes cost more than they save.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _fast_jit(f: Callable[..., Any]) -> Callable[..., Any]:
+    return jax.jit(f, compiler_options=_FAST_COMPILE)
