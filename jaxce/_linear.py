@@ -32,6 +32,8 @@ from jaxce import _checks, _reduce
 # bytes (a few such buffers are alive at once), within [_MIN_CHUNK, _MAX_CHUNK]
 # rows so that the matrix products stay large enough to run at full speed.
 _CHUNK_LOGIT_BYTES = 16 * 2**20
+# The weight gradient is accumulated in row blocks of about this many bytes.
+_WEIGHT_BLOCK_BYTES = 8 * 2**20
 _MIN_CHUNK = 16
 _MAX_CHUNK = 1024
 
@@ -53,6 +55,7 @@ class _Static:
 
     num_tokens: int
     chunk: int
+    vocab_block: int
     softcap: float | None
     smoothing: bool
     z_loss: bool
@@ -156,6 +159,42 @@ def _is_zero(tangent: Any) -> bool:
     return tangent is None or isinstance(tangent, SymbolicZero)
 
 
+def _accumulate_weight_gradient(
+    static: _Static, accumulator: jax.Array, d_logits: jax.Array, hidden_c: jax.Array
+) -> jax.Array:
+    """``accumulator + d_logits.T @ hidden_c``, ``static.vocab_block`` rows at a time.
+
+    XLA (on CPU) does not accumulate a matrix product into an existing buffer:
+    one product over the whole vocabulary would need a second ``[V, D]``
+    temporary as large as the accumulator. Blocks of rows, added in place,
+    need only a ``[vocab_block, D]`` one.
+    """
+    vocab = accumulator.shape[0]
+    block = static.vocab_block
+    compute = accumulator.dtype
+    contract_tokens = (((0,), (0,)), ((), ()))
+    if block >= vocab:
+        return accumulator + jax.lax.dot_general(
+            d_logits, hidden_c, contract_tokens, preferred_element_type=compute
+        )
+
+    def add_block(index: jax.Array, accumulator: jax.Array) -> jax.Array:
+        # The last block ends at the last row; columns an earlier block
+        # covered are zeroed so that they are not added twice.
+        start = jnp.minimum(index * block, vocab - block)
+        d_block = jax.lax.dynamic_slice_in_dim(d_logits, start, block, axis=1)
+        if vocab % block:
+            fresh = start + jnp.arange(block) >= index * block
+            d_block = jnp.where(fresh, d_block, 0)
+        update = jax.lax.dot_general(
+            d_block, hidden_c, contract_tokens, preferred_element_type=compute
+        )
+        old = jax.lax.dynamic_slice_in_dim(accumulator, start, block)
+        return jax.lax.dynamic_update_slice_in_dim(accumulator, old + update, start, axis=0)
+
+    return jax.lax.fori_loop(0, -(-vocab // block), add_block, accumulator)
+
+
 def _weighted_loss_and_grads(
     static: _Static,
     hidden: jax.Array,
@@ -217,13 +256,12 @@ def _weighted_loss_and_grads(
         if static.smoothing:
             label_coefficient = (1 - smoothing) * weight_c
             d_logits = d_logits - (smoothing / vocab) * weight_c[:, None]
-        classes = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-        d_logits = jnp.where(
-            classes == target_c[:, None], d_logits - label_coefficient[:, None], d_logits
-        )
+        # A scatter of one value per row, not a compare against an iota: XLA
+        # would hoist a `[chunk, V]` iota out of the loop and keep it alive.
+        d_logits = d_logits.at[jnp.arange(static.chunk), target_c].add(-label_coefficient)
         if static.softcap is not None:
             d_logits = d_logits * (1 - jnp.square(logits / static.softcap))
-        d_logits = jnp.where(counted[:, None], d_logits, 0)
+        # Rows that are not counted have a zero `weight_c`, hence zero gradients.
         d_logits_mm = d_logits.astype(matmul_dtype)
 
         if want_hidden:
@@ -235,8 +273,8 @@ def _weighted_loss_and_grads(
                 carry["hidden"], jnp.where(fresh[:, None], d_hidden, old), start, axis=0
             )
         if want_weight:
-            carry["weight"] = carry["weight"] + jax.lax.dot_general(
-                d_logits_mm, hidden_c, (((0,), (0,)), ((), ())), preferred_element_type=compute
+            carry["weight"] = _accumulate_weight_gradient(
+                static, carry["weight"], d_logits_mm, hidden_c
             )
         if want_bias:
             carry["bias"] = carry["bias"] + jnp.sum(d_logits, axis=0)
@@ -453,6 +491,7 @@ def linear_cross_entropy(
     static = _Static(
         num_tokens=num_tokens,
         chunk=min(chunk, num_tokens),
+        vocab_block=min(vocab, max(1, _WEIGHT_BLOCK_BYTES // (4 * max(dim, 1)))),
         softcap=None if softcap is None else float(softcap),
         smoothing=not _checks.is_concrete_zero(label_smoothing),
         z_loss=not _checks.is_concrete_zero(z_loss),
