@@ -14,9 +14,11 @@ parallelism: under ``jit`` with inputs sharded over the batch, XLA's SPMD
 partitioner computes the same result as one device, the weighted-mean
 denominator included.
 
-Gradients are those of the single-device loss as long as ``shard_map`` keeps
-its default ``check_vma=True`` (JAX then knows the summed statistics are
-replicated and transposes ``psum`` correctly).
+Gradients are those of the single-device loss, whether ``jax.grad`` is taken
+of the ``shard_map``-ped function or inside its body. Inside the body this
+needs ``shard_map``'s default ``check_vma=True``: with ``check_vma=False`` JAX
+transposes each ``psum`` into another ``psum`` and the gradient comes out
+``n`` times too large.
 """
 
 from __future__ import annotations
