@@ -185,7 +185,7 @@ def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
-    axis: int | Sequence[int] = -1,
+    axis: int | Sequence[int] | None = -1,
     weight: ArrayLike | None = None,
     label_smoothing: ArrayLike = 0.0,
     where: ArrayLike | None = None,
@@ -205,7 +205,7 @@ def softmax_cross_entropy(
     Args:
       logits: ``[..., num_classes]`` floating logits.
       labels: probabilities broadcastable to ``logits``' shape.
-      axis: class axis or tuple of axes.
+      axis: class axis or tuple of axes; ``None`` (as in optax): every axis.
       weight: ``[num_classes]`` class weights.
       label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
       where: boolean mask of the logits' shape (excluded classes take no part)
@@ -230,6 +230,8 @@ def softmax_cross_entropy(
     labels = _checks.as_float_array(labels, "labels")
     _checks.check_reduction(reduction)
     _checks.check_unit_interval(label_smoothing, "label_smoothing")
+    if axis is None:
+        axis = tuple(range(logits.ndim))
     layout = _layout.ClassLayout.of(logits.shape, axis)
     mask = layout.mask(where)
     class_weight = layout.class_weight(weight)

@@ -140,6 +140,24 @@ def test_probability_labels_match_optax(layout, shape, axis, where_kind):
     )
 
 
+@pytest.mark.parametrize("with_where", [False, True], ids=["no-where", "where-logits"])
+def test_probability_labels_over_every_axis_match_optax(with_where):
+    """optax's ``axis=None``: the whole array is one distribution; the loss is a scalar."""
+    rng = _rng("axis-none", with_where)
+    logits = _logits(rng, (3, 4, 2))
+    labels = rng.uniform(0, 1, size=logits.shape).astype(np.float32)
+    where = jnp.asarray(rng.random(logits.shape) < 0.7) if with_where else None
+    labels = labels / labels.sum() if where is None else np.where(where, labels, 0) / labels.sum()
+    kwargs = {"axis": None, "where": where}
+
+    ours = _value_and_vjp(lambda x: jaxce.softmax_cross_entropy(x, labels, **kwargs), logits)
+    assert ours[0].shape == ()
+    _assert_same(
+        ours,
+        _value_and_vjp(lambda x: optax.losses.softmax_cross_entropy(x, labels, **kwargs), logits),
+    )
+
+
 @pytest.mark.parametrize(
     "labels_shape", [(6, 4), (4,), ()], ids=["full-labels", "broadcast-row", "scalar-array"]
 )
