@@ -150,7 +150,7 @@ def softmax_cross_entropy_with_integer_labels(
       >>> import jax.numpy as jnp, jaxce
       >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
       >>> print(jaxce.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1])))
-      [0.27610844 2.9518282 ]
+      [0.2761297 2.951799 ]
 
     Logits of ``+-1e30`` give finite losses and gradients. A ``-inf`` logit or
     an excluded class gets probability 0 and an exactly zero gradient. A label
@@ -220,7 +220,7 @@ def softmax_cross_entropy(
       >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
       >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
       >>> print(jaxce.softmax_cross_entropy(logits, labels))
-      [0.27610844 2.9518282 ]
+      [0.2761297 2.951799 ]
 
     A class with label 0 contributes 0 even when its logit is ``-inf``
     (:math:`0 \log 0 = 0`, where optax gives NaN); positive label mass on a
