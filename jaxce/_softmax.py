@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _layout, _primitives, _reduce
+from jaxce import _checks, _closed_form, _layout, _primitives, _reduce
 
 
 def _trailing(class_weight: jax.Array, ndim: int) -> jax.Array:
@@ -33,16 +33,14 @@ def integer_label_loss(
     and `linear_cross_entropy`'s reference path.
     """
     num_classes = logits.shape[-1]
-    class_axis = (logits.ndim - 1,)
-    shifted, row_max = _primitives.shifted_logits(logits, class_axis, mask)
-    log_normalizer = _primitives.log_sum_exp_shifted(shifted, class_axis)[..., 0]
-    classes = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    is_label = classes == labels[..., None]
+    if mask is not None:
+        # An excluded class is a -inf logit: probability 0, zero gradient.
+        logits = jnp.where(mask, logits, -jnp.inf)
     # -log p_y = log sum_j exp(x_j - m) - (x_y - m): both terms are computed in
     # the shifted frame, so logits of 1e4 lose nothing to `lse(x) - x_y`
-    # cancellation in float32. A select (not a gather) picks x_y so that its
-    # gradient is an elementwise select that fuses with the softmax term.
-    label_shifted = jnp.sum(jnp.where(is_label, shifted, 0), axis=-1)
+    # cancellation in float32. The derivative rule (softmax minus one-hot)
+    # lives in `_closed_form`, shared with `jaxce.derivatives`.
+    row_max, log_normalizer, label_shifted = _closed_form.softmax_terms(logits, labels)
     nll = log_normalizer - label_shifted
 
     in_range = (labels >= 0) & (labels < num_classes)
@@ -67,10 +65,11 @@ def integer_label_loss(
     if not _checks.is_concrete_zero(label_smoothing):
         # PyTorch: (1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c).
         # -log p_c = log_normalizer - shifted_c >= 0, summed without cancellation.
+        shifted = logits - row_max[..., None]
         neg_log_probs = log_normalizer[..., None] - shifted
         # Explicit leading axes keep this valid under jax_numpy_rank_promotion="raise".
         weights = 1 if class_weight is None else _trailing(class_weight, logits.ndim)
-        included = jnp.ones_like(is_label) if mask is None else mask
+        included = jnp.ones(logits.shape, bool) if mask is None else mask
         smooth = jnp.sum(jnp.where(included, weights * neg_log_probs, 0), axis=-1)
         smoothing = jnp.asarray(label_smoothing, loss.dtype)
         loss = (1 - smoothing) * loss + (smoothing / num_classes) * smooth
@@ -84,7 +83,7 @@ def integer_label_loss(
     if _checks.is_concrete_zero(z_loss):
         z_term = None
     else:
-        log_partition = log_normalizer + row_max[..., 0]
+        log_partition = log_normalizer + row_max
         z_coefficient = jnp.asarray(z_loss, log_partition.dtype)
         z_term = jnp.where(counted, z_coefficient * jnp.square(log_partition), 0)
 
