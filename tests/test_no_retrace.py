@@ -1,0 +1,76 @@
+"""Hyperparameters may be traced values: changing one must not retrace the jitted loss.
+
+`chex.assert_max_traces(n=1)` fails on a second trace, so each test calls the
+jitted function with several values of the hyperparameter and proves one trace
+(and that the value actually reached the result).
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxce
+
+RNG = np.random.default_rng(0)
+LOGITS = jnp.asarray(RNG.standard_normal((6, 5), dtype=np.float32))
+INT_LABELS = jnp.asarray(RNG.integers(0, 5, size=6), jnp.int32)
+BINARY_LABELS = jnp.asarray((RNG.random((6, 5)) < 0.4).astype(np.float32))
+
+
+def _integer_ce(x, y, value, name):
+    return jaxce.softmax_cross_entropy_with_integer_labels(x, y, reduction="mean", **{name: value})
+
+
+def _soft_ce(x, y, value, name):
+    labels = jax.nn.one_hot(y, x.shape[-1])
+    return jaxce.softmax_cross_entropy(x, labels, reduction="mean", **{name: value})
+
+
+def _binary(x, y, value, name):
+    return jaxce.sigmoid_binary_cross_entropy(x, y, reduction="mean", **{name: value})
+
+
+def _focal(x, y, value, name):
+    return jaxce.sigmoid_focal_loss(x, y, reduction="mean", **{name: value})
+
+
+CASES = [
+    pytest.param(
+        _integer_ce, INT_LABELS, "label_smoothing", (0.0, 0.1, 0.3), id="int-ce-label_smoothing"
+    ),
+    pytest.param(_integer_ce, INT_LABELS, "z_loss", (0.0, 1e-4, 0.5), id="int-ce-z_loss"),
+    pytest.param(
+        _soft_ce, INT_LABELS, "label_smoothing", (0.0, 0.2, 0.4), id="soft-ce-label_smoothing"
+    ),
+    pytest.param(
+        _binary, BINARY_LABELS, "label_smoothing", (0.0, 0.1, 0.2), id="bce-label_smoothing"
+    ),
+    pytest.param(_binary, BINARY_LABELS, "pos_weight", (1.0, 2.0, 0.5), id="bce-pos_weight"),
+    pytest.param(_focal, BINARY_LABELS, "alpha", (0.25, 0.5, 0.9), id="focal-alpha"),
+    pytest.param(_focal, BINARY_LABELS, "gamma", (0.0, 1.0, 2.0), id="focal-gamma"),
+]
+
+
+@pytest.mark.parametrize("loss, labels, name, values", CASES)
+@pytest.mark.parametrize("differentiate", [False, True], ids=["value", "value_and_grad"])
+def test_hyperparameter_value_change_does_not_retrace(loss, labels, name, values, differentiate):
+    # chex counts traces per function definition: start each parametrization at 0.
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def run(x, y, value):
+        f = lambda x: loss(x, y, value, name)  # noqa: E731
+        return jax.value_and_grad(f)(x) if differentiate else f(x)
+
+    results = [run(LOGITS, labels, jnp.float32(v)) for v in values]
+    values_seen = [float(jax.tree.leaves(r)[0]) for r in results]
+    # The traced value reached the computation: different values, different losses.
+    assert len(set(values_seen)) == len(values), values_seen
+    # And it is the same loss as with a Python constant.
+    expected = float(loss(LOGITS, labels, values[-1], name))
+    np.testing.assert_allclose(values_seen[-1], expected, rtol=1e-6)
