@@ -103,24 +103,25 @@ def _row_loss(
     # lse = m + log sum_j exp(x_j - m) with m the row max: no exp overflows, and
     # -log p_y = log sum_j exp(x_j - m) - (x_y - m) has no lse - x_y cancellation.
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    label_logit = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
+    # sum_c -log p_c = V log sum_j exp(x_j - m) - sum_c (x_c - m)
+    shifted_sum = jnp.sum(logits - row_max, axis=-1) if static.smoothing else None
     shifted = logits - row_max
-    exp_shifted = jnp.exp(shifted)
-    sum_exp = jnp.sum(exp_shifted, axis=-1)
+    sum_exp = jnp.sum(jnp.exp(shifted), axis=-1)
     log_normalizer = jnp.log(sum_exp)
-    label_shifted = jnp.take_along_axis(shifted, target[:, None], axis=-1)[:, 0]
-    nll = log_normalizer - label_shifted
+    nll = log_normalizer - (label_logit - row_max[:, 0])
     log_partition = log_normalizer + row_max[:, 0]
     pieces = {
-        "exp_shifted": exp_shifted,
-        "sum_exp": sum_exp,
+        "shifted": shifted,
+        "row_max": row_max,
+        "log_normalizer": log_normalizer,
         "log_partition": log_partition,
         "nll": nll,
     }
     loss = nll
-    if static.smoothing:
-        # PyTorch: (1 - eps) (-log p_y) + (eps / V) sum_c (-log p_c), where
-        # sum_c -log p_c = V log sum_j exp(x_j - m) - sum_c (x_c - m).
-        smooth = vocab * log_normalizer - jnp.sum(shifted, axis=-1)
+    if shifted_sum is not None:
+        # PyTorch: (1 - eps) (-log p_y) + (eps / V) sum_c (-log p_c).
+        smooth = vocab * log_normalizer - shifted_sum
         pieces["smooth"] = smooth
         loss = (1 - smoothing) * nll + (smoothing / vocab) * smooth
     if static.z_loss:
@@ -247,7 +248,10 @@ def _weighted_loss_and_grads(
                 jnp.where(counted, weight_c * jnp.square(pieces["log_partition"]), 0)
             )
 
-        probs = pieces["exp_shifted"] / pieces["sum_exp"][:, None]
+        # exp is recomputed rather than kept from the log-sum-exp: one
+        # `[chunk, V]` buffer fewer.
+        shifted = pieces["shifted"]
+        probs = jnp.exp(shifted - pieces["log_normalizer"][:, None])
         scale = weight_c
         if static.z_loss:
             scale = scale * (1 + 2 * z_coefficient * pieces["log_partition"])
@@ -260,7 +264,8 @@ def _weighted_loss_and_grads(
         # would hoist a `[chunk, V]` iota out of the loop and keep it alive.
         d_logits = d_logits.at[jnp.arange(static.chunk), target_c].add(-label_coefficient)
         if static.softcap is not None:
-            d_logits = d_logits * (1 - jnp.square(logits / static.softcap))
+            capped = shifted + pieces["row_max"]
+            d_logits = d_logits * (1 - jnp.square(capped / static.softcap))
         # Rows that are not counted have a zero `weight_c`, hence zero gradients.
         d_logits_mm = d_logits.astype(matmul_dtype)
 
