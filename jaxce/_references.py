@@ -178,7 +178,7 @@ def linear_cross_entropy(
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
     logits = hidden @ jnp.asarray(weight).T
     if bias is not None:
-        logits = logits + bias
+        logits = logits + jnp.reshape(bias, (1,) * (logits.ndim - 1) + (-1,))
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
     return softmax_cross_entropy_with_integer_labels(

@@ -774,7 +774,7 @@ def linear_cross_entropy(
     w = weight.astype(compute)
     logits = jnp.einsum("...d,vd->...v", h, w)
     if bias_array is not None:
-        logits = logits + bias_array.astype(compute)
+        logits = logits + _per_class(bias_array.astype(compute).reshape(-1), logits.ndim)
     cap_slope = None
     if softcap is not None:
         capped = jnp.tanh(logits / softcap)
