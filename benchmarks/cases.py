@@ -111,7 +111,7 @@ def naive_integer_ce_options(
     safe = jnp.where(counted, y, 0)
     label_weight = jnp.where(counted, weight[safe], 0)
     nll = -jnp.take_along_axis(log_probs, safe[:, None], axis=-1)[:, 0]
-    smooth = -jnp.sum(weight * log_probs, axis=-1) / x.shape[-1]
+    smooth = -jnp.sum(weight[None, :] * log_probs, axis=-1) / x.shape[-1]
     per_example = (1 - smoothing) * label_weight * nll + smoothing * jnp.where(counted, smooth, 0)
     return jnp.sum(per_example) / jnp.sum(label_weight)
 
@@ -152,7 +152,7 @@ def torch_value_and_grad(
     def build(torch: Any) -> Callable[[], Any]:
         logits = torch.tensor(np.asarray(x, np.float32), dtype=getattr(torch, dtype))
         logits.requires_grad_(True)
-        tensors = [torch.from_numpy(np.asarray(o)) for o in others]
+        tensors = [torch.from_numpy(np.array(o)) for o in others]
 
         def run() -> Any:
             logits.grad = None
@@ -167,8 +167,8 @@ def torch_value_and_grad(
 
 def torch_forward(loss: Callable[..., Any], x: Any, *others: Any) -> Callable[[], Prepared]:
     def build(torch: Any) -> Callable[[], Any]:
-        logits = torch.from_numpy(np.asarray(x, np.float32))
-        tensors = [torch.from_numpy(np.asarray(o)) for o in others]
+        logits = torch.from_numpy(np.array(x, np.float32))
+        tensors = [torch.from_numpy(np.array(o)) for o in others]
 
         def run() -> Any:
             with torch.no_grad():

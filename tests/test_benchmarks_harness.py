@@ -1,0 +1,144 @@
+"""Smoke test of the benchmark harness on tiny shapes: timing, ratios, failures, reports.
+
+It also checks that the competitors of every case compute the same loss and
+gradient, so the published ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+# The harness lives in `benchmarks/` at the repository root, next to `tests/`.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import __main__ as cli
+from benchmarks import cases, harness, report
+
+
+def _tiny_case(name: str = "tiny/vg/8x5") -> cases.Case:
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 5), dtype=np.float32))
+
+    def broken() -> harness.Prepared:
+        raise RuntimeError("competitor not importable")
+
+    def competitors() -> cases.Competitors:
+        return {
+            "double": cases.jax_competitor(lambda a: a * 2, x),
+            "optax": cases.jax_competitor(lambda a: a + 1, x),
+            "floor": cases.jax_competitor(lambda a: a, x),
+            "broken": broken,
+        }
+
+    return cases.Case(name, "a tiny case", competitors, quick=True)
+
+
+def test_run_cases_reports_times_ratios_and_failures():
+    results = cli.run_cases([_tiny_case()], runs=10, warmup=1)
+    by_name = {r.implementation: r for r in results}
+    assert set(by_name) == {"double", "optax", "floor", "broken"}
+    for name in ("double", "optax", "floor"):
+        r = by_name[name]
+        assert r.runs == 10
+        assert 0 < r.min_ms <= r.median_ms <= r.max_ms
+        assert r.compile_ms is not None and r.compile_ms > 0
+        assert r.temp_bytes is not None and r.temp_bytes >= 0
+        assert r.ratio_to_baseline is not None and r.ratio_to_baseline > 0
+    assert by_name["optax"].ratio_to_baseline == 1.0
+    assert by_name["floor"].ratio_to_floor == 1.0
+    assert "competitor not importable" in by_name["broken"].error
+    assert by_name["broken"].median_ms is None
+
+
+def test_interleaved_times_runs_round_robin():
+    calls = []
+    runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = harness.interleaved_times(runners, runs=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert {k: v.shape for k, v in times.items()} == {"a": (3,), "b": (3,)}
+
+
+def test_prepare_jax_reports_temporaries_from_memory_analysis():
+    x = np.zeros((64, 64), np.float32)
+    # The sum of an outer product needs its [64, 64, 64] intermediate only if
+    # XLA cannot fuse it away; the copy needs none: temp must not be negative.
+    prepared = harness.prepare_jax(lambda a: a + 1, (x,))
+    assert prepared.temp_bytes is not None and prepared.temp_bytes >= 0
+    np.testing.assert_array_equal(np.asarray(prepared.run()), x + 1)
+
+
+def test_stamp_names_device_versions_and_command():
+    s = harness.stamp(["benchmarks", "--quick", "--only", "ce int"])
+    assert s["jax"] == jax.__version__
+    assert s["cpu_count"] >= 1
+    assert s["command"] == "python -m benchmarks --quick --only 'ce int'"
+    assert s["device"] and "/" not in s["device"]
+
+
+def test_reports_are_written(tmp_path):
+    measurements = cli.run_cases([_tiny_case()], runs=10, warmup=1)
+    results = {
+        "stamp": harness.stamp(["benchmarks", "--quick"]),
+        "bandwidth_gbps": harness.memory_bandwidth(num_bytes=1 << 20, runs=2),
+        "cases": {"tiny/vg/8x5": {"description": "a tiny case", "baseline": "optax"}},
+        "measurements": [m.as_dict() for m in measurements],
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert report.main([str(tmp_path)]) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert "## `tiny/vg/8x5`" in table and "| double |" in table and "failed" in table
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Performance" in (tmp_path / "readme_section.md").read_text()
+
+
+def test_case_names_are_unique_and_quick_is_a_subset():
+    all_cases = cases.all_cases()
+    names = [c.name for c in all_cases]
+    assert len(names) == len(set(names))
+    assert 0 < sum(c.quick for c in all_cases) < len(all_cases)
+
+
+TINY = (16, 7)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(
+            lambda: cases.integer_ce_case(TINY, forward=False, quick=True), id="ce-int-vg"
+        ),
+        pytest.param(
+            lambda: cases.integer_ce_case(TINY, forward=True, quick=True), id="ce-int-fwd"
+        ),
+        pytest.param(lambda: cases.integer_ce_options_case(TINY), id="ce-int-options"),
+        pytest.param(lambda: cases.soft_ce_case(TINY), id="ce-soft"),
+        pytest.param(lambda: cases.binary_case(TINY, options=False), id="bce"),
+        pytest.param(lambda: cases.binary_case(TINY, options=True), id="bce-options"),
+    ],
+)
+def test_competitors_agree(case):
+    """Same loss (and gradient) from jaxce, optax, naive jnp and torch on one case."""
+    outputs = {}
+    for name, prepare in case().competitors().items():
+        if name in ("floor", "jaxce plain") or (name == "optax" and "options" in case().name):
+            continue
+        value = prepare().run()
+        if name.startswith("torch"):
+            loss, grad = value if isinstance(value, tuple) else (value, None)
+            value = (loss, None if grad is None else grad.detach().float().numpy())
+        elif isinstance(value, tuple):
+            value = (float(value[0]), np.asarray(value[1]))
+        else:
+            value = (float(value), None)
+        outputs[name] = value
+    reference_loss, reference_grad = next(iter(outputs.values()))
+    for name, (loss, grad) in outputs.items():
+        np.testing.assert_allclose(loss, reference_loss, rtol=2e-5, err_msg=name)
+        if grad is not None and reference_grad is not None:
+            np.testing.assert_allclose(grad, reference_grad, rtol=1e-4, atol=1e-7, err_msg=name)
