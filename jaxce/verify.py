@@ -162,13 +162,9 @@ def _errors(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
     difference = np.where(same_special, 0.0, np.abs(actual - expected))
     difference = np.where(np.isnan(difference), np.inf, difference)
     max_abs = float(np.max(difference, initial=0.0))
-    finite = np.isfinite(expected) & np.isfinite(actual)
-    scale = max(
-        float(np.max(np.abs(np.where(finite, expected, 0)), initial=0.0)),
-        float(np.max(np.abs(np.where(finite, actual, 0)), initial=0.0)) if max_abs else 0.0,
-    )
     if max_abs == 0.0:
         return 0.0, 0.0
+    scale = float(np.max(np.abs(np.where(np.isfinite(expected), expected, 0)), initial=0.0))
     return max_abs, (max_abs / scale if scale > 0 else math.inf)
 
 

@@ -1,0 +1,174 @@
+"""The gradient verification tool: it passes correct gradients and catches wrong ones."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxce
+import jaxce.derivatives as derivatives
+from jaxce import verify
+
+
+def _logits_and_labels(dtype=jnp.float32):
+    rng = np.random.default_rng(0)
+    return jnp.asarray(rng.standard_normal((4, 5)), dtype), jnp.asarray(rng.integers(0, 5, (4,)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_library_loss_passes_with_every_pair(dtype):
+    with jax.enable_x64(True):
+        logits, labels = _logits_and_labels(jnp.dtype(dtype))
+    report = verify.check_gradients(
+        jaxce.softmax_cross_entropy_with_integer_labels,
+        derivatives.softmax_cross_entropy_with_integer_labels,
+        logits,
+        labels,
+        label_smoothing=0.1,
+        reduction="mean",
+    )
+    assert report.passed, str(report)
+    assert report.dtype == dtype
+    assert {row.pair for row in report.rows} == set(verify.PAIRS)
+    tolerance = verify.TOLERANCES[dtype]
+    assert {row.tolerance for row in report.rows} <= {
+        tolerance.analytic,
+        tolerance.finite_differences,
+    }
+
+
+def test_sign_error_is_caught():
+    logits, labels = _logits_and_labels()
+
+    def wrong_sign(*args, **kwargs):
+        return -derivatives.softmax_cross_entropy_with_integer_labels(*args, **kwargs)
+
+    report = verify.check_gradients(
+        jaxce.softmax_cross_entropy_with_integer_labels, wrong_sign, logits, labels
+    )
+    assert not report.passed
+    failed = {row.pair for row in report.rows if not row.passed}
+    assert failed == {
+        verify.CLOSED_VS_GRAD,
+        verify.CLOSED_VS_REFERENCE,
+        verify.CLOSED_VS_FINITE_DIFFERENCES,
+        verify.JVP_VS_CLOSED,
+    }
+    # The two independent autodiff gradients still agree: the closed form is what is wrong.
+    assert report.worst(verify.GRAD_VS_REFERENCE).passed
+    assert "FAIL" in str(report)
+
+
+def test_missing_one_over_n_is_caught():
+    logits, labels = _logits_and_labels()
+
+    def per_sample(*args, **kwargs):
+        # The documents' per-sample formula, used for the mean without dividing by n.
+        return derivatives.sigmoid_binary_cross_entropy(*args, **{**kwargs, "reduction": "sum"})
+
+    targets = jax.nn.one_hot(labels, 5)
+    report = verify.check_gradients(
+        jaxce.sigmoid_binary_cross_entropy, per_sample, logits, targets, reduction="mean"
+    )
+    assert not report.passed
+    row = report.worst(verify.CLOSED_VS_FINITE_DIFFERENCES)
+    # Off by a factor n = 20: the relative error is n - 1.
+    assert row.max_rel == pytest.approx(19, rel=1e-3)
+
+
+def test_user_loss_with_own_derivative_and_reference():
+    def squared_error(prediction, target, *, scale=1.0):
+        return scale * jnp.square(prediction - target)
+
+    def squared_error_derivative(prediction, target, *, scale=1.0):
+        return 2 * scale * (prediction - target)
+
+    def squared_error_reference(prediction, target, *, scale=1.0):
+        difference = prediction - target
+        return scale * difference * difference
+
+    x = jnp.linspace(-1.0, 2.0, 6)
+    target = jnp.ones(6)
+    report = verify.check_gradients(
+        squared_error,
+        squared_error_derivative,
+        x,
+        target,
+        scale=0.5,
+        reference=squared_error_reference,
+    )
+    assert report.passed, str(report)
+    assert report.name == "squared_error"
+    assert "scale=0.5" in report.options
+    without_reference = verify.check_gradients(
+        squared_error, squared_error_derivative, x, target, scale=0.5
+    )
+    pairs = {row.pair for row in without_reference.rows}
+    assert verify.CLOSED_VS_REFERENCE not in pairs and verify.GRAD_VS_REFERENCE not in pairs
+    assert without_reference.passed
+
+
+def test_linear_cross_entropy_checks_every_argument():
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
+    weight = jnp.asarray(rng.standard_normal((7, 4)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(7), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 7, (6,)))
+    with jax.numpy_rank_promotion("allow"):  # see test_derivatives: the shipped bias add
+        report = verify.check_gradients(
+            jaxce.linear_cross_entropy,
+            derivatives.linear_cross_entropy,
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            softcap=2.0,
+        )
+    assert report.passed, str(report)
+    assert {row.argument for row in report.rows} >= {"hidden", "weight", "bias"}
+
+
+def test_report_serializes():
+    logits, labels = _logits_and_labels()
+    report = verify.check_gradients(
+        jaxce.softmax_cross_entropy_with_integer_labels,
+        derivatives.softmax_cross_entropy_with_integer_labels,
+        logits,
+        labels,
+    )
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["passed"] is True
+    assert data["name"] == "softmax_cross_entropy_with_integer_labels"
+    assert all(
+        {"pair", "max_abs", "max_rel", "tolerance", "passed"} <= set(r) for r in data["rows"]
+    )
+    text = str(report)
+    assert text.startswith("softmax_cross_entropy_with_integer_labels(")
+    assert "closed form vs finite differences" in text
+
+
+def test_nan_in_one_gradient_only_is_an_infinite_error():
+    assert verify._errors(np.array([1.0, np.nan]), np.array([1.0, 2.0])) == (np.inf, np.inf)
+    assert verify._errors(np.array([1.0, np.nan]), np.array([1.0, np.nan])) == (0.0, 0.0)
+
+
+def test_command_line_json_and_exit_code(capsys):
+    code = verify.main(["--loss", "sigmoid_focal_loss", "--dtype", "float32", "--json"])
+    output = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert output["passed"] is True
+    assert {r["name"] for r in output["reports"]} == {"sigmoid_focal_loss"}
+
+
+def test_command_line_table_and_failure(capsys, monkeypatch):
+    original = derivatives.binary_cross_entropy
+    monkeypatch.setattr(derivatives, "binary_cross_entropy", lambda *a, **k: 2 * original(*a, **k))
+    code = verify.main(["--loss", "binary_cross_entropy", "--dtype", "float64"])
+    output = capsys.readouterr().out
+    assert code == 1
+    assert "binary_cross_entropy" in output.splitlines()[2]
+    assert "FAIL" in output
