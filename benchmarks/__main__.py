@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = harness.stamp(["benchmarks", *argv])
     sys.stderr.write(f"{stamp['device']}, jax {stamp['jax']}: measuring bandwidth ...\n")
     bandwidth = harness.memory_bandwidth()
-    measurements = run_cases(selected, runs=runs, warmup=2, progress=progress)
+    measurements = run_cases(selected, runs=runs, warmup=1 if args.quick else 2, progress=progress)
     descriptions = {c.name: c.description for c in selected}
     baselines = {c.name: c.baseline for c in selected}
     if include_linear:

@@ -320,7 +320,6 @@ def integer_ce_bfloat16_case(shape: tuple[int, int]) -> Case:
         "integer-label CE value_and_grad on bfloat16 logits (optax computes in bfloat16; "
         "jaxce in float32)",
         competitors,
-        quick=True,
     )
 
 

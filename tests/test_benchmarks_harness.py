@@ -142,3 +142,15 @@ def test_competitors_agree(case):
         np.testing.assert_allclose(loss, reference_loss, rtol=2e-5, err_msg=name)
         if grad is not None and reference_grad is not None:
             np.testing.assert_allclose(grad, reference_grad, rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+def test_derivatives_case_agrees_with_jax_grad():
+    case = cases.derivatives_case(TINY)
+    assert case is not None, "jaxce.derivatives has softmax_cross_entropy_with_integer_labels"
+    grads = {
+        name: np.asarray(prepare().run())
+        for name, prepare in case.competitors().items()
+        if name != "floor"
+    }
+    for name, grad in grads.items():
+        np.testing.assert_allclose(grad, grads["optax"], rtol=1e-5, atol=1e-7, err_msg=name)
