@@ -32,8 +32,10 @@ from jaxce import _checks, _reduce
 # bytes (a few such buffers are alive at once), within [_MIN_CHUNK, _MAX_CHUNK]
 # rows so that the matrix products stay large enough to run at full speed.
 _CHUNK_LOGIT_BYTES = 16 * 2**20
-# The weight gradient is accumulated in row blocks of about this many bytes.
-_WEIGHT_BLOCK_BYTES = 8 * 2**20
+# The weight gradient is accumulated in row blocks of about this many bytes,
+# and at least this many rows (small blocks cost loop overhead).
+_WEIGHT_BLOCK_BYTES = 2 * 2**20
+_MIN_WEIGHT_BLOCK_ROWS = 256
 _MIN_CHUNK = 16
 _MAX_CHUNK = 1024
 
@@ -85,7 +87,7 @@ def _logits(
         hidden, weight, (((1,), (1,)), ((), ())), preferred_element_type=compute
     )
     if bias is not None:
-        logits = logits + bias.astype(compute)
+        logits = logits + bias.astype(compute)[None, :]
     if static.softcap is not None:
         logits = static.softcap * jnp.tanh(logits / static.softcap)
     return logits
@@ -186,7 +188,7 @@ def _accumulate_weight_gradient(
         d_block = jax.lax.dynamic_slice_in_dim(d_logits, start, block, axis=1)
         if vocab % block:
             fresh = start + jnp.arange(block) >= index * block
-            d_block = jnp.where(fresh, d_block, 0)
+            d_block = jnp.where(fresh[None, :], d_block, 0)
         update = jax.lax.dot_general(
             d_block, hidden_c, contract_tokens, preferred_element_type=compute
         )
@@ -496,7 +498,9 @@ def linear_cross_entropy(
     static = _Static(
         num_tokens=num_tokens,
         chunk=min(chunk, num_tokens),
-        vocab_block=min(vocab, max(1, _WEIGHT_BLOCK_BYTES // (4 * max(dim, 1)))),
+        vocab_block=min(
+            vocab, max(_MIN_WEIGHT_BLOCK_ROWS, _WEIGHT_BLOCK_BYTES // (4 * max(dim, 1)))
+        ),
         softcap=None if softcap is None else float(softcap),
         smoothing=not _checks.is_concrete_zero(label_smoothing),
         z_loss=not _checks.is_concrete_zero(z_loss),

@@ -1,0 +1,325 @@
+"""linear_cross_entropy against the materialised formulation, and its memory bound."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxce
+from jaxce import _linear
+
+TOLERANCES = {  # (rtol, atol) for values and gradients, against a float64 reference
+    "float64": (1e-10, 1e-12),
+    "float32": (2e-5, 2e-6),
+    "bfloat16": (2e-2, 2e-3),
+}
+
+
+def materialised(hidden, weight, labels, *, bias=None, softcap=None, shift=0, **options):
+    """The reference: the full logits, then the core loss (float64 inputs)."""
+    if shift:
+        hidden, labels = hidden[..., :-1, :], labels[..., 1:]
+    logits = jnp.einsum("...d,vd->...v", hidden, weight)
+    if bias is not None:
+        logits = logits + bias.reshape((1,) * (logits.ndim - 1) + (-1,))
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    return jaxce.softmax_cross_entropy_with_integer_labels(logits, labels, **options)
+
+
+def make_inputs(seed, batch_shape, dim, vocab, *, ignore_fraction=0.2):
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(size=(*batch_shape, dim))
+    weight = rng.normal(size=(vocab, dim)) / np.sqrt(dim) * 3
+    bias = rng.normal(size=(vocab,))
+    labels = rng.integers(0, vocab, size=batch_shape)
+    labels = np.where(rng.random(batch_shape) < ignore_fraction, -100, labels)
+    return hidden, weight, bias, labels
+
+
+def compare(fused, reference, args, dtype):
+    """Values and vector-Jacobian products (all arguments) agree with the reference."""
+    rtol, atol = TOLERANCES[dtype]
+    cast = [jnp.asarray(a, dtype) for a in args]
+    with jax.enable_x64(True):
+        exact = [jnp.asarray(np.asarray(a, np.float64)) for a in cast]
+        expected_value, pullback = jax.vjp(reference, *exact)
+        cotangent = np.random.default_rng(99).uniform(0.5, 1.5, np.shape(expected_value))
+        expected_grads = pullback(jnp.asarray(cotangent))
+
+    @jax.jit
+    def value_and_grads(*a):
+        value, pullback = jax.vjp(fused, *a)
+        return value, pullback(jnp.asarray(cotangent, value.dtype))
+
+    value, grads = value_and_grads(*cast)
+    np.testing.assert_allclose(np.asarray(value, np.float64), expected_value, rtol, atol)
+    for grad, expected, arg in zip(grads, expected_grads, cast, strict=True):
+        assert grad.dtype == arg.dtype
+        scale = float(np.max(np.abs(expected))) + 1e-30
+        np.testing.assert_allclose(
+            np.asarray(grad, np.float64) / scale, np.asarray(expected) / scale, rtol, atol * 10
+        )
+
+
+def run_case(dtype, batch_shape, dim, vocab, chunk_size, reduction, options, *, seed=0):
+    hidden, weight, bias, labels = make_inputs(seed, batch_shape, dim, vocab)
+    options = {"ignore_index": -100, **options}
+
+    def fused(h, w, b):
+        return jaxce.linear_cross_entropy(
+            h, w, labels, bias=b, chunk_size=chunk_size, reduction=reduction, **options
+        )
+
+    def reference(h, w, b):
+        return materialised(h, w, labels, bias=b, reduction=reduction, **options)
+
+    with jax.enable_x64(dtype == "float64"):
+        compare(fused, reference, (hidden, weight, bias), dtype)
+
+
+ALL_OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 4.0}
+
+SHAPES = [  # batch shape, D, V, chunk: N and V not multiples of the chunk, N = 1, V < chunk
+    pytest.param((37,), 12, 23, 8, id="N37-V23-chunk8"),
+    pytest.param((1,), 6, 5, None, id="N1"),
+    pytest.param((3, 11), 8, 7, 64, id="batch3x11-V7-chunk64"),
+    pytest.param((40,), 5, 300, 16, id="N40-V300-vocab-blocks"),
+]
+
+
+@pytest.fixture(autouse=True)
+def small_weight_blocks(monkeypatch):
+    """Blocks of 64 vocabulary rows, so that V = 300 exercises the last, overlapping block."""
+    monkeypatch.setattr(_linear, "_WEIGHT_BLOCK_BYTES", 1)
+    monkeypatch.setattr(_linear, "_MIN_WEIGHT_BLOCK_ROWS", 64)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(("batch_shape", "dim", "vocab", "chunk"), SHAPES)
+def test_all_options_match_materialised_float64(batch_shape, dim, vocab, chunk, reduction):
+    run_case("float64", batch_shape, dim, vocab, chunk, reduction, ALL_OPTIONS)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="plain"),
+        pytest.param({"label_smoothing": 0.2}, id="smoothing"),
+        pytest.param({"z_loss": 1e-3}, id="z_loss"),
+        pytest.param({"softcap": 2.0}, id="softcap"),
+    ],
+)
+def test_each_option_float32(options, reduction):
+    run_case("float32", (37,), 12, 300, 8, reduction, options)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_all_options_half_and_single_precision(dtype, reduction):
+    run_case(dtype, (37,), 16, 300, 16, reduction, ALL_OPTIONS)
+
+
+def test_bfloat16_loss_is_float32():
+    hidden, weight, _, labels = make_inputs(1, (9,), 8, 11)
+    loss = jaxce.linear_cross_entropy(
+        jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(weight, jnp.bfloat16), labels
+    )
+    assert loss.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_shift_is_next_token_prediction(reduction):
+    hidden, weight, bias, labels = make_inputs(2, (3, 10), 8, 13)
+
+    def fused(h, w, b):
+        return jaxce.linear_cross_entropy(
+            h, w, labels, bias=b, shift=1, ignore_index=-100, chunk_size=4, reduction=reduction
+        )
+
+    def reference(h, w, b):
+        return materialised(h, w, labels, bias=b, shift=1, ignore_index=-100, reduction=reduction)
+
+    compare(fused, reference, (hidden, weight, bias), "float32")
+    assert fused(hidden, weight, bias).shape == ((3, 9) if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_all_ignored_is_zero_with_zero_gradients(reduction):
+    hidden, weight, _, _ = make_inputs(3, (6,), 4, 5)
+    labels = jnp.full((6,), -100)
+
+    def loss(h, w):
+        return jaxce.linear_cross_entropy(h, w, labels, ignore_index=-100, reduction=reduction)
+
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1))(hidden, weight)
+    assert value == 0
+    assert all(np.all(np.asarray(g) == 0) for g in grads)
+
+
+@pytest.mark.parametrize("bad_label", [-1, 5], ids=["negative", "too-large"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_out_of_range_label_is_nan_with_reference_gradients(bad_label, reduction):
+    hidden, weight, _, labels = make_inputs(4, (6,), 4, 5, ignore_fraction=0)
+    labels = labels.copy()
+    labels[2] = bad_label
+    loss = jaxce.linear_cross_entropy(hidden, weight, labels, reduction=reduction)
+    assert np.isnan(np.asarray(loss)).any()
+    if reduction == "none":
+        assert np.isnan(loss[2]) and not np.isnan(np.delete(np.asarray(loss), 2)).any()
+        return
+    fused = jax.grad(lambda h: jaxce.linear_cross_entropy(h, weight, labels))(hidden)
+    reference = jax.grad(lambda h: materialised(h, weight, labels, reduction="mean"))(hidden)
+    np.testing.assert_allclose(fused, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_traced_hyperparameters_and_their_gradients():
+    hidden, weight, _, labels = make_inputs(5, (12,), 6, 9)
+
+    def fused(eps, z):
+        return jaxce.linear_cross_entropy(hidden, weight, labels, label_smoothing=eps, z_loss=z)
+
+    def reference(eps, z):
+        return materialised(hidden, weight, labels, label_smoothing=eps, z_loss=z, reduction="mean")
+
+    args = (jnp.float32(0.15), jnp.float32(0.01))
+    np.testing.assert_allclose(jax.jit(fused)(*args), reference(*args), rtol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(jax.grad(fused, argnums=(0, 1)))(*args),
+        jax.grad(reference, argnums=(0, 1))(*args),
+        rtol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vmap_over_batches(reduction):
+    hidden, weight, _, labels = make_inputs(6, (3, 10), 8, 13)
+
+    def fused(h, y):
+        return jaxce.linear_cross_entropy(
+            h, weight, y, ignore_index=-100, chunk_size=4, reduction=reduction
+        )
+
+    def reference(h, y):
+        return materialised(h, weight, y, ignore_index=-100, reduction=reduction)
+
+    np.testing.assert_allclose(
+        jax.vmap(fused)(hidden, labels), jax.vmap(reference)(hidden, labels), rtol=1e-5
+    )
+    grads = jax.vmap(jax.grad(lambda h, y: jnp.sum(fused(h, y))))(hidden, labels)
+    expected = jax.vmap(jax.grad(lambda h, y: jnp.sum(reference(h, y))))(hidden, labels)
+    np.testing.assert_allclose(grads, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_checkpoint(reduction):
+    hidden, weight, bias, labels = make_inputs(7, (20,), 8, 13)
+
+    def fused(h, w, b):
+        return jaxce.linear_cross_entropy(
+            h, w, labels, bias=b, ignore_index=-100, chunk_size=8, reduction=reduction
+        )
+
+    def reference(h, w, b):
+        return materialised(h, w, labels, bias=b, ignore_index=-100, reduction=reduction)
+
+    compare(jax.checkpoint(fused), reference, (hidden, weight, bias), "float32")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_forward_mode_and_hessian(reduction):
+    with jax.enable_x64(True):
+        hidden, weight, bias, labels = make_inputs(8, (7,), 3, 5)
+        options = {"ignore_index": -100, "reduction": reduction, **ALL_OPTIONS}
+
+        def fused(h, w):
+            return jnp.sum(
+                jaxce.linear_cross_entropy(h, w, labels, bias=bias, chunk_size=3, **options)
+            )
+
+        def reference(h, w):
+            return jnp.sum(materialised(h, w, labels, bias=bias, **options))
+
+        tangents = (jnp.ones_like(hidden), jnp.ones_like(weight) * 0.5)
+        _, jvp = jax.jvp(fused, (hidden, weight), tangents)
+        _, expected = jax.jvp(reference, (hidden, weight), tangents)
+        np.testing.assert_allclose(jvp, expected, rtol=1e-10)
+        hessian = jax.hessian(fused)(hidden, weight)
+        expected_hessian = jax.hessian(reference)(hidden, weight)
+        for row, expected_row in zip(hessian, expected_hessian, strict=True):
+            for block, expected_block in zip(row, expected_row, strict=True):
+                np.testing.assert_allclose(block, expected_block, rtol=1e-8, atol=1e-12)
+
+
+def test_frozen_weight_skips_its_gradient():
+    hidden, weight, _, labels = make_inputs(9, (16,), 8, 13)
+    grad = jax.grad(lambda h: jaxce.linear_cross_entropy(h, weight, labels, ignore_index=-100))
+    expected = jax.grad(
+        lambda h: materialised(h, weight, labels, ignore_index=-100, reduction="mean")
+    )
+    np.testing.assert_allclose(grad(hidden), expected(hidden), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "vocab", "expected"),
+    [(2048, 32768, 128), (2048, 65536, 64), (16384, 262144, 16), (100, 1000, 100), (8, 10**7, 8)],
+    ids=["V32k", "V64k", "V256k", "few-tokens", "huge-vocab"],
+)
+def test_default_chunk_size_rule(num_tokens, vocab, expected):
+    assert _linear.default_chunk_size(num_tokens, vocab) == expected
+
+
+def test_bad_arguments_raise_before_running():
+    hidden, weight = jnp.ones((4, 3)), jnp.ones((5, 3))
+    labels = jnp.zeros((4,), jnp.int32)
+    with pytest.raises(ValueError, match="`weight` must have shape"):
+        jaxce.linear_cross_entropy(hidden, weight.T, labels)
+    with pytest.raises(ValueError, match="`labels` must have shape"):
+        jaxce.linear_cross_entropy(hidden, weight, labels[:3])
+    with pytest.raises(ValueError, match="`bias` must have shape"):
+        jaxce.linear_cross_entropy(hidden, weight, labels, bias=jnp.ones(4))
+    with pytest.raises(ValueError, match="`shift`"):
+        jaxce.linear_cross_entropy(hidden, weight, labels, shift=2)
+    with pytest.raises(ValueError, match="`chunk_size`"):
+        jaxce.linear_cross_entropy(hidden, weight, labels, chunk_size=0)
+    with pytest.raises(ValueError, match="`softcap`"):
+        jaxce.linear_cross_entropy(hidden, weight, labels, softcap=-1.0)
+    with pytest.raises(TypeError, match="`labels` must have an integer dtype"):
+        jaxce.linear_cross_entropy(hidden, weight, labels.astype(jnp.float32))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "reduction"),
+    [("float32", "mean"), ("bfloat16", "mean"), ("float32", "none")],
+)
+def test_temporaries_bounded_by_chunk_not_tokens_times_vocab(dtype, reduction, monkeypatch):
+    """N = 16384, D = 4096, V = 262144 (the logits alone: 16 GiB), lowered, never run."""
+    monkeypatch.setattr(_linear, "_WEIGHT_BLOCK_BYTES", 2 * 2**20)
+    monkeypatch.setattr(_linear, "_MIN_WEIGHT_BLOCK_ROWS", 256)
+    num_tokens, dim, vocab = 16384, 4096, 262144
+    chunk = _linear.default_chunk_size(num_tokens, vocab)
+    block = 256
+    args = (
+        jax.ShapeDtypeStruct((num_tokens, dim), dtype),
+        jax.ShapeDtypeStruct((vocab, dim), dtype),
+        jax.ShapeDtypeStruct((num_tokens,), jnp.int32),
+    )
+
+    def loss(h, w, y):
+        return jnp.sum(jaxce.linear_cross_entropy(h, w, y, reduction=reduction))
+
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    # Per chunk: two [chunk, V] float32 buffers, the weight-gradient block and
+    # its update, small [chunk, D] pieces.
+    bound = 2 * chunk * vocab * 4 + 2 * block * dim * 4 + 8 * chunk * dim * 4 + 2**20
+    if dtype == "bfloat16":
+        # The float32 accumulators of the gradients (outputs are bfloat16).
+        bound += vocab * dim * 4 + num_tokens * dim * 4
+    if reduction == "none":
+        # Reverse mode through the rematerialised loop keeps its own cotangent
+        # accumulator for `weight`.
+        bound += vocab * dim * 4
+    assert temp <= bound, (temp, bound)
+    assert temp < num_tokens * vocab * 4 / 3
