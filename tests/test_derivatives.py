@@ -278,10 +278,7 @@ def test_linear_cross_entropy_matches_autodiff(option, reduction):
         closed = derivatives.linear_cross_entropy(hidden, weight, labels, **kwargs)
 
         def scalar(module, h, w, b):
-            # TODO(linear owner): the shipped loss adds a `[V]` bias to `[N, V]` logits by rank
-            # promotion, which conftest's `jax_numpy_rank_promotion="raise"` rejects.
-            with jax.numpy_rank_promotion("allow"):
-                return jnp.sum(module.linear_cross_entropy(h, w, labels, **{**kwargs, "bias": b}))
+            return jnp.sum(module.linear_cross_entropy(h, w, labels, **{**kwargs, "bias": b}))
 
         argnums = (0, 1, 2) if kwargs["bias"] is not None else (0, 1)
         b = kwargs["bias"]
