@@ -71,9 +71,16 @@ def linear_measurements(quick: bool) -> tuple[list[harness.Measurement], dict[st
     """The fused linear cross-entropy cases of `benchmarks.linear`, when that module exists."""
     try:
         linear = importlib.import_module("benchmarks.linear")
-    except ImportError:
+    except ImportError as error:
+        sys.stderr.write(f"benchmarks.linear not importable, skipped: {error}\n")
         return [], {}
-    rows = linear.run(quick)
+    try:
+        rows = linear.run(quick)
+    except Exception as error:  # report it, keep the other results
+        failed = harness.Measurement(
+            "linear", "benchmarks.linear", None, None, None, None, None, 0, error=repr(error)
+        )
+        return [failed], {"linear": "fused linear cross-entropy (failed)"}
     fields = {f.name for f in harness.Measurement.__dataclass_fields__.values()}
     measurements = []
     for row in rows:
