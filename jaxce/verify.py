@@ -104,7 +104,12 @@ class Comparison:
         return bool(self.max_rel <= self.tolerance)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "passed": self.passed}
+        """Plain JSON types; an infinite or NaN error becomes the string ``"inf"``/``"nan"``."""
+        data = {
+            key: value if not isinstance(value, float) or math.isfinite(value) else str(value)
+            for key, value in dataclasses.asdict(self).items()
+        }
+        return {**data, "passed": self.passed}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -150,6 +150,12 @@ def test_report_serializes():
     assert "closed form vs finite differences" in text
 
 
+def test_infinite_errors_serialize_as_strict_json():
+    row = verify.Comparison("closed form vs jax.grad", "logits", np.inf, np.nan, 1e-6)
+    assert json.loads(json.dumps(row.to_dict(), allow_nan=False))["max_abs"] == "inf"
+    assert not row.passed
+
+
 def test_nan_in_one_gradient_only_is_an_infinite_error():
     assert verify._errors(np.array([1.0, np.nan]), np.array([1.0, 2.0])) == (np.inf, np.inf)
     assert verify._errors(np.array([1.0, np.nan]), np.array([1.0, np.nan])) == (0.0, 0.0)
