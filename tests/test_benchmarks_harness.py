@@ -154,3 +154,34 @@ def test_derivatives_case_agrees_with_jax_grad():
     }
     for name, grad in grads.items():
         np.testing.assert_allclose(grad, grads["optax"], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_linear_rows_become_measurements_with_ratios(monkeypatch):
+    rows = [
+        {
+            "case": "lin",
+            "implementation": "materialised",
+            "median_ms": 4.0,
+            "min_ms": 3.0,
+            "max_ms": 5.0,
+            "compile_ms": 1.0,
+            "temp_bytes": 100,
+            "runs": 10,
+        },
+        {
+            "case": "lin",
+            "implementation": "jaxce",
+            "median_ms": 2.0,
+            "min_ms": 1.0,
+            "max_ms": 3.0,
+            "compile_ms": 1.0,
+            "temp_bytes": 10,
+            "runs": 10,
+        },
+    ]
+    fake = type(sys)("benchmarks.linear")
+    fake.run = lambda quick: rows
+    monkeypatch.setitem(sys.modules, "benchmarks.linear", fake)
+    measurements, descriptions = cli.linear_measurements(quick=True)
+    assert [m.ratio_to_baseline for m in measurements] == [1.0, 0.5]
+    assert set(descriptions) == {"lin"}
