@@ -1,5 +1,8 @@
 """jaxce: numerically stable, jit-compiled cross-entropy losses for JAX."""
 
+from jaxce import derivatives as derivatives
+from jaxce import sharded as sharded
+from jaxce import verify as verify
 from jaxce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jaxce._binary import sigmoid_focal_loss as sigmoid_focal_loss
 from jaxce._checked import checked as checked
