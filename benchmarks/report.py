@@ -86,7 +86,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _jaxce_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    for name in ("jaxce", "jaxce options", "jaxce.derivatives"):
+    for name in ("jaxce", "jaxce options", "jaxce.derivatives", "jaxce.linear_cross_entropy"):
         for r in rows:
             if r["implementation"] == name and r.get("median_ms") is not None:
                 return r
