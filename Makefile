@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check jaxce tests benchmarks
-	$(BIN)/ruff format --check jaxce tests benchmarks
+	$(BIN)/ruff check jaxce tests benchmarks examples
+	$(BIN)/ruff format --check jaxce tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy jaxce
