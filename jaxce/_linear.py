@@ -9,7 +9,11 @@ the same pass as the loss: three matrix products in total, the same as the
 unfused formulation. The tangent of the loss is then the inner product of those
 gradients with the input tangents, which is linear, so reverse mode transposes
 it into "scale the saved gradients by the cotangent" and forward mode works
-too. ``"none"`` (a loss per token) cannot use that trick, because the weight
+too. Within a chunk the gradient of the logits is formed a block of vocabulary
+columns at a time and pushed through both matrix products at once, so the
+chunk's logits are the only ``[chunk_size, V]`` buffer. :func:`gradients`
+returns those gradients directly (``jaxce.derivatives`` uses it).
+``"none"`` (a loss per token) cannot use that trick, because the weight
 gradient would depend on one cotangent per token; it differentiates through a
 chunk loop whose body is rematerialised (``jax.checkpoint``), so the backward
 pass recomputes each chunk's logits: four matrix products.
@@ -28,25 +32,28 @@ from jax.typing import ArrayLike
 
 from jaxce import _checks, _reduce
 
-# Default chunk: the `[chunk, V]` float32 logits of one chunk stay near this many
-# bytes (a few such buffers are alive at once), within [_MIN_CHUNK, _MAX_CHUNK]
+# Default chunk: the `[chunk, V]` float32 logits of one chunk (the only buffer of
+# that size that "mean" / "sum" hold) stay near this many bytes, within [_MIN_CHUNK, _MAX_CHUNK]
 # rows so that the matrix products stay large enough to run at full speed.
-_CHUNK_LOGIT_BYTES = 16 * 2**20
+_CHUNK_LOGIT_BYTES = 32 * 2**20
 # The weight gradient is accumulated in row blocks of about this many bytes,
 # and at least this many rows (small blocks cost loop overhead).
-_WEIGHT_BLOCK_BYTES = 2 * 2**20
+_WEIGHT_BLOCK_BYTES = 4 * 2**20
 _MIN_WEIGHT_BLOCK_ROWS = 256
 _MIN_CHUNK = 16
 _MAX_CHUNK = 1024
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
+def default_chunk_size(num_tokens: int, vocab_size: int, *, per_token: bool = False) -> int:
     """The chunk size ``chunk_size=None`` picks.
 
-    The largest power of two ``c`` with ``c * vocab_size * 4 <= 16 MiB``,
+    The largest power of two ``c`` with ``c * vocab_size * 4 <= 32 MiB`` (the
+    one ``[c, V]`` float32 logits buffer of ``"mean"`` / ``"sum"``; 16 MiB for
+    ``per_token``, ``"none"``, whose backward pass holds two or three),
     clipped to ``[16, 1024]`` and to the number of tokens.
     """
-    rows = max(1, _CHUNK_LOGIT_BYTES // (4 * max(vocab_size, 1)))
+    budget = _CHUNK_LOGIT_BYTES // 2 if per_token else _CHUNK_LOGIT_BYTES
+    rows = max(1, budget // (4 * max(vocab_size, 1)))
     chunk = 1 << (rows.bit_length() - 1)
     return max(1, min(num_tokens, max(_MIN_CHUNK, min(_MAX_CHUNK, chunk))))
 
@@ -114,6 +121,7 @@ def _row_loss(
     nll = log_normalizer - (label_logit - row_max[:, 0])
     log_partition = log_normalizer + row_max[:, 0]
     pieces = {
+        "label_logit": label_logit,
         "shifted": shifted,
         "row_max": row_max,
         "log_normalizer": log_normalizer,
@@ -158,44 +166,25 @@ def _weighted_loss_primal(
     return jax.lax.fori_loop(0, static.num_chunks, body, jnp.zeros((), compute))
 
 
+def _loop(length: int, body: Any, init: Any) -> Any:
+    """``fori_loop(0, length, body, init)`` as a ``while_loop``.
+
+    A ``fori_loop`` with static bounds is a ``scan``, and when the surrounding
+    computation is differentiated JAX hoists the parts of a scan body that
+    depend only on the loop index and constants out of the loop, stacked over
+    the iterations: here, the weight's vocabulary blocks, a copy of ``W``.
+    A ``while_loop`` is left as written.
+    """
+
+    def step(state: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
+        index, carry = state
+        return index + 1, body(index, carry)
+
+    return jax.lax.while_loop(lambda state: state[0] < length, step, (jnp.int32(0), init))[1]
+
+
 def _is_zero(tangent: Any) -> bool:
     return tangent is None or isinstance(tangent, SymbolicZero)
-
-
-def _accumulate_weight_gradient(
-    static: _Static, accumulator: jax.Array, d_logits: jax.Array, hidden_c: jax.Array
-) -> jax.Array:
-    """``accumulator + d_logits.T @ hidden_c``, ``static.vocab_block`` rows at a time.
-
-    XLA (on CPU) does not accumulate a matrix product into an existing buffer:
-    one product over the whole vocabulary would need a second ``[V, D]``
-    temporary as large as the accumulator. Blocks of rows, added in place,
-    need only a ``[vocab_block, D]`` one.
-    """
-    vocab = accumulator.shape[0]
-    block = static.vocab_block
-    compute = accumulator.dtype
-    contract_tokens = (((0,), (0,)), ((), ()))
-    if block >= vocab:
-        return accumulator + jax.lax.dot_general(
-            d_logits, hidden_c, contract_tokens, preferred_element_type=compute
-        )
-
-    def add_block(index: jax.Array, accumulator: jax.Array) -> jax.Array:
-        # The last block ends at the last row; columns an earlier block
-        # covered are zeroed so that they are not added twice.
-        start = jnp.minimum(index * block, vocab - block)
-        d_block = jax.lax.dynamic_slice_in_dim(d_logits, start, block, axis=1)
-        if vocab % block:
-            fresh = start + jnp.arange(block) >= index * block
-            d_block = jnp.where(fresh[None, :], d_block, 0)
-        update = jax.lax.dot_general(
-            d_block, hidden_c, contract_tokens, preferred_element_type=compute
-        )
-        old = jax.lax.dynamic_slice_in_dim(accumulator, start, block)
-        return jax.lax.dynamic_update_slice_in_dim(accumulator, old + update, start, axis=0)
-
-    return jax.lax.fori_loop(0, -(-vocab // block), add_block, accumulator)
 
 
 def _weighted_loss_and_grads(
@@ -217,13 +206,24 @@ def _weighted_loss_and_grads(
     For one row with ``p = softmax(x)``, ``lse = log sum exp x`` and smoothing
     ``eps``, the gradient of ``(1 - eps)(lse - x_y) + (eps / V) sum_c (lse - x_c)
     + z lse^2`` with respect to the logits ``x`` is
-    ``p (1 + 2 z lse) - (1 - eps) onehot(y) - eps / V``; the soft cap multiplies
-    it by ``1 - (x / c)^2``. It is then pushed through the linear layer with two
-    matrix products per chunk, accumulated in ``compute`` precision.
+    ``p (1 + 2 z lse) - eps / V - (1 - eps) onehot(y)``; the soft cap multiplies
+    it by ``1 - (x / c)^2``.
+
+    Only the chunk's ``[chunk, V]`` logits are held. The dense part of the
+    gradient (all but the one-hot term) is formed ``vocab_block`` columns at a
+    time from them and pushed through the linear layer at once: the hidden
+    gradient of the chunk accumulates ``g_block @ W_block`` and the weight
+    gradient's rows of the block ``g_block.T @ h_chunk``, in place. The
+    one-hot term is a gather of ``chunk`` rows of ``W`` and a scatter-add
+    into ``chunk`` rows of the weight gradient. Accumulation is in
+    ``compute`` precision.
     """
     compute = row_weight.dtype
     vocab, dim = weight.shape
-    matmul_dtype = jnp.result_type(hidden.dtype, weight.dtype)
+    block = static.vocab_block
+    num_blocks = -(-vocab // block)
+    contract_tokens = (((0,), (0,)), ((), ()))
+    contract_vocab = (((1,), (0,)), ((), ()))
 
     def body(index: jax.Array, carry: dict[str, jax.Array]) -> dict[str, jax.Array]:
         start, fresh = _chunk_rows(static, index)
@@ -250,41 +250,86 @@ def _weighted_loss_and_grads(
                 jnp.where(counted, weight_c * jnp.square(pieces["log_partition"]), 0)
             )
 
-        # exp is recomputed rather than kept from the log-sum-exp: one
-        # `[chunk, V]` buffer fewer.
-        shifted = pieces["shifted"]
-        probs = jnp.exp(shifted - pieces["log_normalizer"][:, None])
+        # Per-row coefficients of the gradient (rows not counted have a zero
+        # `weight_c`, hence zero gradients).
         scale = weight_c
         if static.z_loss:
             scale = scale * (1 + 2 * z_coefficient * pieces["log_partition"])
-        d_logits = probs * scale[:, None]
         label_coefficient = weight_c
         if static.smoothing:
             label_coefficient = (1 - smoothing) * weight_c
-            d_logits = d_logits - (smoothing / vocab) * weight_c[:, None]
-        # A scatter of one value per row, not a compare against an iota: XLA
-        # would hoist a `[chunk, V]` iota out of the loop and keep it alive.
-        d_logits = d_logits.at[jnp.arange(static.chunk), target_c].add(-label_coefficient)
         if static.softcap is not None:
-            capped = shifted + pieces["row_max"]
-            d_logits = d_logits * (1 - jnp.square(capped / static.softcap))
-        # Rows that are not counted have a zero `weight_c`, hence zero gradients.
-        d_logits_mm = d_logits.astype(matmul_dtype)
-
-        if want_hidden:
-            d_hidden = jax.lax.dot_general(
-                d_logits_mm, weight, (((1,), (0,)), ((), ())), preferred_element_type=compute
+            label_coefficient = label_coefficient * (
+                1 - jnp.square(pieces["label_logit"] / static.softcap)
             )
+        # The gradient's products run in `compute` precision. (For bfloat16
+        # inputs XLA:CPU converts all of `weight` and `hidden` to float32 once,
+        # outside the loop, whatever the spelling: two more temporaries.)
+        hidden_up = hidden_c.astype(compute)
+        row_max = pieces["row_max"]
+        log_normalizer = pieces["log_normalizer"][:, None]
+        scale = scale[:, None]
+        offset = (smoothing / vocab) * weight_c[:, None]
+
+        def dense_block(v_index: jax.Array, inner: dict[str, jax.Array]) -> dict[str, jax.Array]:
+            v_start = jnp.minimum(v_index * block, vocab - block)
+            x = jax.lax.dynamic_slice_in_dim(logits, v_start, block, axis=1)
+            # exp is recomputed rather than kept from the log-sum-exp: no
+            # second `[chunk, V]` buffer.
+            g = jnp.exp((x - row_max) - log_normalizer) * scale
+            if static.smoothing:
+                g = g - offset
+            if static.softcap is not None:
+                g = g * (1 - jnp.square(x / static.softcap))
+            if vocab % block:
+                # The last block ends at the last column; columns an earlier
+                # block covered are zeroed so that they are not added twice.
+                g = jnp.where((v_start + jnp.arange(block) >= v_index * block)[None, :], g, 0)
+            inner = dict(inner)
+            if want_hidden:
+                w_block = jax.lax.dynamic_slice_in_dim(weight, v_start, block).astype(compute)
+                inner["hidden"] = inner["hidden"] + jax.lax.dot_general(
+                    g, w_block, contract_vocab, preferred_element_type=compute
+                )
+            if want_weight:
+                update = jax.lax.dot_general(
+                    g, hidden_up, contract_tokens, preferred_element_type=compute
+                )
+                old = jax.lax.dynamic_slice_in_dim(inner["weight"], v_start, block)
+                inner["weight"] = jax.lax.dynamic_update_slice_in_dim(
+                    inner["weight"], old + update, v_start, axis=0
+                )
+            if want_bias:
+                old = jax.lax.dynamic_slice_in_dim(inner["bias"], v_start, block)
+                inner["bias"] = jax.lax.dynamic_update_slice_in_dim(
+                    inner["bias"], old + jnp.sum(g, axis=0), v_start, axis=0
+                )
+            return inner
+
+        inner = {}
+        if want_hidden:
+            inner["hidden"] = jnp.zeros((static.chunk, dim), compute)
+        if want_weight:
+            inner["weight"] = carry["weight"]
+        if want_bias:
+            inner["bias"] = carry["bias"]
+        if inner:
+            inner = _loop(num_blocks, dense_block, inner)
+
+        # The one-hot term: -label_coefficient at (row, label).
+        if want_hidden:
+            label_rows = jnp.take(weight, target_c, axis=0).astype(compute)
+            d_hidden = inner["hidden"] - label_coefficient[:, None] * label_rows
             old = jax.lax.dynamic_slice_in_dim(carry["hidden"], start, static.chunk)
             carry["hidden"] = jax.lax.dynamic_update_slice_in_dim(
                 carry["hidden"], jnp.where(fresh[:, None], d_hidden, old), start, axis=0
             )
         if want_weight:
-            carry["weight"] = _accumulate_weight_gradient(
-                static, carry["weight"], d_logits_mm, hidden_c
+            carry["weight"] = (
+                inner["weight"].at[target_c].add(-label_coefficient[:, None] * hidden_up)
             )
         if want_bias:
-            carry["bias"] = carry["bias"] + jnp.sum(d_logits, axis=0)
+            carry["bias"] = inner["bias"].at[target_c].add(-label_coefficient)
         return carry
 
     init = {"total": jnp.zeros((), compute)}
@@ -298,7 +343,7 @@ def _weighted_loss_and_grads(
         init["weight"] = jnp.zeros((vocab, dim), compute)
     if want_bias:
         init["bias"] = jnp.zeros((vocab,), compute)
-    return jax.lax.fori_loop(0, static.num_chunks, body, init)
+    return _loop(static.num_chunks, body, init)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -406,9 +451,9 @@ def linear_cross_entropy(
     (no ``tanh`` when ``softcap`` is None), with the same ``ignore_index``,
     ``label_smoothing``, ``z_loss`` and reductions, but the ``[N, V]`` logits
     are never materialised: the ``N`` tokens are processed ``chunk_size`` at a
-    time, and the largest temporaries are a few ``[chunk_size, V]`` buffers
-    plus the ``[V, D]`` weight gradient. With ``reduction="mean"`` or
-    ``"sum"`` the gradients are computed during the forward pass (three
+    time, and the largest temporary is one ``[chunk_size, V]`` buffer (two
+    or three with ``reduction="none"``) besides the gradients themselves.
+    With ``reduction="mean"`` or ``"sum"`` the gradients are computed during the forward pass (three
     matrix products in total, like the unfused formulation); with ``"none"``
     the backward pass recomputes each chunk's logits (four).
 
@@ -427,7 +472,8 @@ def linear_cross_entropy(
       softcap: Gemma 2's logit soft cap :math:`c > 0`, or None.
       shift: 0, or 1 for next-token prediction.
       chunk_size: tokens per chunk. None picks the largest power of two whose
-        float32 ``[chunk_size, V]`` logits fit in 16 MiB, clipped to
+        float32 ``[chunk_size, V]`` logits fit in 32 MiB (16 MiB for
+        ``reduction="none"``), clipped to
         ``[16, 1024]`` and to the number of tokens.
       reduction: ``"mean"`` (over counted tokens; 0 with zero gradients when
         none is counted), ``"sum"``, or ``"none"`` (``[...]``, or
@@ -451,6 +497,158 @@ def linear_cross_entropy(
     a reduced loss) NaN, with finite gradients; ``jaxce.checked`` raises.
     Logits of any finite size give finite losses.
     """
+    prepared = _prepare(
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        shift,
+        chunk_size,
+        reduction,
+    )
+    compute, labels_shape = prepared.compute, prepared.labels_shape
+    if prepared.static is None:
+        if reduction != "none":
+            return jnp.zeros((), compute)
+        empty = jnp.zeros(labels_shape, compute)
+        return empty[..., :-1] if shift else empty
+
+    if reduction == "none":
+        loss = _per_token_loss(
+            prepared.static,
+            prepared.hidden,
+            prepared.weight,
+            prepared.bias,
+            prepared.target,
+            prepared.smoothing,
+            prepared.z_coefficient,
+            compute,
+        )
+        loss = jnp.where(prepared.invalid, jnp.nan, jnp.where(prepared.counted, loss, 0))
+        loss = loss.reshape(labels_shape)
+        return loss[..., :-1] if shift else loss
+
+    total = _weighted_loss(
+        prepared.static,
+        prepared.hidden,
+        prepared.weight,
+        prepared.bias,
+        prepared.target,
+        prepared.row_weight,
+        prepared.smoothing,
+        prepared.z_coefficient,
+    )
+    # A NaN constant, not a select: the gradients of the valid tokens stay as
+    # in the materialised formulation.
+    return total + jnp.where(jnp.any(prepared.invalid), jnp.nan, 0).astype(compute)
+
+
+def gradients(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    softcap: float | None = None,
+    shift: int = 0,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Gradients of :func:`linear_cross_entropy` w.r.t. ``hidden``, ``weight``, ``bias``.
+
+    Computed by the code of the loss's own derivative rule (chunk by chunk,
+    three matrix products, no ``[N, V]`` logits, no autodiff). For
+    ``reduction="none"`` they are the gradients of the summed per-token loss.
+    Arguments as in :func:`linear_cross_entropy`; ``chunk_size`` changes only
+    rounding.
+
+    Returns:
+      ``(d_hidden, d_weight, d_bias)`` in the shapes and dtypes of ``hidden``,
+      ``weight`` and ``bias`` (accumulated in float32, or float64);
+      ``d_bias`` is None without a bias. Tokens that are ignored, that
+      ``shift=1`` leaves out, or whose label is out of range get zero
+      ``hidden`` gradients and contribute nothing.
+    """
+    prepared = _prepare(
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        shift,
+        chunk_size,
+        "sum" if reduction == "none" else reduction,
+    )
+    hidden_dtype = jnp.asarray(hidden).dtype
+    weight_dtype = jnp.asarray(weight).dtype
+    hidden_shape = jnp.shape(hidden)
+    vocab, dim = prepared.weight.shape
+    with_bias = prepared.bias is not None
+    if prepared.static is None:
+        d_hidden = jnp.zeros(hidden_shape, hidden_dtype)
+        d_weight = jnp.zeros((vocab, dim), weight_dtype)
+        d_bias = jnp.zeros((vocab,), jnp.asarray(bias).dtype) if with_bias else None
+        return d_hidden, d_weight, d_bias
+    out = _weighted_loss_and_grads(
+        prepared.static,
+        prepared.hidden,
+        prepared.weight,
+        prepared.bias,
+        prepared.target,
+        prepared.row_weight,
+        prepared.smoothing,
+        prepared.z_coefficient,
+        want_hidden=True,
+        want_weight=True,
+        want_bias=with_bias,
+    )
+    d_hidden = out["hidden"].reshape(hidden_shape).astype(hidden_dtype)
+    d_weight = out["weight"].astype(weight_dtype)
+    d_bias = out["bias"].astype(jnp.asarray(bias).dtype) if with_bias else None
+    return d_hidden, d_weight, d_bias
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """Checked, flattened inputs shared by the loss and :func:`gradients`."""
+
+    static: _Static | None  # None when there are no tokens
+    hidden: jax.Array  # [N, D] in the matmul dtype
+    weight: jax.Array  # [V, D] in the matmul dtype
+    bias: jax.Array | None
+    target: jax.Array  # [N] int32 labels clipped to [0, V)
+    counted: jax.Array  # [N] bool: contributes to the loss
+    invalid: jax.Array  # [N] bool: label out of range (NaN loss)
+    row_weight: jax.Array  # [N] weight of each token's loss for `reduction`
+    smoothing: jax.Array
+    z_coefficient: jax.Array
+    compute: Any
+    labels_shape: tuple[int, ...]
+
+
+def _prepare(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    bias: ArrayLike | None,
+    ignore_index: int | None,
+    label_smoothing: ArrayLike,
+    z_loss: ArrayLike,
+    softcap: float | None,
+    shift: int,
+    chunk_size: int | None,
+    reduction: str,
+) -> _Prepared:
     hidden = _checks.as_float_array(hidden, "hidden")
     weight = _checks.as_float_array(weight, "weight")
     labels = _checks.as_integer_labels(labels)
@@ -464,6 +662,7 @@ def linear_cross_entropy(
     matmul_dtype = jnp.result_type(hidden.dtype, weight.dtype)
     hidden, weight = hidden.astype(matmul_dtype), weight.astype(matmul_dtype)
     vocab, dim = weight.shape
+    labels_shape = labels.shape
 
     active = jnp.ones(labels.shape, bool)
     if shift:
@@ -486,44 +685,41 @@ def linear_cross_entropy(
     target = jnp.clip(labels, 0, vocab - 1).astype(jnp.int32).reshape(-1)
     flat_hidden = hidden.reshape(-1, dim)
     num_tokens = flat_hidden.shape[0]
-    smoothing = jnp.asarray(label_smoothing, compute)
-    z_coefficient = jnp.asarray(z_loss, compute)
-
-    if num_tokens == 0:
-        if reduction != "none":
-            return jnp.zeros((), compute)
-        empty = jnp.zeros(labels.shape, compute)
-        return empty[..., :-1] if shift else empty
-    chunk = default_chunk_size(num_tokens, vocab) if chunk_size is None else chunk_size
-    static = _Static(
-        num_tokens=num_tokens,
-        chunk=min(chunk, num_tokens),
-        vocab_block=min(
-            vocab, max(_MIN_WEIGHT_BLOCK_ROWS, _WEIGHT_BLOCK_BYTES // (4 * max(dim, 1)))
-        ),
-        softcap=None if softcap is None else float(softcap),
-        smoothing=not _checks.is_concrete_zero(label_smoothing),
-        z_loss=not _checks.is_concrete_zero(z_loss),
-    )
-
-    if reduction == "none":
-        loss = _per_token_loss(
-            static, flat_hidden, weight, bias, target, smoothing, z_coefficient, compute
-        )
-        loss = jnp.where(invalid, jnp.nan, jnp.where(counted, loss, 0)).reshape(labels.shape)
-        return loss[..., :-1] if shift else loss
-
     row_weight = counted.astype(compute)
     if reduction == "mean":
         # PyTorch's mean over counted tokens; over none it is 0 (zero weights).
-        count = jnp.sum(row_weight)
-        row_weight = _reduce.safe_divide(row_weight, count)
-    total = _weighted_loss(
-        static, flat_hidden, weight, bias, target, row_weight, smoothing, z_coefficient
+        row_weight = _reduce.safe_divide(row_weight, jnp.sum(row_weight))
+
+    static = None
+    if num_tokens:
+        if chunk_size is None:
+            chunk = default_chunk_size(num_tokens, vocab, per_token=reduction == "none")
+        else:
+            chunk = chunk_size
+        static = _Static(
+            num_tokens=num_tokens,
+            chunk=min(chunk, num_tokens),
+            vocab_block=min(
+                vocab, max(_MIN_WEIGHT_BLOCK_ROWS, _WEIGHT_BLOCK_BYTES // (4 * max(dim, 1)))
+            ),
+            softcap=None if softcap is None else float(softcap),
+            smoothing=not _checks.is_concrete_zero(label_smoothing),
+            z_loss=not _checks.is_concrete_zero(z_loss),
+        )
+    return _Prepared(
+        static=static,
+        hidden=flat_hidden,
+        weight=weight,
+        bias=bias,
+        target=target,
+        counted=counted,
+        invalid=invalid,
+        row_weight=row_weight,
+        smoothing=jnp.asarray(label_smoothing, compute),
+        z_coefficient=jnp.asarray(z_loss, compute),
+        compute=compute,
+        labels_shape=labels_shape,
     )
-    # A NaN constant, not a select: the gradients of the valid tokens stay as
-    # in the materialised formulation.
-    return total + jnp.where(jnp.any(invalid), jnp.nan, 0).astype(compute)
 
 
 def _check_arguments(

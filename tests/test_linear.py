@@ -261,12 +261,21 @@ def test_frozen_weight_skips_its_gradient():
 
 
 @pytest.mark.parametrize(
-    ("num_tokens", "vocab", "expected"),
-    [(2048, 32768, 128), (2048, 65536, 64), (16384, 262144, 16), (100, 1000, 100), (8, 10**7, 8)],
-    ids=["V32k", "V64k", "V256k", "few-tokens", "huge-vocab"],
+    ("num_tokens", "vocab", "per_token", "expected"),
+    [
+        (2048, 32768, False, 256),
+        (2048, 65536, False, 128),
+        (2048, 65536, True, 64),
+        (16384, 262144, False, 32),
+        (16384, 262144, True, 16),
+        (100, 1000, False, 100),
+        (8, 10**7, False, 8),
+        (4096, 10**7, False, 16),
+    ],
+    ids=["V32k", "V64k", "V64k-none", "V256k", "V256k-none", "few-tokens", "huge-vocab", "min"],
 )
-def test_default_chunk_size_rule(num_tokens, vocab, expected):
-    assert _linear.default_chunk_size(num_tokens, vocab) == expected
+def test_default_chunk_size_rule(num_tokens, vocab, per_token, expected):
+    assert _linear.default_chunk_size(num_tokens, vocab, per_token=per_token) == expected
 
 
 def test_bad_arguments_raise_before_running():
@@ -297,7 +306,7 @@ def test_temporaries_bounded_by_chunk_not_tokens_times_vocab(dtype, reduction, m
     monkeypatch.setattr(_linear, "_WEIGHT_BLOCK_BYTES", 2 * 2**20)
     monkeypatch.setattr(_linear, "_MIN_WEIGHT_BLOCK_ROWS", 256)
     num_tokens, dim, vocab = 16384, 4096, 262144
-    chunk = _linear.default_chunk_size(num_tokens, vocab)
+    chunk = _linear.default_chunk_size(num_tokens, vocab, per_token=reduction == "none")
     block = 256
     args = (
         jax.ShapeDtypeStruct((num_tokens, dim), dtype),
@@ -310,15 +319,73 @@ def test_temporaries_bounded_by_chunk_not_tokens_times_vocab(dtype, reduction, m
 
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
-    # Per chunk: two [chunk, V] float32 buffers, the weight-gradient block and
+    # Per chunk: the [chunk, V] float32 logits (two [chunk, V] buffers for
+    # "none"), the [chunk, block] gradient block, the weight-gradient block and
     # its update, small [chunk, D] pieces.
-    bound = 2 * chunk * vocab * 4 + 2 * block * dim * 4 + 8 * chunk * dim * 4 + 2**20
+    logit_buffers = 2 if reduction == "none" else 1
+    bound = (
+        logit_buffers * chunk * vocab * 4
+        + 2 * chunk * block * 4
+        + 2 * block * dim * 4
+        + 8 * chunk * dim * 4
+        + 2**20
+    )
     if dtype == "bfloat16":
-        # The float32 accumulators of the gradients (outputs are bfloat16).
-        bound += vocab * dim * 4 + num_tokens * dim * 4
+        # The float32 accumulators of the gradients (outputs are bfloat16),
+        # and the float32 copies of `weight` and `hidden` that XLA:CPU makes
+        # for the gradient's products.
+        bound += 2 * (vocab * dim * 4 + num_tokens * dim * 4)
     if reduction == "none":
         # Reverse mode through the rematerialised loop keeps its own cotangent
         # accumulator for `weight`.
         bound += vocab * dim * 4
     assert temp <= bound, (temp, bound)
-    assert temp < num_tokens * vocab * 4 / 3
+    # Nothing of size tokens x vocabulary (bfloat16: the float32 [V, D] pieces
+    # alone are 8 GiB here).
+    assert temp < num_tokens * vocab * 4 / (3 if dtype == "float32" else 1.5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="plain"),
+        pytest.param({"label_smoothing": 0.2}, id="smoothing"),
+        pytest.param({"z_loss": 1e-2}, id="z_loss"),
+        pytest.param({"softcap": 3.0}, id="softcap"),
+        pytest.param({**ALL_OPTIONS, "shift": 1}, id="all-shift"),
+    ],
+)
+def test_gradients_equal_autodiff_and_float64_reference(options, reduction):
+    """`_linear.gradients` (what `jaxce.derivatives` delegates to) = jax.grad = reference."""
+    with jax.enable_x64(True):
+        hidden, weight, bias, labels = make_inputs(10, (2, 19), 7, 300)
+        kwargs = {"ignore_index": -100, "reduction": reduction, **options}
+
+        def fused(h, w, b):
+            return jnp.sum(jaxce.linear_cross_entropy(h, w, labels, bias=b, chunk_size=8, **kwargs))
+
+        def reference(h, w, b):
+            return jnp.sum(materialised(h, w, labels, bias=b, **kwargs))
+
+        got = _linear.gradients(hidden, weight, labels, bias=bias, chunk_size=8, **kwargs)
+        autodiff = jax.grad(fused, argnums=(0, 1, 2))(hidden, weight, bias)
+        expected = jax.grad(reference, argnums=(0, 1, 2))(hidden, weight, bias)
+        for mine, auto, exact in zip(got, autodiff, expected, strict=True):
+            assert mine.shape == exact.shape and mine.dtype == exact.dtype
+            np.testing.assert_allclose(mine, auto, rtol=1e-10, atol=1e-13)
+            np.testing.assert_allclose(mine, exact, rtol=1e-10, atol=1e-13)
+
+
+def test_gradients_float32_without_bias_and_jit():
+    hidden, weight, _, labels = make_inputs(11, (33,), 8, 40)
+    hidden, weight = jnp.asarray(hidden, jnp.float32), jnp.asarray(weight, jnp.float32)
+    d_hidden, d_weight, d_bias = jax.jit(
+        lambda h, w: _linear.gradients(h, w, labels, ignore_index=-100, chunk_size=16)
+    )(hidden, weight)
+    assert d_bias is None and d_hidden.dtype == d_weight.dtype == jnp.float32
+    expected = jax.grad(
+        lambda h, w: materialised(h, w, labels, ignore_index=-100, reduction="mean"), (0, 1)
+    )(hidden, weight)
+    np.testing.assert_allclose(d_hidden, expected[0], rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(d_weight, expected[1], rtol=2e-5, atol=1e-7)
