@@ -1,19 +1,30 @@
 """Closed-form softmax gradients, shared by the losses' derivative rule and `jaxce.derivatives`.
 
-The gradient of :math:`\\log \\sum_c e^{x_c}` is :math:`p = \\operatorname{softmax}(x)`;
-the gradient of the label logit :math:`x_y` is the one-hot of :math:`y`. Both are
-written once here. `softmax_terms` carries them as a `custom_jvp` rule, so
-`jvp`, `grad` and `hessian` all work (the rule is itself differentiable), and
-so that XLA computes :math:`e^{x - m}` once: the same buffer feeds the
-log-sum-exp's row sum and, scaled in place, the gradient (on CPU this keeps the
-value-and-gradient at optax's pass count, without the scatter of a gather's
-transpose).
+With :math:`p = \\operatorname{softmax}(x)` and :math:`-\\log p_c = L - (x_c - m)`
+(:math:`m` the row maximum, :math:`L = \\log \\sum_j e^{x_j - m}`):
+
+- :math:`\\partial L / \\partial x = p` (`softmax_parts`' ``p``);
+- :math:`\\partial(-\\log p_y) / \\partial x = p - \\text{onehot}(y)` (`label_gradient`);
+- :math:`\\partial \\big(\\sum_c a_c (-\\log p_c)\\big) / \\partial x = p \\sum_c a_c - a`
+  (`weighted_gradient`: label smoothing with :math:`a = w`, soft labels with
+  :math:`a = w \\tilde y`), and with respect to :math:`a` it is :math:`-\\log p`;
+- :math:`\\partial\\, z (m + L)^2 / \\partial x = 2 z (m + L)\\, p` (`z_loss_gradient`).
+
+Each formula is written once here. `softmax_terms` carries them as a
+`custom_jvp` rule (so `jvp`, `grad` and `hessian` all work: the rule is built
+from differentiable ops), which lets XLA compute :math:`e^{x - m}` once: the
+same buffer feeds the log-sum-exp's row sum and, scaled in place, the
+gradient. `jaxce.derivatives` calls the same functions.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 
 def softmax_parts(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -23,7 +34,7 @@ def softmax_parts(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Ar
     entry (so ``x - row_max`` never makes ``inf - inf``); ``log_normalizer`` is
     ``log sum_c exp(x_c - row_max)`` (``-inf`` for a row of ``-inf``); ``p`` the
     softmax, exactly 0 at ``-inf`` entries and on empty rows (never NaN);
-    ``total`` the row sum of ``exp(x - row_max)``.
+    ``total`` the row sum of ``exp(x - row_max)``. Excluded classes are ``-inf``.
     """
     row_max = jnp.max(x, axis=-1, keepdims=True)
     row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0))
@@ -50,32 +61,140 @@ def one_hot_select(labels: jax.Array, values: jax.Array) -> jax.Array:
     return jnp.where(classes == labels[..., None], values, 0)
 
 
-@jax.custom_jvp
-def softmax_terms(x: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(row_max, log_normalizer, label_logit - row_max)`` per row of ``x``.
+def label_gradient(p: jax.Array, labels: jax.Array) -> jax.Array:
+    """``d(-log p_y)/dx = p - onehot(y)`` (the one-hot is 0 for a label out of range)."""
+    classes = jax.lax.broadcasted_iota(labels.dtype, p.shape, p.ndim - 1)
+    return p - (classes == labels[..., None]).astype(p.dtype)
 
-    ``-log p_y = log_normalizer - (x_y - row_max)``: both terms live in the
-    shifted frame, so large logits lose nothing to ``lse(x) - x_y``
-    cancellation. Derivatives: ``row_max`` is a constant shift (tangent 0),
-    ``log_normalizer`` has gradient ``p`` and the label term the one-hot of
-    the label (0 for a label out of range).
+
+def weighted_gradient(p: jax.Array, weights: jax.Array) -> jax.Array:
+    """``d(sum_c a_c (-log p_c))/dx = p sum_c a_c - a`` for ``a = weights`` (``[..., C]``)."""
+    # Summed in the weights' own shape: a [1, ..., C] vector is summed once.
+    return -weights + p * jnp.sum(weights, axis=-1, keepdims=True)
+
+
+def z_loss_term(z: jax.Array, log_partition: jax.Array) -> jax.Array:
+    """``z (log Z)^2``, evaluated as ``(z log Z) log Z``.
+
+    The order matters: a zero coefficient (traced or not) gives exactly 0 even
+    when ``(log Z)^2`` overflows (logits of 1e30 in float32), where
+    ``z * square(log Z)`` gives ``0 * inf = nan``; its gradients stay finite.
     """
-    row_max, log_normalizer, _, _ = softmax_parts(x)
-    return row_max, log_normalizer, label_logit(x, labels) - row_max
+    return (z * log_partition) * log_partition
 
 
-@softmax_terms.defjvp
-def _softmax_terms_jvp(
-    primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
-) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
-    x, labels = primals
-    dx, _ = tangents
+def z_loss_gradient(p: jax.Array, z: jax.Array, log_partition: jax.Array) -> jax.Array:
+    """``d(z (log Z)^2)/dx = 2 z log Z p`` (0 for ``z = 0``, even when ``log Z`` is huge)."""
+    return (2 * z * log_partition)[..., None] * p
+
+
+def _weighted_shifted_sum(
+    weights: jax.Array, x: jax.Array, row_max: jax.Array, zero_times_inf: bool
+) -> jax.Array:
+    """``sum_c a_c (x_c - m)`` over the last axis of ``x``.
+
+    Written so that XLA:CPU sums it in the pass that reads the logits, with no
+    ``[..., C]`` temporary: no select inside the sum (a select makes XLA
+    materialise its operand), and ``-m`` is negated apart so that its
+    broadcast is not shared with ``exp(x - m)``'s (a shared operand is
+    materialised too); the barrier keeps the weights' broadcast apart from the
+    gradient's. The logits come first in each product: XLA:CPU's fused sum
+    of ``w * (x - m)`` runs several times slower than that of ``(x - m) * w``.
+
+    With ``zero_times_inf`` a zero weight on a ``-inf`` logit contributes 0
+    (``0 log 0 = 0``) and positive weight on one gives ``-inf``: the terms are
+    clamped at ``-finfo.max`` (so ``0 * -inf`` never happens) and a second,
+    equally fused sum finds the weight that sits on ``-inf`` logits. Without
+    it the plain product is summed (a zero weight on a ``-inf`` logit gives NaN).
+    """
+    shifted = x + (-row_max)[..., None]
+    weights = jnp.broadcast_to(jax.lax.optimization_barrier(weights), x.shape)
+    if not zero_times_inf:
+        return jnp.sum(shifted * weights, axis=-1)
+    lowest = jnp.finfo(x.dtype).min
+    clamped = jnp.sum(jnp.maximum(shifted, lowest) * weights, axis=-1)
+    on_minus_inf = jnp.sum((x == -jnp.inf).astype(x.dtype) * weights, axis=-1)
+    return jnp.where(on_minus_inf > 0, -jnp.inf, clamped)
+
+
+def _terms(
+    x: jax.Array, labels: jax.Array | None, weights: jax.Array | None, zero_times_inf: bool
+) -> tuple[Any, jax.Array]:
     row_max, log_normalizer, p, _ = softmax_parts(x)
-    label_shifted = label_logit(x, labels) - row_max
-    tangent_normalizer = jnp.sum(p * dx, axis=-1)
-    tangent_label = jnp.sum(one_hot_select(labels, dx), axis=-1)
-    return (row_max, log_normalizer, label_shifted), (
+    nll = None
+    if labels is not None:
+        nll = log_normalizer - (label_logit(x, labels) - row_max)
+    weighted = None
+    if weights is not None:
+        # sum_c a_c (-log p_c) = L sum_c a_c - sum_c a_c (x_c - m): for a >= 0
+        # both terms are >= 0 (L >= 0, x_c - m <= 0), so nothing cancels.
+        total_weight = jnp.broadcast_to(jnp.sum(weights, axis=-1), x.shape[:-1])
+        # A row without weight (all targets 0, or every class excluded: L may
+        # be -inf) contributes 0, never -inf * 0.
+        has_weight = total_weight != 0
+        normalizer_part = jnp.where(has_weight, log_normalizer, 0) * total_weight
+        weighted = normalizer_part - _weighted_shifted_sum(weights, x, row_max, zero_times_inf)
+    return (row_max, log_normalizer, nll, weighted), p
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(3,))
+def softmax_terms(
+    x: jax.Array,
+    labels: jax.Array | None,
+    weights: jax.Array | None,
+    zero_times_inf: bool = True,
+) -> Any:
+    """``(row_max, log_normalizer, nll, weighted_nll)`` per row of ``x`` (``[..., C]``).
+
+    ``nll = -log p_y = L - (x_y - m)`` for integer ``labels`` (``None``
+    without labels); ``weighted_nll = sum_c a_c (-log p_c)`` for ``weights``
+    ``a`` broadcastable to ``x`` (``None`` without). Every term lives in the
+    shifted frame, so large logits lose nothing to ``lse(x) - x_y``
+    cancellation. With ``zero_times_inf`` a zero weight on a ``-inf`` logit
+    contributes 0 (one more fused sum over the logits); without it, NaN.
+
+    Derivatives (the rule below): ``row_max`` is a constant shift (tangent 0);
+    the others use `label_gradient`, `weighted_gradient` and ``p``; the weights
+    may be differentiated too (gradient ``-log p``; 0 where a zero weight meets
+    a ``-inf`` logit).
+    """
+    outputs, _ = _terms(x, labels, weights, zero_times_inf)
+    return outputs
+
+
+def _row_dot(gradient: jax.Array, tangent: jax.Array) -> jax.Array:
+    return jnp.sum(gradient * tangent, axis=-1)
+
+
+def _softmax_terms_jvp(
+    zero_times_inf: bool, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[Any, Any]:
+    x, labels, weights = primals
+    dx, _, dweights = tangents
+    outputs, p = _terms(x, labels, weights, zero_times_inf)
+    row_max, log_normalizer, _, _ = outputs
+    if isinstance(dx, SymbolicZero):
+        # Only the weights vary (e.g. a gradient with respect to soft labels).
+        dx = jnp.zeros_like(x)
+    tangent_normalizer = _row_dot(p, dx)
+    tangent_nll = None if labels is None else _row_dot(label_gradient(p, labels), dx)
+    tangent_weighted = None
+    if weights is not None:
+        tangent_weighted = _row_dot(weighted_gradient(p, weights), dx)
+        if not isinstance(dweights, SymbolicZero):
+            # d/da_c sum_c a_c (-log p_c) = -log p_c; where a_c = 0 and p_c = 0
+            # (a -inf or excluded logit) it is taken as 0, the value's 0 log 0.
+            neg_log_p = log_normalizer[..., None] - (x - row_max[..., None])
+            counts = (weights != 0) | jnp.isfinite(neg_log_p)
+            tangent_weighted = tangent_weighted + jnp.sum(
+                jnp.where(counts, dweights * neg_log_p, 0), axis=-1
+            )
+    return outputs, (
         jnp.zeros_like(row_max),
         tangent_normalizer,
-        tangent_label,
+        tangent_nll,
+        tangent_weighted,
     )
+
+
+softmax_terms.defjvp(_softmax_terms_jvp, symbolic_zeros=True)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _closed_form, _layout, _primitives, _reduce
+from jaxce import _checks, _closed_form, _layout, _reduce
 
 
 def _trailing(class_weight: jax.Array, ndim: int) -> jax.Array:
@@ -36,12 +36,29 @@ def integer_label_loss(
     if mask is not None:
         # An excluded class is a -inf logit: probability 0, zero gradient.
         logits = jnp.where(mask, logits, -jnp.inf)
-    # -log p_y = log sum_j exp(x_j - m) - (x_y - m): both terms are computed in
-    # the shifted frame, so logits of 1e4 lose nothing to `lse(x) - x_y`
-    # cancellation in float32. The derivative rule (softmax minus one-hot)
-    # lives in `_closed_form`, shared with `jaxce.derivatives`.
-    row_max, log_normalizer, label_shifted = _closed_form.softmax_terms(logits, labels)
-    nll = log_normalizer - label_shifted
+    smoothing_on = not _checks.is_concrete_zero(label_smoothing)
+    smooth_weights = None
+    if smoothing_on:
+        # PyTorch: (1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c).
+        # Explicit leading axes keep this valid under jax_numpy_rank_promotion="raise".
+        smooth_weights = (
+            jnp.ones((1,) * (logits.ndim - 1) + (num_classes,), logits.dtype)
+            if class_weight is None
+            else _trailing(class_weight, logits.ndim)
+        )
+        if mask is not None:
+            smooth_weights = jnp.where(mask, smooth_weights, 0)
+    # -log p_y = log sum_j exp(x_j - m) - (x_y - m) and sum_c w_c (-log p_c) are
+    # computed in the shifted frame, so logits of 1e4 lose nothing to
+    # `lse(x) - x_y` cancellation in float32, and in the same pass over the
+    # logits as exp(x - m). The derivative rules (softmax minus one-hot, and
+    # p sum_c w_c - w) live in `_closed_form`, shared with `jaxce.derivatives`.
+    # Without a mask every class weight multiplies a logit as given (PyTorch:
+    # a zero weight on a -inf logit is NaN); with one, excluded classes are
+    # -inf logits of weight 0 that must contribute 0.
+    row_max, log_normalizer, nll, smooth = _closed_form.softmax_terms(
+        logits, labels, smooth_weights, mask is not None
+    )
 
     in_range = (labels >= 0) & (labels < num_classes)
     ignored = (labels == ignore_index) if ignore_index is not None else jnp.zeros_like(in_range)
@@ -62,15 +79,7 @@ def integer_label_loss(
     else:
         label_weight = class_weight[jnp.clip(labels, 0, num_classes - 1)]
     loss = label_weight * nll
-    if not _checks.is_concrete_zero(label_smoothing):
-        # PyTorch: (1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c).
-        # -log p_c = log_normalizer - shifted_c >= 0, summed without cancellation.
-        shifted = logits - row_max[..., None]
-        neg_log_probs = log_normalizer[..., None] - shifted
-        # Explicit leading axes keep this valid under jax_numpy_rank_promotion="raise".
-        weights = 1 if class_weight is None else _trailing(class_weight, logits.ndim)
-        included = jnp.ones(logits.shape, bool) if mask is None else mask
-        smooth = jnp.sum(jnp.where(included, weights * neg_log_probs, 0), axis=-1)
+    if smoothing_on:
         smoothing = jnp.asarray(label_smoothing, loss.dtype)
         loss = (1 - smoothing) * loss + (smoothing / num_classes) * smooth
     if class_weight is not None:
@@ -85,7 +94,10 @@ def integer_label_loss(
     else:
         log_partition = log_normalizer + row_max
         z_coefficient = jnp.asarray(z_loss, log_partition.dtype)
-        z_term = jnp.where(counted, z_coefficient * jnp.square(log_partition), 0)
+        # Uncounted rows (an empty row has log Z = -inf) stay out of the product.
+        log_partition = jnp.where(counted, log_partition, 0)
+        z_term = _closed_form.z_loss_term(z_coefficient, log_partition)
+        z_term = jnp.where(counted, z_term, 0)
 
     if reduction == "none":
         return loss if z_term is None else loss + z_term
@@ -240,16 +252,20 @@ def softmax_cross_entropy(
     if not _checks.is_concrete_zero(label_smoothing):
         smoothing = jnp.asarray(label_smoothing, compute)
         targets = (1 - smoothing) * targets + smoothing / layout.num_classes
-    class_axis = (x.ndim - 1,)
-    shifted, _ = _primitives.shifted_logits(x, class_axis, mask)
-    log_probs = shifted - _primitives.log_sum_exp_shifted(shifted, class_axis)
     weighted_targets = (
         targets
         if class_weight is None
         else targets * _trailing(class_weight.astype(compute), x.ndim)
     )
-    take_part = targets != 0 if mask is None else mask & (targets != 0)
-    loss = -jnp.sum(jnp.where(take_part, weighted_targets * log_probs, 0), axis=-1)
+    weighted_targets = jnp.broadcast_to(weighted_targets, x.shape)
+    if mask is not None:
+        x = jnp.where(mask, x, -jnp.inf)
+        weighted_targets = jnp.where(mask, weighted_targets, 0)
+    # -sum_c a_c log p_c = sum_c a_c (L - (x_c - m)) in the shifted frame, in
+    # the pass that computes exp(x - m); a zero target contributes 0 even on a
+    # -inf logit. The derivative rule (p sum_c a_c - a, and -log p for the
+    # targets) lives in `_closed_form`, shared with `jaxce.derivatives`.
+    _, _, _, loss = _closed_form.softmax_terms(x, None, weighted_targets, True)
     if class_weight is not None:
         _layout.check_class_weight_values(class_weight)
         loss = jnp.where(jnp.any(class_weight < 0), jnp.nan, loss)
