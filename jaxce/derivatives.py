@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _binary, _checks, _layout, _probabilities
+from jaxce import _binary, _checks, _closed_form, _layout, _probabilities
 
 __all__ = [
     "binary_cross_entropy",
@@ -144,21 +144,17 @@ def log1m_sigmoid(x: ArrayLike) -> jax.Array:
 def _softmax_parts(
     x: jax.Array, mask: jax.Array | None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(p, shifted, log_normalizer, row_max)`` over the last axis of compute-dtype ``x``.
+    """``(p, log_normalizer, row_max, x)`` over the last axis of compute-dtype ``x``.
 
-    ``p`` is 0 for excluded classes and for rows without any finite logit, so
-    it never holds ``exp(-inf - (-inf)) = nan``.
+    Excluded classes become ``-inf`` logits and go through
+    `_closed_form.softmax_parts`, the function the losses' derivative rule
+    uses: ``p`` is 0 for excluded classes and for rows without any finite
+    logit, never NaN.
     """
-    row_max = jnp.max(x, axis=-1, keepdims=True, where=mask, initial=-jnp.inf)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
-    shifted = x - row_max
     if mask is not None:
-        shifted = jnp.where(mask, shifted, -jnp.inf)
-    total = jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True)
-    nonempty = total > 0
-    log_normalizer = jnp.where(nonempty, jnp.log(jnp.where(nonempty, total, 1)), -jnp.inf)
-    p = jnp.where(nonempty, jnp.exp(shifted - jnp.where(nonempty, log_normalizer, 0)), 0)
-    return p, shifted, log_normalizer, row_max
+        x = jnp.where(mask, x, -jnp.inf)
+    row_max, log_normalizer, p, _ = _closed_form.softmax_parts(x)
+    return p, log_normalizer, row_max, x
 
 
 def logsumexp(
@@ -557,10 +553,12 @@ def softmax_cross_entropy(
     weighted = targets
     if class_weight is not None:
         weighted = targets * _per_class(class_weight.astype(compute), targets.ndim)
-    take_part = targets != 0 if mask is None else mask & (targets != 0)
-    weighted = jnp.where(take_part, weighted, 0)
+    weighted = jnp.broadcast_to(weighted, x.shape)
+    if mask is not None:
+        weighted = jnp.where(mask, weighted, 0)
     p, _, _, _ = _softmax_parts(x, mask)
-    gradient = p * jnp.sum(weighted, axis=-1, keepdims=True) - weighted
+    # p_j sum_c a_c - a_j: the function the loss's derivative rule uses.
+    gradient = _closed_form.weighted_gradient(p, weighted)
     if class_weight is not None:
         gradient = jnp.where(jnp.any(class_weight < 0), 0, gradient)
     gradient = gradient * _example_scale(mask, layout.batch_shape, reduction, compute)
@@ -580,12 +578,7 @@ def _integer_label_logit_gradient(
 ) -> jax.Array:
     """Gradient of the integer-label loss on `[..., C]` compute-dtype logits (classes last)."""
     num_classes = x.shape[-1]
-    p, _, log_normalizer, row_max = _softmax_parts(x, mask)
-    classes = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    is_label = classes == labels[..., None]
-    if mask is not None:
-        # An excluded class is not a variable of the loss: its gradient is 0.
-        is_label = is_label & mask
+    p, log_normalizer, row_max, _ = _softmax_parts(x, mask)
     in_range = (labels >= 0) & (labels < num_classes)
     ignored = (labels == ignore_index) if ignore_index is not None else jnp.zeros_like(in_range)
     active = ~ignored
@@ -597,16 +590,20 @@ def _integer_label_logit_gradient(
         label_weight = jnp.ones(labels.shape, x.dtype)
     else:
         label_weight = class_weight[jnp.clip(labels, 0, num_classes - 1)]
-    # d(-log p_y)/dx_j = p_j - [j = y].
-    gradient = label_weight[..., None] * (p - is_label)
+    # d(-log p_y)/dx_j = p_j - [j = y]; every formula below is the one the
+    # loss's derivative rule uses (`jaxce._closed_form`).
+    gradient = label_weight[..., None] * _closed_form.label_gradient(p, labels)
     if not _checks.is_concrete_zero(label_smoothing):
         # d/dx_j (eps/C) sum_c w_c (-log p_c) = (eps/C) (p_j sum_c w_c - w_j).
         smoothing = jnp.asarray(label_smoothing, x.dtype)
         weights = jnp.ones((num_classes,), x.dtype) if class_weight is None else class_weight
         weights = _per_class(weights, x.ndim)
         included = weights if mask is None else jnp.where(mask, weights, 0)
-        smooth = p * jnp.sum(included, axis=-1, keepdims=True) - included
+        smooth = _closed_form.weighted_gradient(p, included)
         gradient = (1 - smoothing) * gradient + (smoothing / num_classes) * smooth
+    if mask is not None:
+        # An excluded class is not a variable of the loss: its gradient is 0.
+        gradient = jnp.where(mask, gradient, 0)
     if class_weight is not None:
         gradient = jnp.where(jnp.any(class_weight < 0), 0, gradient)
     gradient = jnp.where(counted[..., None], gradient, 0)
@@ -619,9 +616,10 @@ def _integer_label_logit_gradient(
 
     if not _checks.is_concrete_zero(z_loss):
         # d/dx_j z (log Z)^2 = 2 z log Z p_j; under "mean" averaged over counted examples.
-        log_partition = log_normalizer + row_max
+        log_partition = jnp.where(counted, log_normalizer + row_max, 0)
         z_coefficient = jnp.asarray(z_loss, x.dtype)
-        z_gradient = jnp.where(counted[..., None], 2 * z_coefficient * log_partition * p, 0)
+        z_gradient = _closed_form.z_loss_gradient(p, z_coefficient, log_partition)
+        z_gradient = jnp.where(counted[..., None], z_gradient, 0)
         if reduction == "mean":
             z_gradient = z_gradient * _mean_scale(jnp.sum(counted, dtype=x.dtype), "mean")
         gradient = gradient + z_gradient
