@@ -70,7 +70,13 @@ def label_gradient(p: jax.Array, labels: jax.Array) -> jax.Array:
 def weighted_gradient(p: jax.Array, weights: jax.Array) -> jax.Array:
     """``d(sum_c a_c (-log p_c))/dx = p sum_c a_c - a`` for ``a = weights`` (``[..., C]``)."""
     # Summed in the weights' own shape: a [1, ..., C] vector is summed once.
-    return -weights + p * jnp.sum(weights, axis=-1, keepdims=True)
+    return -weights + p * _row_total(weights, p.shape[-1])[..., None]
+
+
+def _row_total(weights: jax.Array, num_classes: int) -> jax.Array:
+    """``sum_c a_c`` per row; a class axis of length 1 is one weight for every class."""
+    total = jnp.sum(weights, axis=-1)
+    return total * num_classes if weights.shape[-1] == 1 else total
 
 
 def z_loss_term(z: jax.Array, log_partition: jax.Array) -> jax.Array:
@@ -108,6 +114,10 @@ def _weighted_shifted_sum(
     it the plain product is summed (a zero weight on a ``-inf`` logit gives NaN).
     """
     shifted = x + (-row_max)[..., None]
+    if not zero_times_inf and weights.shape[-1] == 1:
+        # One weight for every class (smoothing without class weights): no
+        # [..., C] product at all.
+        return jnp.sum(shifted, axis=-1) * weights[..., 0]
     weights = jnp.broadcast_to(jax.lax.optimization_barrier(weights), x.shape)
     if not zero_times_inf:
         return jnp.sum(shifted * weights, axis=-1)
@@ -128,7 +138,7 @@ def _terms(
     if weights is not None:
         # sum_c a_c (-log p_c) = L sum_c a_c - sum_c a_c (x_c - m): for a >= 0
         # both terms are >= 0 (L >= 0, x_c - m <= 0), so nothing cancels.
-        total_weight = jnp.broadcast_to(jnp.sum(weights, axis=-1), x.shape[:-1])
+        total_weight = jnp.broadcast_to(_row_total(weights, x.shape[-1]), x.shape[:-1])
         # A row without weight (all targets 0, or every class excluded: L may
         # be -inf) contributes 0, never -inf * 0.
         has_weight = total_weight != 0
@@ -148,7 +158,8 @@ def softmax_terms(
 
     ``nll = -log p_y = L - (x_y - m)`` for integer ``labels`` (``None``
     without labels); ``weighted_nll = sum_c a_c (-log p_c)`` for ``weights``
-    ``a`` broadcastable to ``x`` (``None`` without). Every term lives in the
+    ``a`` broadcastable to ``x`` (``None`` without; a class axis of length 1
+    is the same weight for every class). Every term lives in the
     shifted frame, so large logits lose nothing to ``lse(x) - x_y``
     cancellation. With ``zero_times_inf`` a zero weight on a ``-inf`` logit
     contributes 0 (one more fused sum over the logits); without it, NaN.

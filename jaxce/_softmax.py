@@ -41,8 +41,9 @@ def integer_label_loss(
     if smoothing_on:
         # PyTorch: (1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c).
         # Explicit leading axes keep this valid under jax_numpy_rank_promotion="raise".
+        # Without class weights, one weight of 1 stands for every class.
         smooth_weights = (
-            jnp.ones((1,) * (logits.ndim - 1) + (num_classes,), logits.dtype)
+            jnp.ones((1,) * logits.ndim, logits.dtype)
             if class_weight is None
             else _trailing(class_weight, logits.ndim)
         )
