@@ -589,15 +589,16 @@ def gradients(
         chunk_size,
         "sum" if reduction == "none" else reduction,
     )
-    hidden_dtype = jnp.asarray(hidden).dtype
-    weight_dtype = jnp.asarray(weight).dtype
+    # The gradients come back in the (floating) dtypes of the inputs.
+    hidden_dtype = _checks.as_float_array(hidden, "hidden").dtype
+    weight_dtype = _checks.as_float_array(weight, "weight").dtype
     hidden_shape = jnp.shape(hidden)
     vocab, dim = prepared.weight.shape
-    with_bias = prepared.bias is not None
+    bias_array = prepared.bias
     if prepared.static is None:
         d_hidden = jnp.zeros(hidden_shape, hidden_dtype)
         d_weight = jnp.zeros((vocab, dim), weight_dtype)
-        d_bias = jnp.zeros((vocab,), jnp.asarray(bias).dtype) if with_bias else None
+        d_bias = None if bias_array is None else jnp.zeros((vocab,), bias_array.dtype)
         return d_hidden, d_weight, d_bias
     out = _weighted_loss_and_grads(
         prepared.static,
@@ -610,11 +611,11 @@ def gradients(
         prepared.z_coefficient,
         want_hidden=True,
         want_weight=True,
-        want_bias=with_bias,
+        want_bias=bias_array is not None,
     )
     d_hidden = out["hidden"].reshape(hidden_shape).astype(hidden_dtype)
     d_weight = out["weight"].astype(weight_dtype)
-    d_bias = out["bias"].astype(jnp.asarray(bias).dtype) if with_bias else None
+    d_bias = None if bias_array is None else out["bias"].astype(bias_array.dtype)
     return d_hidden, d_weight, d_bias
 
 
