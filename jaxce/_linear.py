@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _reduce
+from jaxce import _checks, _closed_form, _reduce
 
 # Default chunk: the `[chunk, V]` float32 logits of one chunk (the only buffer of
 # that size that "mean" / "sum" hold) stay near this many bytes, within [_MIN_CHUNK, _MAX_CHUNK]
@@ -135,7 +135,7 @@ def _row_loss(
         pieces["smooth"] = smooth
         loss = (1 - smoothing) * nll + (smoothing / vocab) * smooth
     if static.z_loss:
-        loss = loss + z_coefficient * jnp.square(log_partition)
+        loss = loss + _closed_form.z_loss_term(z_coefficient, log_partition)
     return loss, pieces
 
 
@@ -493,7 +493,10 @@ def linear_cross_entropy(
     Reverse mode, ``jit``, ``vmap``, ``jax.checkpoint`` and forward mode
     (``jvp``, ``hessian``) work; forward mode on ``"mean"`` / ``"sum"``
     computes all first-order gradients, so it costs three matrix products too.
-    A label outside ``[0, V)`` that is not ``ignore_index`` makes its loss (and
+    Second order works forward-over-reverse (``jax.hessian``, ``jax.jacfwd`` of
+    ``jax.grad``), not reverse-over-reverse: the chunk loop is a
+    ``lax.while_loop``, which JAX cannot transpose (a ``scan`` would keep a
+    hoisted copy of ``weight``). A label outside ``[0, V)`` that is not ``ignore_index`` makes its loss (and
     a reduced loss) NaN, with finite gradients; ``jaxce.checked`` raises.
     Logits of any finite size give finite losses.
     """

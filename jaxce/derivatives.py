@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _binary, _checks, _closed_form, _layout, _probabilities
+from jaxce import _binary, _checks, _closed_form, _layout, _linear, _probabilities
 
 __all__ = [
     "binary_cross_entropy",
@@ -752,54 +752,22 @@ def linear_cross_entropy(
       >>> print([f"{float(v):.4f}" for v in dw[:, 0]])
       ['-0.1667', '0.3333', '-0.1667']
 
-    The logits are materialised here ``[..., V]``: this is the closed form
-    for verification, not a memory-efficient backward pass. The shipped loss
-    computes the same gradients chunk by chunk in its own derivative rule;
-    ``python -m jaxce verify`` compares the two.
+    These are computed by the code of the loss's own derivative rule
+    (``jaxce._linear.gradients``: chunk by chunk, three matrix products, never
+    the ``[N, V]`` logits, no autodiff), so the rule and this function are one
+    implementation; ``python -m jaxce verify`` checks it against ``jax.grad``
+    of an independent materialised formulation and finite differences.
     """
-    del chunk_size
-    hidden = _checks.as_float_array(hidden, "hidden")
-    weight = _checks.as_float_array(weight, "weight")
-    labels = _checks.as_integer_labels(labels)
-    bias_array = None if bias is None else _checks.as_float_array(bias, "bias")
-    _checks.check_reduction(reduction)
-    _checks.check_unit_interval(label_smoothing, "label_smoothing")
-    _checks.check_scalar(z_loss, "z_loss")
-    if shift not in (0, 1):
-        raise ValueError(f"`shift` must be 0 or 1, got {shift!r}.")
-    compute = _checks.compute_dtype(hidden)
-    h = hidden.astype(compute)
-    if shift:
-        h, labels = h[..., :-1, :], labels[..., 1:]
-    w = weight.astype(compute)
-    logits = jnp.einsum("...d,vd->...v", h, w)
-    if bias_array is not None:
-        logits = logits + _per_class(bias_array.astype(compute).reshape(-1), logits.ndim)
-    cap_slope = None
-    if softcap is not None:
-        capped = jnp.tanh(logits / softcap)
-        cap_slope = 1 - jnp.square(capped)
-        logits = softcap * capped
-    labels = jnp.broadcast_to(labels, logits.shape[:-1])
-    gradient = _integer_label_logit_gradient(
-        logits,
+    return _linear.gradients(
+        hidden,
+        weight,
         labels,
-        mask=None,
-        class_weight=None,
+        bias=bias,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
+        softcap=softcap,
+        shift=shift,
+        chunk_size=chunk_size,
         reduction=reduction,
     )
-    if cap_slope is not None:
-        gradient = gradient * cap_slope
-    d_hidden = jnp.einsum("...v,vd->...d", gradient, w)
-    if shift:
-        padding = [(0, 0)] * (d_hidden.ndim - 2) + [(0, 1), (0, 0)]
-        d_hidden = jnp.pad(d_hidden, padding)
-    d_weight = jnp.einsum("...v,...d->vd", gradient, h)
-    d_bias = None
-    if bias_array is not None:
-        d_bias = jnp.sum(gradient.reshape(-1, gradient.shape[-1]), axis=0)
-        d_bias = d_bias.reshape(bias_array.shape).astype(bias_array.dtype)
-    return d_hidden.astype(hidden.dtype), d_weight.astype(weight.dtype), d_bias

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _layout, _reduce
+from jaxce import _checks, _closed_form, _layout, _reduce
 
 AxisName = Hashable | Sequence[Hashable]
 
@@ -194,7 +194,7 @@ def _vocab_parallel_loss(
     if not _checks.is_concrete_zero(z_loss):
         log_partition = log_normalizer + row_max
         z_coefficient = jnp.asarray(z_loss, log_partition.dtype)
-        z_term = jnp.where(counted, z_coefficient * jnp.square(log_partition), 0)
+        z_term = _closed_form.z_loss_term(z_coefficient, jnp.where(counted, log_partition, 0))
     return _reduce_rows(loss, z_term, counted, label_weight, reduction, batch_axis_name)
 
 
