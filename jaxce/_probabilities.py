@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,40 @@ def binary_cross_entropy(
     return _binary.masked_reduce(loss, mask, reduction)
 
 
+class CategoricalInputs(NamedTuple):
+    """Checked inputs of `categorical_cross_entropy`, classes last, in the compute dtype."""
+
+    layout: _layout.ClassLayout
+    p: jax.Array
+    targets: jax.Array  # labels times class weights
+    mask: jax.Array | None
+    class_weight: jax.Array | None
+
+
+def categorical_inputs(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    axis: int | Sequence[int],
+    weight: ArrayLike | None,
+    where: ArrayLike | None,
+    reduction: str,
+) -> CategoricalInputs:
+    """Checks and lays out the inputs; shared by the loss and its closed-form derivative."""
+    probs = _checks.as_float_array(probs, "probs")
+    labels = _checks.as_float_array(labels, "labels")
+    _checks.check_reduction(reduction)
+    layout = _layout.ClassLayout.of(probs.shape, axis)
+    mask = layout.mask(where)
+    class_weight = layout.class_weight(weight)
+    compute = _checks.compute_dtype(probs)
+    p = layout.classes_last(probs).astype(compute)
+    targets = _layout.dense_labels(labels, layout).astype(compute)
+    if class_weight is not None:
+        _layout.check_class_weight_values(class_weight)
+        targets = targets * class_weight.astype(compute).reshape((1,) * (p.ndim - 1) + (-1,))
+    return CategoricalInputs(layout, p, targets, mask, class_weight)
+
+
 def categorical_cross_entropy(
     probs: ArrayLike,
     labels: ArrayLike,
@@ -112,18 +147,8 @@ def categorical_cross_entropy(
     A class with label 0 contributes 0 even at ``p = 0``; a probability outside
     ``[0, 1]`` makes that example's loss NaN.
     """
-    probs = _checks.as_float_array(probs, "probs")
-    labels = _checks.as_float_array(labels, "labels")
-    _checks.check_reduction(reduction)
-    layout = _layout.ClassLayout.of(probs.shape, axis)
-    mask = layout.mask(where)
-    class_weight = layout.class_weight(weight)
-    compute = _checks.compute_dtype(probs)
-    p = layout.classes_last(probs).astype(compute)
-    targets = _layout.dense_labels(labels, layout).astype(compute)
-    if class_weight is not None:
-        _layout.check_class_weight_values(class_weight)
-        targets = targets * class_weight.astype(compute).reshape((1,) * (p.ndim - 1) + (-1,))
+    inputs = categorical_inputs(probs, labels, axis, weight, where, reduction)
+    p, targets, mask, class_weight = inputs.p, inputs.targets, inputs.mask, inputs.class_weight
     take_part = targets != 0 if mask is None else mask & (targets != 0)
     loss = -jnp.sum(jnp.where(take_part, targets * clamped_log(p), 0), axis=-1)
     loss = jnp.where(jnp.all(_valid_probabilities(p), axis=-1), loss, jnp.nan)

@@ -464,17 +464,9 @@ def categorical_cross_entropy(
     A row with a probability outside ``[0, 1]`` (NaN loss) or any negative
     class weight gives a zero gradient.
     """
-    probs = _checks.as_float_array(probs, "probs")
-    labels = _checks.as_float_array(labels, "labels")
-    _checks.check_reduction(reduction)
-    layout = _layout.ClassLayout.of(probs.shape, axis)
-    mask = layout.mask(where)
-    class_weight = layout.class_weight(weight)
-    compute = _checks.compute_dtype(probs)
-    p = layout.classes_last(probs).astype(compute)
-    targets = _layout.dense_labels(labels, layout).astype(compute)
-    if class_weight is not None:
-        targets = targets * _per_class(class_weight.astype(compute), targets.ndim)
+    inputs = _probabilities.categorical_inputs(probs, labels, axis, weight, where, reduction)
+    layout, p, targets, mask = inputs.layout, inputs.p, inputs.targets, inputs.mask
+    class_weight, compute = inputs.class_weight, inputs.p.dtype
     take_part = targets != 0 if mask is None else mask & (targets != 0)
     threshold = jnp.exp(jnp.asarray(_probabilities.LOG_CLAMP, compute))
     above = p > threshold
@@ -484,7 +476,7 @@ def categorical_cross_entropy(
     if class_weight is not None:
         gradient = jnp.where(jnp.any(class_weight < 0), 0, gradient)
     gradient = gradient * _example_scale(mask, layout.batch_shape, reduction, compute)
-    return _unlayout(gradient, layout).astype(probs.dtype)
+    return _unlayout(gradient, layout).astype(jnp.result_type(probs))
 
 
 def _example_scale(mask: jax.Array | None, batch_shape: tuple[int, ...], reduction: str, dtype):
