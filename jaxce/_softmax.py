@@ -16,6 +16,34 @@ def _trailing(class_weight: jax.Array, ndim: int) -> jax.Array:
     return class_weight.reshape((1,) * (ndim - 1) + class_weight.shape)
 
 
+def label_status(
+    labels: jax.Array,
+    num_classes: int,
+    ignore_index: int | None,
+    row_has_class: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(counted, invalid)`` per example for integer labels.
+
+    An example counts when its label is in ``[0, num_classes)``, is not
+    ``ignore_index`` and its row has an included class (``row_has_class``, None
+    for all). An invalid label (out of range, not ignored, row included) makes
+    that example's loss NaN; under ``jaxce.checked`` it raises instead.
+    """
+    in_range = (labels >= 0) & (labels < num_classes)
+    ignored = (labels == ignore_index) if ignore_index is not None else jnp.zeros_like(in_range)
+    _checks.check_values(
+        in_range | ignored,
+        labels,
+        "labels",
+        f"class indices in [0, {num_classes})"
+        + (f" or ignore_index={ignore_index}" if ignore_index is not None else ""),
+    )
+    active = ~ignored
+    if row_has_class is not None:
+        active = active & row_has_class
+    return active & in_range, active & ~in_range
+
+
 def integer_label_loss(
     logits: jax.Array,
     labels: jax.Array,
@@ -61,19 +89,9 @@ def integer_label_loss(
         logits, labels, smooth_weights, mask is not None
     )
 
-    in_range = (labels >= 0) & (labels < num_classes)
-    ignored = (labels == ignore_index) if ignore_index is not None else jnp.zeros_like(in_range)
-    _checks.check_values(
-        in_range | ignored,
-        labels,
-        "labels",
-        f"class indices in [0, {num_classes})"
-        + (f" or ignore_index={ignore_index}" if ignore_index is not None else ""),
+    counted, invalid = label_status(
+        labels, num_classes, ignore_index, None if mask is None else jnp.any(mask, axis=-1)
     )
-    active = ~ignored
-    if mask is not None:
-        active = active & jnp.any(mask, axis=-1)
-    counted = active & in_range
 
     if class_weight is None:
         label_weight = jnp.ones_like(nll)
@@ -86,7 +104,6 @@ def integer_label_loss(
     if class_weight is not None:
         _layout.check_class_weight_values(class_weight)
         loss = jnp.where(jnp.any(class_weight < 0), jnp.nan, loss)
-    invalid = active & ~in_range
     loss = jnp.where(counted, loss, 0)
     loss = jnp.where(invalid, jnp.nan, loss)
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _closed_form, _layout, _reduce
+from jaxce import _checks, _closed_form, _layout, _reduce, _softmax
 
 AxisName = Hashable | Sequence[Hashable]
 
@@ -160,19 +160,9 @@ def _vocab_parallel_loss(
     # -log p_y = L - (x_y - m), both in the shifted frame (no lse(x) - x_y cancellation).
     nll = log_normalizer - total["label_shifted"]
 
-    in_range = (labels >= 0) & (labels < num_classes)
-    ignored = (labels == ignore_index) if ignore_index is not None else jnp.zeros_like(in_range)
-    _checks.check_values(
-        in_range | ignored,
-        labels,
-        "labels",
-        f"class indices in [0, {num_classes})"
-        + (f" or ignore_index={ignore_index}" if ignore_index is not None else ""),
+    counted, invalid = _softmax.label_status(
+        labels, num_classes, ignore_index, None if mask is None else total["included"] > 0
     )
-    active = ~ignored
-    if mask is not None:
-        active = active & (total["included"] > 0)
-    counted = active & in_range
 
     # The global weight vector is on every device: w_y is a local lookup.
     label_weight = (
@@ -188,7 +178,7 @@ def _vocab_parallel_loss(
         _layout.check_class_weight_values(class_weight)
         loss = jnp.where(jnp.any(class_weight < 0), jnp.nan, loss)
     loss = jnp.where(counted, loss, 0)
-    loss = jnp.where(active & ~in_range, jnp.nan, loss)
+    loss = jnp.where(invalid, jnp.nan, loss)
 
     z_term = None
     if not _checks.is_concrete_zero(z_loss):
