@@ -192,6 +192,34 @@ def test_traced_hyperparameters_and_their_gradients():
     )
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.1}, {"softcap": 30.0}], ids=["plain", "smooth", "cap"]
+)
+def test_logits_of_1e30_with_traced_zero_z_loss(options, reduction):
+    """Finite and equal to the core loss: a traced z_loss = 0 must not make 0 * lse^2 = 0 * inf."""
+    hidden = jnp.array([[1e15, 0.0], [-1e15, 3.0], [0.0, 1.0]], jnp.float32)
+    weight = jnp.array([[1e15, 0.0], [-1e15, 0.0], [0.0, 1.0]], jnp.float32)
+    labels = jnp.array([0, 1, 2])
+
+    def fused(h, w, z):
+        loss = jaxce.linear_cross_entropy(h, w, labels, z_loss=z, reduction=reduction, **options)
+        return jnp.sum(loss)
+
+    def reference(h, w, z):
+        return jnp.sum(materialised(h, w, labels, z_loss=z, reduction=reduction, **options))
+
+    zero = jnp.float32(0.0)
+    value, grads = jax.jit(jax.value_and_grad(fused, (0, 1)))(hidden, weight, zero)
+    expected, expected_grads = jax.jit(jax.value_and_grad(reference, (0, 1)))(hidden, weight, zero)
+    assert np.isfinite(value) and all(np.isfinite(g).all() for g in grads)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    # d hidden = g @ W and d weight = g.T @ h: float32 rounding of g is amplified by
+    # |W| = |h| = 1e15, so they agree to 1e-6 of that scale (both lose the small entries).
+    for grad, want in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6 * 1e15)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_vmap_over_batches(reduction):
     hidden, weight, _, labels = make_inputs(6, (3, 10), 8, 13)
