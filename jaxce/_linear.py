@@ -44,15 +44,18 @@ _MIN_CHUNK = 16
 _MAX_CHUNK = 1024
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int, *, per_token: bool = False) -> int:
+def default_chunk_size(
+    num_tokens: int, vocab_size: int, *, per_token: bool = False, bfloat16: bool = False
+) -> int:
     """The chunk size ``chunk_size=None`` picks.
 
     The largest power of two ``c`` with ``c * vocab_size * 4 <= 32 MiB`` (the
     one ``[c, V]`` float32 logits buffer of ``"mean"`` / ``"sum"``; 16 MiB for
-    ``per_token``, ``"none"``, whose backward pass holds two or three),
+    ``per_token``, ``"none"``, whose backward pass holds two or three, and for
+    ``bfloat16`` inputs, whose gradient holds the logits' bytes twice),
     clipped to ``[16, 1024]`` and to the number of tokens.
     """
-    budget = _CHUNK_LOGIT_BYTES // 2 if per_token else _CHUNK_LOGIT_BYTES
+    budget = _CHUNK_LOGIT_BYTES // 2 if per_token or bfloat16 else _CHUNK_LOGIT_BYTES
     rows = max(1, budget // (4 * max(vocab_size, 1)))
     chunk = 1 << (rows.bit_length() - 1)
     return max(1, min(num_tokens, max(_MIN_CHUNK, min(_MAX_CHUNK, chunk))))
@@ -154,7 +157,7 @@ def _weighted_loss_primal(
 
     def body(index: jax.Array, total: jax.Array) -> jax.Array:
         start, fresh = _chunk_rows(static, index)
-        hidden_c = jax.lax.dynamic_slice_in_dim(hidden, start, static.chunk)
+        hidden_c = _take_rows(hidden, start, static.chunk)
         target_c = jax.lax.dynamic_slice_in_dim(target, start, static.chunk)
         weight_c = jnp.where(
             fresh, jax.lax.dynamic_slice_in_dim(row_weight, start, static.chunk), 0
@@ -181,6 +184,91 @@ def _loop(length: int, body: Any, init: Any) -> Any:
         return index + 1, body(index, carry)
 
     return jax.lax.while_loop(lambda state: state[0] < length, step, (jnp.int32(0), init))[1]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _take_rows(array: jax.Array, start: jax.Array, size: int) -> jax.Array:
+    """``array[start:start + size]``, without a float32 copy of a bfloat16 ``array``.
+
+    XLA:CPU does not slice bfloat16 arrays natively: it converts the whole array
+    to float32 once (outside the loop) and slices that. Slicing the same bits as
+    ``uint16`` costs one ``uint16`` view of the array instead (half that size).
+    The derivative is the slice of the tangent (bits carry none).
+    """
+    if array.dtype != jnp.bfloat16:
+        return jax.lax.dynamic_slice_in_dim(array, start, size)
+    bits = jax.lax.bitcast_convert_type(array, jnp.uint16)
+    rows = jax.lax.dynamic_slice_in_dim(bits, start, size)
+    return jax.lax.bitcast_convert_type(rows, jnp.bfloat16)
+
+
+@_take_rows.defjvp
+def _take_rows_jvp(
+    size: int, primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]
+) -> tuple[jax.Array, jax.Array]:
+    array, start = primals
+    tangent = jax.lax.dynamic_slice_in_dim(tangents[0], start, size)
+    return _take_rows(array, start, size), tangent
+
+
+def _split_hidden_gradient(
+    static: _Static,
+    logits: jax.Array,
+    pieces: dict[str, jax.Array],
+    weight: jax.Array,
+    target_c: jax.Array,
+    scale: jax.Array,
+    label_coefficient: jax.Array,
+    offset: jax.Array,
+) -> jax.Array:
+    """One chunk's hidden gradient ``g @ W`` for bfloat16 ``weight``, in float32.
+
+    ``g``, the float32 gradient of the logits (one-hot term included), is
+    formed over the whole vocabulary and multiplied by all of ``W`` at once
+    (:func:`_split_product`): a block of ``W`` would be sliced, and XLA:CPU
+    slices bfloat16 arrays through a float32 copy of the whole array.
+    """
+    g = jnp.exp((logits - pieces["row_max"]) - pieces["log_normalizer"][:, None])
+    g = g * scale[:, None]
+    if static.smoothing:
+        g = g - offset[:, None]
+    if static.softcap is not None:
+        g = g * (1 - jnp.square(logits / static.softcap))
+    columns = jnp.arange(logits.shape[1])
+    g = g - jnp.where(columns[None, :] == target_c[:, None], label_coefficient[:, None], 0)
+    return _split_product(g, weight)
+
+
+@jax.custom_jvp
+def _split_product(g: jax.Array, weight: jax.Array) -> jax.Array:
+    """``g @ weight`` for float32 ``g`` and bfloat16 ``weight``, accumulated in float32.
+
+    ``g`` is split into two bfloat16 parts, ``hi = bf16(g)`` and ``lo = bf16(g
+    - hi)``, each multiplied by ``weight`` as it is:
+    ``hi + lo`` carries 16 of float32's 24 significant bits (relative error
+    about 2^-17, far below bfloat16's 2^-9), and a float32 copy of ``weight``
+    (twice its size) is never made. Its derivative is that of the float32
+    product.
+    """
+    hi = g.astype(weight.dtype)
+    lo = (g - hi.astype(g.dtype)).astype(weight.dtype)
+    product = functools.partial(
+        jax.lax.dot_general,
+        rhs=weight,
+        dimension_numbers=(((1,), (0,)), ((), ())),
+        preferred_element_type=g.dtype,
+    )
+    return product(hi) + product(lo)
+
+
+@_split_product.defjvp
+def _split_product_jvp(
+    primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    g, weight = primals
+    t_g, t_weight = tangents
+    tangent = t_g @ weight.astype(g.dtype) + g @ t_weight.astype(g.dtype)
+    return _split_product(g, weight), tangent
 
 
 def _is_zero(tangent: Any) -> bool:
@@ -227,7 +315,7 @@ def _weighted_loss_and_grads(
 
     def body(index: jax.Array, carry: dict[str, jax.Array]) -> dict[str, jax.Array]:
         start, fresh = _chunk_rows(static, index)
-        hidden_c = jax.lax.dynamic_slice_in_dim(hidden, start, static.chunk)
+        hidden_c = _take_rows(hidden, start, static.chunk)
         target_c = jax.lax.dynamic_slice_in_dim(target, start, static.chunk)
         weight_c = jnp.where(
             fresh, jax.lax.dynamic_slice_in_dim(row_weight, start, static.chunk), 0
@@ -262,9 +350,23 @@ def _weighted_loss_and_grads(
             label_coefficient = label_coefficient * (
                 1 - jnp.square(pieces["label_logit"] / static.softcap)
             )
-        # The gradient's products run in `compute` precision. (For bfloat16
-        # inputs XLA:CPU converts all of `weight` and `hidden` to float32 once,
-        # outside the loop, whatever the spelling: two more temporaries.)
+        # bfloat16: the hidden gradient over the whole vocabulary at once (the
+        # blocks below would slice `weight`); the blocks do the rest.
+        split = want_hidden and hidden.dtype == jnp.bfloat16
+        if split:
+            split_hidden = _split_hidden_gradient(
+                static,
+                logits,
+                pieces,
+                weight,
+                target_c,
+                scale,
+                label_coefficient,
+                (smoothing / vocab) * weight_c,
+            )
+        blocks_hidden = want_hidden and not split
+        # The products run in `compute` precision. (float16 inputs are upcast:
+        # XLA:CPU then converts all of `weight` to float32 once, outside the loop.)
         hidden_up = hidden_c.astype(compute)
         row_max = pieces["row_max"]
         log_normalizer = pieces["log_normalizer"][:, None]
@@ -286,7 +388,7 @@ def _weighted_loss_and_grads(
                 # block covered are zeroed so that they are not added twice.
                 g = jnp.where((v_start + jnp.arange(block) >= v_index * block)[None, :], g, 0)
             inner = dict(inner)
-            if want_hidden:
+            if blocks_hidden:
                 w_block = jax.lax.dynamic_slice_in_dim(weight, v_start, block).astype(compute)
                 inner["hidden"] = inner["hidden"] + jax.lax.dot_general(
                     g, w_block, contract_vocab, preferred_element_type=compute
@@ -307,7 +409,7 @@ def _weighted_loss_and_grads(
             return inner
 
         inner = {}
-        if want_hidden:
+        if blocks_hidden:
             inner["hidden"] = jnp.zeros((static.chunk, dim), compute)
         if want_weight:
             inner["weight"] = carry["weight"]
@@ -318,8 +420,11 @@ def _weighted_loss_and_grads(
 
         # The one-hot term: -label_coefficient at (row, label).
         if want_hidden:
-            label_rows = jnp.take(weight, target_c, axis=0).astype(compute)
-            d_hidden = inner["hidden"] - label_coefficient[:, None] * label_rows
+            if split:
+                d_hidden = split_hidden  # one-hot term included
+            else:
+                label_rows = jnp.take(weight, target_c, axis=0).astype(compute)
+                d_hidden = inner["hidden"] - label_coefficient[:, None] * label_rows
             old = jax.lax.dynamic_slice_in_dim(carry["hidden"], start, static.chunk)
             carry["hidden"] = jax.lax.dynamic_update_slice_in_dim(
                 carry["hidden"], jnp.where(fresh[:, None], d_hidden, old), start, axis=0
@@ -415,7 +520,7 @@ def _per_token_loss(
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def chunk_loss(index: jax.Array) -> jax.Array:
         start, _ = _chunk_rows(static, index)
-        hidden_c = jax.lax.dynamic_slice_in_dim(hidden, start, static.chunk)
+        hidden_c = _take_rows(hidden, start, static.chunk)
         target_c = jax.lax.dynamic_slice_in_dim(target, start, static.chunk)
         logits = _logits(static, hidden_c, weight, bias, compute)
         loss, _ = _row_loss(static, logits, target_c, smoothing, z_coefficient)
@@ -473,7 +578,7 @@ def linear_cross_entropy(
       shift: 0, or 1 for next-token prediction.
       chunk_size: tokens per chunk. None picks the largest power of two whose
         float32 ``[chunk_size, V]`` logits fit in 32 MiB (16 MiB for
-        ``reduction="none"``), clipped to
+        ``reduction="none"`` and for bfloat16 inputs), clipped to
         ``[16, 1024]`` and to the number of tokens.
       reduction: ``"mean"`` (over counted tokens; 0 with zero gradients when
         none is counted), ``"sum"``, or ``"none"`` (``[...]``, or
@@ -482,7 +587,10 @@ def linear_cross_entropy(
     Returns:
       The loss, float32 for half-precision inputs (float64 for float64).
       Gradients with respect to ``hidden``, ``weight`` and ``bias`` come back
-      in their dtypes, accumulated in float32 (or float64).
+      in their dtypes, accumulated in float32 (or float64). With bfloat16
+      inputs no float32 copy of ``weight`` is made: the hidden gradient's
+      product takes it as it is, with the float32 gradient of the logits as
+      two bfloat16 parts (relative error about 2^-17).
 
     Example:
       >>> import jax.numpy as jnp, jaxce
@@ -697,7 +805,12 @@ def _prepare(
     static = None
     if num_tokens:
         if chunk_size is None:
-            chunk = default_chunk_size(num_tokens, vocab, per_token=reduction == "none")
+            chunk = default_chunk_size(
+                num_tokens,
+                vocab,
+                per_token=reduction == "none",
+                bfloat16=matmul_dtype == jnp.bfloat16,
+            )
         else:
             chunk = chunk_size
         static = _Static(

@@ -129,6 +129,107 @@ def test_bfloat16_loss_is_float32():
     assert loss.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_bfloat16_gradients_as_precise_as_float32_products(bias):
+    """bfloat16 inputs: the logit gradient enters the hidden gradient's product
+    as two bfloat16 parts (about 16 significant bits), the weight gradient's in
+    float32, so both agree with the float32 computation to ~1e-5 before their
+    rounding to bfloat16 outputs."""
+    hidden, weight, b, labels = make_inputs(3, (45,), 24, 700)
+    cast = [jnp.asarray(a, jnp.bfloat16) for a in (hidden, weight, b)]
+    b_arg = cast[2] if bias else None
+    options = {"ignore_index": -100, "reduction": "mean", **ALL_OPTIONS}
+
+    def fused(h, w, b):
+        return jaxce.linear_cross_entropy(h, w, labels, bias=b, chunk_size=16, **options)
+
+    grads = jax.jit(jax.grad(fused, argnums=(0, 1, 2) if bias else (0, 1)))(*cast[:2], b_arg)
+    with jax.enable_x64(True):
+        exact = [jnp.asarray(np.asarray(a, np.float64)) for a in cast]
+        expected = jax.grad(
+            lambda h, w, b: materialised(h, w, labels, bias=b if bias else None, **options),
+            argnums=(0, 1, 2) if bias else (0, 1),
+        )(*exact)
+    # `gradients` (the closed form) takes the same path.
+    closed = jaxce.derivatives.linear_cross_entropy(
+        *cast[:2], labels, bias=b_arg, chunk_size=16, **options
+    )
+    for grad, want, again in zip(grads, map(np.asarray, expected), closed, strict=False):
+        assert grad.dtype == jnp.bfloat16
+        scale = float(np.max(np.abs(want)))
+        # The bfloat16 outputs round to 2^-9 relative; the float32 values before
+        # that rounding are what the split makes precise.
+        np.testing.assert_allclose(np.asarray(grad, np.float64) / scale, want / scale, atol=4e-3)
+        np.testing.assert_array_equal(np.asarray(again), np.asarray(grad))
+    d_hidden32, d_weight32, _ = jax.jit(
+        lambda h, w: jaxce.derivatives.linear_cross_entropy(
+            h.astype(jnp.float32), w.astype(jnp.float32), labels, chunk_size=16, **options
+        )
+    )(*cast[:2])
+    # Against the same computation in float32 products: the split costs ~2^-17.
+    d_hidden = jax.jit(
+        lambda h, w: _linear._weighted_loss_and_grads(
+            *_bfloat16_case_arguments(h, w, labels, options),
+            want_hidden=True,
+            want_weight=True,
+            want_bias=False,
+        )
+    )(*cast[:2])
+    for name, reference in (("hidden", d_hidden32), ("weight", d_weight32)):
+        got = np.asarray(d_hidden[name], np.float64).reshape(reference.shape)
+        scale = float(np.max(np.abs(reference)))
+        np.testing.assert_allclose(got / scale, np.asarray(reference) / scale, atol=5e-5)
+
+
+def _bfloat16_case_arguments(h, w, labels, options):
+    prepared = _linear._prepare(
+        h,
+        w,
+        labels,
+        None,
+        options["ignore_index"],
+        options["label_smoothing"],
+        options["z_loss"],
+        options["softcap"],
+        0,
+        16,
+        "mean",
+    )
+    return (
+        prepared.static,
+        prepared.hidden,
+        prepared.weight,
+        prepared.bias,
+        prepared.target,
+        prepared.row_weight,
+        prepared.smoothing,
+        prepared.z_coefficient,
+    )
+
+
+def test_bfloat16_hessian_matches_float32_products():
+    """Second order through the bfloat16 path (bit-sliced rows, split products)."""
+    hidden, weight, _, labels = make_inputs(8, (7,), 3, 5)
+    options = {"ignore_index": -100, "reduction": "mean", **ALL_OPTIONS}
+    h16, w16 = jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(weight, jnp.bfloat16)
+
+    def fused(h, w):
+        return jaxce.linear_cross_entropy(h, w, labels, chunk_size=3, **options)
+
+    def reference(h, w):
+        return materialised(h, w, labels, **options)
+
+    hessian = jax.jit(jax.hessian(fused))(h16, w16)
+    with jax.enable_x64(True):
+        exact = [jnp.asarray(np.asarray(a, np.float64)) for a in (h16, w16)]
+        expected = jax.hessian(reference)(*exact)
+    for got_row, want_row in zip(jax.tree.leaves(hessian), jax.tree.leaves(expected), strict=True):
+        got = np.asarray(got_row, np.float64)
+        assert np.any(got != 0)
+        scale = float(np.max(np.abs(want_row)))
+        np.testing.assert_allclose(got / scale, np.asarray(want_row) / scale, atol=2e-2)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_shift_is_next_token_prediction(reduction):
     hidden, weight, bias, labels = make_inputs(2, (3, 10), 8, 13)
@@ -304,6 +405,9 @@ def test_frozen_weight_skips_its_gradient():
 )
 def test_default_chunk_size_rule(num_tokens, vocab, per_token, expected):
     assert _linear.default_chunk_size(num_tokens, vocab, per_token=per_token) == expected
+    # bfloat16 "mean" / "sum" hold the logits' bytes twice, like "none".
+    halved = _linear.default_chunk_size(num_tokens, vocab, per_token=True)
+    assert _linear.default_chunk_size(num_tokens, vocab, bfloat16=True) == halved
 
 
 def test_bad_arguments_raise_before_running():
@@ -334,7 +438,9 @@ def test_temporaries_bounded_by_chunk_not_tokens_times_vocab(dtype, reduction, m
     monkeypatch.setattr(_linear, "_WEIGHT_BLOCK_BYTES", 2 * 2**20)
     monkeypatch.setattr(_linear, "_MIN_WEIGHT_BLOCK_ROWS", 256)
     num_tokens, dim, vocab = 16384, 4096, 262144
-    chunk = _linear.default_chunk_size(num_tokens, vocab, per_token=reduction == "none")
+    chunk = _linear.default_chunk_size(
+        num_tokens, vocab, per_token=reduction == "none", bfloat16=dtype == "bfloat16"
+    )
     block = 256
     args = (
         jax.ShapeDtypeStruct((num_tokens, dim), dtype),
@@ -350,7 +456,8 @@ def test_temporaries_bounded_by_chunk_not_tokens_times_vocab(dtype, reduction, m
     # Per chunk: the [chunk, V] float32 logits (two [chunk, V] buffers for
     # "none"), the [chunk, block] gradient block, the weight-gradient block and
     # its update, small [chunk, D] pieces.
-    logit_buffers = 2 if reduction == "none" else 1
+    # bfloat16: the logits and the logit gradient's two bfloat16 parts.
+    logit_buffers = 2 if reduction == "none" or dtype == "bfloat16" else 1
     bound = (
         logit_buffers * chunk * vocab * 4
         + 2 * chunk * block * 4
@@ -359,18 +466,18 @@ def test_temporaries_bounded_by_chunk_not_tokens_times_vocab(dtype, reduction, m
         + 2**20
     )
     if dtype == "bfloat16":
-        # The float32 accumulators of the gradients (outputs are bfloat16),
-        # and the float32 copies of `weight` and `hidden` that XLA:CPU makes
-        # for the gradient's products.
-        bound += 2 * (vocab * dim * 4 + num_tokens * dim * 4)
+        # The float32 accumulators of the gradients (the outputs are bfloat16)
+        # and the uint16 view of `hidden` that chunks are sliced from; no
+        # float32 copy of `weight` (that alone would be 4 GiB more).
+        bound += vocab * dim * 4 + num_tokens * dim * (4 + 2)
     if reduction == "none":
         # Reverse mode through the rematerialised loop keeps its own cotangent
         # accumulator for `weight`.
         bound += vocab * dim * 4
     assert temp <= bound, (temp, bound)
-    # Nothing of size tokens x vocabulary (bfloat16: the float32 [V, D] pieces
-    # alone are 8 GiB here).
-    assert temp < num_tokens * vocab * 4 / (3 if dtype == "float32" else 1.5)
+    # Nothing of size tokens x vocabulary (bfloat16: the float32 weight-gradient
+    # accumulator alone is 4 GiB here).
+    assert temp < num_tokens * vocab * 4 / 3
 
 
 @pytest.mark.parametrize(
