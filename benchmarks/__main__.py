@@ -67,8 +67,13 @@ def run_cases(
     return measurements
 
 
-def linear_measurements(quick: bool) -> tuple[list[harness.Measurement], dict[str, str]]:
-    """The fused linear cross-entropy cases of `benchmarks.linear`, when that module exists."""
+def linear_measurements(
+    quick: bool, memory: list[dict[str, Any]] | None = None
+) -> tuple[list[harness.Measurement], dict[str, str]]:
+    """The fused linear cross-entropy cases of `benchmarks.linear`, when that module exists.
+
+    With a `memory` list, also appends the temporaries against V (`memory_sweep`).
+    """
     try:
         linear = importlib.import_module("benchmarks.linear")
     except ImportError as error:
@@ -76,6 +81,8 @@ def linear_measurements(quick: bool) -> tuple[list[harness.Measurement], dict[st
         return [], {}
     try:
         rows = linear.run(quick)
+        if memory is not None:
+            memory.extend(linear.memory_sweep())
     except Exception as error:  # report it, keep the other results
         failed = harness.Measurement(
             "linear", "benchmarks.linear", None, None, None, None, None, 0, error=repr(error)
@@ -120,9 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     measurements = run_cases(selected, runs=runs, warmup=1 if args.quick else 2, progress=progress)
     descriptions = {c.name: c.description for c in selected}
     baselines = {c.name: c.baseline for c in selected}
+    linear_memory: list[dict[str, Any]] = []
     if include_linear:
         progress.begin("linear (benchmarks/linear.py)")
-        linear, linear_descriptions = linear_measurements(args.quick)
+        linear, linear_descriptions = linear_measurements(args.quick, linear_memory)
         progress.end(linear)
         measurements += linear
         descriptions.update(linear_descriptions)
@@ -137,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in descriptions
         },
         "measurements": [m.as_dict() for m in measurements],
+        "linear_memory": linear_memory,
     }
     out = args.out / stamp["device"]
     out.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,9 @@ class Measurement:
     ratio_to_baseline: float | None = None
     ratio_to_floor: float | None = None
     error: str | None = None
+    # A named competitor to compare with besides the baseline (e.g. jax-cce).
+    peer: str | None = None
+    ratio_to_peer: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

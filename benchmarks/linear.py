@@ -1,17 +1,22 @@
 """Fused linear cross-entropy: jaxce against the materialised formulation and jax-cce.
 
 `python -m benchmarks.linear [--quick]` prints a table; `run(quick)` returns one
-dict per measurement for the harness. Each competitor is `value_and_grad` of the
-mean loss with respect to `hidden` and `weight` (float32), compiled once; the
+dict per measurement for the harness, and `memory_sweep()` the temporaries
+against the vocabulary size (for the plot). Each competitor is `value_and_grad`
+of the mean loss with respect to `hidden` and `weight`, compiled once; the
 competitors are timed interleaved (A B C A B C ...) so that load from other
-processes hits them alike, and the median is reported. "temp" is XLA's
-`memory_analysis().temp_size_in_bytes` (outputs excluded). jax-cce (the `bench`
-extra) is skipped when it is not installed.
+processes hits them alike, and every ratio is the median over rounds of the
+per-round ratio (steadier than a ratio of medians on a shared machine). The
+floor is the three matrix products any formulation must do (logits, hidden
+gradient, weight gradient), timed in the same rounds. "temp" is XLA's
+`memory_analysis().temp_size_in_bytes` (outputs excluded). jax-cce (the
+`bench` extra) is skipped when it is not installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import statistics
 import sys
@@ -27,8 +32,13 @@ import optax
 import jaxce
 
 NUM_TOKENS, DIM = 2048, 512
-VOCABS = (32768, 65536)
+# (vocabulary, dtype) cases; the quick run takes the first.
+CASES = ((32768, "float32"), (65536, "float32"), (32768, "bfloat16"))
 MEMORY_VOCABS = (8192, 16384, 32768, 65536, 131072)
+MATERIALISED = "materialised (matmul + optax)"
+JAX_CCE = "jax-cce 0.1.0"
+JAXCE = "jaxce.linear_cross_entropy"
+FLOOR = "floor (three matmuls)"
 
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -43,19 +53,27 @@ def fused(hidden: jax.Array, weight: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def competitors() -> dict[str, LossFn]:
-    found: dict[str, LossFn] = {"materialised (matmul + optax)": materialised}
+    found: dict[str, LossFn] = {MATERIALISED: materialised}
     if importlib.util.find_spec("jax_cce") is not None:
         import jax_cce
 
-        found["jax-cce 0.1.0"] = lambda h, w, y: jax_cce.linear_cross_entropy(h, w, y)
-    found["jaxce.linear_cross_entropy"] = fused
+        found[JAX_CCE] = lambda h, w, y: jax_cce.linear_cross_entropy(h, w, y)
+    found[JAXCE] = fused
     return found
 
 
-def inputs(vocab: int, seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+def three_matmuls(hidden: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The floor: the logits and the two products that push a `[N, V]` gradient back."""
+    logits = jnp.dot(hidden, weight.T, preferred_element_type=jnp.float32).astype(hidden.dtype)
+    return logits @ weight, logits.T @ hidden
+
+
+def inputs(
+    vocab: int, seed: int = 0, dtype: str = "float32"
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     rng = np.random.default_rng(seed)
-    hidden = jnp.asarray(rng.normal(size=(NUM_TOKENS, DIM)), jnp.float32)
-    weight = jnp.asarray(rng.normal(size=(vocab, DIM)) / np.sqrt(DIM), jnp.float32)
+    hidden = jnp.asarray(rng.normal(size=(NUM_TOKENS, DIM)), dtype)
+    weight = jnp.asarray(rng.normal(size=(vocab, DIM)) / np.sqrt(DIM), dtype)
     labels = jnp.asarray(rng.integers(0, vocab, NUM_TOKENS), jnp.int32)
     return hidden, weight, labels
 
@@ -66,53 +84,79 @@ def compile_value_and_grad(loss: LossFn, args: tuple[Any, ...]) -> tuple[Any, fl
     return compiled, (time.perf_counter() - start) * 1e3
 
 
-def temp_bytes(loss: LossFn, vocab: int) -> int:
+def temp_bytes(loss: LossFn, vocab: int, dtype: str = "float32") -> int:
     """Temporaries of `value_and_grad`, from lowering alone (nothing allocated)."""
     args = (
-        jax.ShapeDtypeStruct((NUM_TOKENS, DIM), jnp.float32),
-        jax.ShapeDtypeStruct((vocab, DIM), jnp.float32),
+        jax.ShapeDtypeStruct((NUM_TOKENS, DIM), dtype),
+        jax.ShapeDtypeStruct((vocab, DIM), dtype),
         jax.ShapeDtypeStruct((NUM_TOKENS,), jnp.int32),
     )
     compiled, _ = compile_value_and_grad(loss, args)
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
+def _median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
 def run(quick: bool) -> list[dict[str, Any]]:
-    """One dict per (case, implementation): times in ms, compile time, temporaries."""
-    runs = 3 if quick else 10
+    """One dict per (case, implementation): times in ms, ratios, compile time, temporaries.
+
+    ``ratio_to_baseline`` is against the materialised formulation,
+    ``ratio_to_floor`` against the three matrix products; jaxce's row also has
+    ``peer`` (jax-cce) and ``ratio_to_peer``.
+    """
+    runs = 3 if quick else 15
     results = []
-    for vocab in VOCABS[:1] if quick else VOCABS:
-        case = f"linear CE value_and_grad N={NUM_TOKENS} D={DIM} V={vocab} f32"
-        args = inputs(vocab)
+    for vocab, dtype in CASES[:1] if quick else CASES:
+        case = f"linear CE value_and_grad N={NUM_TOKENS} D={DIM} V={vocab} {dtype}"
+        args = inputs(vocab, dtype=dtype)
         compiled = {}
         for name, loss in competitors().items():
             compiled[name] = compile_value_and_grad(loss, args)
-            jax.block_until_ready(compiled[name][0](*args))  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in compiled}
+        start = time.perf_counter()
+        floor = jax.jit(three_matmuls).lower(*args[:2]).compile()
+        compiled[FLOOR] = (floor, (time.perf_counter() - start) * 1e3)
+        calls = {
+            name: functools.partial(fn, *(args[:2] if name == FLOOR else args))
+            for name, (fn, _) in compiled.items()
+        }
+        for call in calls.values():
+            jax.block_until_ready(call())  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(runs):
-            for name, (fn, _) in compiled.items():
+            for name, call in calls.items():
                 start = time.perf_counter()
-                jax.block_until_ready(fn(*args))
+                jax.block_until_ready(call())
                 times[name].append((time.perf_counter() - start) * 1e3)
         for name, (fn, compile_ms) in compiled.items():
-            results.append(
-                {
-                    "case": case,
-                    "implementation": name,
-                    "median_ms": statistics.median(times[name]),
-                    "min_ms": min(times[name]),
-                    "max_ms": max(times[name]),
-                    "compile_ms": compile_ms,
-                    "temp_bytes": int(fn.memory_analysis().temp_size_in_bytes),
-                    "runs": runs,
-                }
-            )
-        del args, compiled
+            row = {
+                "case": case,
+                "implementation": name,
+                "median_ms": statistics.median(times[name]),
+                "min_ms": min(times[name]),
+                "max_ms": max(times[name]),
+                "compile_ms": compile_ms,
+                "temp_bytes": int(fn.memory_analysis().temp_size_in_bytes),
+                "runs": runs,
+                "ratio_to_baseline": _median_ratio(times[name], times[MATERIALISED]),
+                "ratio_to_floor": _median_ratio(times[name], times[FLOOR]),
+                "description": (
+                    f"value_and_grad of the mean loss w.r.t. hidden and weight, {dtype}; "
+                    "baseline: the materialised logits + optax; floor: the three matrix "
+                    "products alone"
+                ),
+            }
+            if name == JAXCE and JAX_CCE in times:
+                row["peer"] = JAX_CCE
+                row["ratio_to_peer"] = _median_ratio(times[name], times[JAX_CCE])
+            results.append(row)
+        del args, compiled, calls
     return results
 
 
 def memory_sweep(vocabs: tuple[int, ...] = MEMORY_VOCABS) -> list[dict[str, Any]]:
-    """Temporaries against V (for the plot): lowering only, nothing is run."""
+    """Temporaries against V (float32; for the plot): lowering only, nothing is run."""
     return [
         {"vocab": vocab, "implementation": name, "temp_bytes": temp_bytes(loss, vocab)}
         for vocab in vocabs
@@ -122,24 +166,23 @@ def memory_sweep(vocabs: tuple[int, ...] = MEMORY_VOCABS) -> list[dict[str, Any]
 
 def format_table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| case | implementation | median ms | min ms | x materialised | compile ms | temp MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| case | implementation | median ms | x materialised | x floor | x jax-cce "
+        "| compile ms | temp MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    baselines = {
-        r["case"]: r["median_ms"] for r in results if r["implementation"].startswith("materialised")
-    }
     for r in results:
-        ratio = r["median_ms"] / baselines[r["case"]] if r["case"] in baselines else float("nan")
+        peer = f"{r['ratio_to_peer']:.2f}" if "ratio_to_peer" in r else "-"
         lines.append(
-            f"| {r['case']} | {r['implementation']} | {r['median_ms']:.0f} | {r['min_ms']:.0f} "
-            f"| {ratio:.2f} | {r['compile_ms']:.0f} | {r['temp_bytes'] / 2**20:.1f} |"
+            f"| {r['case']} | {r['implementation']} | {r['median_ms']:.0f} "
+            f"| {r['ratio_to_baseline']:.2f} | {r['ratio_to_floor']:.2f} | {peer} "
+            f"| {r['compile_ms']:.0f} | {r['temp_bytes'] / 2**20:.1f} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.linear", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="V = 32768 only, 3 runs")
+    parser.add_argument("--quick", action="store_true", help="V = 32768 float32 only, 3 runs")
     args = parser.parse_args(argv)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, command: {' '.join(sys.argv)}")
     print(format_table(run(args.quick)))

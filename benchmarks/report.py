@@ -125,11 +125,68 @@ def readme_section(results: dict[str, Any], results_dir: str) -> str:
     lines += [
         "",
         "`x baseline`: jaxce's time over the baseline's (optax unless named), below 1 is faster; "
-        "`x floor`: over one exp-and-reduce plus one exp-and-write pass (softmax cases) or one "
-        "read-exp-write pass (binary), the least any implementation must do.",
+        "`x floor`: over one exp-and-reduce plus one exp-and-write pass (softmax cases), one "
+        "read-exp-write pass (binary) or the three matrix products (linear), the least any "
+        "implementation must do.",
         "",
     ]
+    peers = [
+        (case, r)
+        for case, rows in by_case(results).items()
+        for r in rows
+        if r.get("ratio_to_peer") is not None
+    ]
+    if peers:
+        lines += ["Against a named peer (median of per-round ratios, same runs):", ""]
+        for case, r in peers:
+            lines.append(
+                f"- `{case}`: {r['implementation']} takes {r['ratio_to_peer']:.2f}x the time of "
+                f"{r['peer']} ({1 / r['ratio_to_peer']:.2f}x faster), "
+                f"{_mib(r.get('temp_bytes'))} MiB of temporaries against "
+                f"{_mib(_temp_of(rows_of(results, case), r['peer']))} MiB."
+            )
+        lines.append("")
+    if results.get("linear_memory"):
+        lines += [
+            f"![fused linear CE temporaries against V]({results_dir}/linear_memory.png)",
+            "",
+        ]
     return "\n".join(lines)
+
+
+def rows_of(results: dict[str, Any], case: str) -> list[dict[str, Any]]:
+    return by_case(results).get(case, [])
+
+
+def _temp_of(rows: Sequence[dict[str, Any]], name: str) -> int | None:
+    return next((r.get("temp_bytes") for r in rows if r["implementation"] == name), None)
+
+
+def plot_linear_memory(results: dict[str, Any], path: pathlib.Path) -> None:
+    """Temporaries of fused linear CE value_and_grad against the vocabulary size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, int]]] = {}
+    for row in results["linear_memory"]:
+        series.setdefault(row["implementation"], []).append((row["vocab"], row["temp_bytes"]))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, points in series.items():
+        points.sort()
+        ax.plot([v for v, _ in points], [b / MIB for _, b in points], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("vocabulary size V (N=2048 tokens, D=512, float32)")
+    ax.set_ylabel("XLA temporaries of value_and_grad (MiB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    s = results["stamp"]
+    ax.set_title(f"fused linear cross-entropy memory: {s['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(results: dict[str, Any], path: pathlib.Path) -> None:
@@ -144,7 +201,12 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
         for c, rows in by_case(results).items()
     ]
     names = sorted(
-        {r["implementation"] for _, rows in grouped for r in rows if r["implementation"] != "floor"}
+        {
+            r["implementation"]
+            for _, rows in grouped
+            for r in rows
+            if not r["implementation"].startswith("floor")
+        }
     )
     colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
     height = max(3.0, 0.28 * sum(len(rows) for _, rows in grouped) + 1.5)
@@ -153,7 +215,7 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
     y = 0.0
     for case, rows in grouped:
         for r in rows:
-            if r["implementation"] == "floor":
+            if r["implementation"].startswith("floor"):
                 continue
             for ax, key in zip(axes, ("ratio_to_baseline", "ratio_to_floor"), strict=True):
                 if r.get(key) is not None:
@@ -182,6 +244,8 @@ def write_all(results: dict[str, Any], out: pathlib.Path) -> None:
     out = pathlib.Path(out)
     (out / "results.md").write_text(markdown(results))
     plot(results, out / "results.png")
+    if results.get("linear_memory"):
+        plot_linear_memory(results, out / "linear_memory.png")
     relative = _relative_results_dir(out)
     (out / "readme_section.md").write_text(readme_section(results, relative))
 

@@ -185,3 +185,61 @@ def test_linear_rows_become_measurements_with_ratios(monkeypatch):
     measurements, descriptions = cli.linear_measurements(quick=True)
     assert [m.ratio_to_baseline for m in measurements] == [1.0, 0.5]
     assert set(descriptions) == {"lin"}
+
+
+def test_linear_run_on_tiny_shapes_reports_paired_ratios(monkeypatch):
+    """benchmarks.linear itself (tiny shapes): every competitor, the floor, jax-cce's ratio."""
+    from benchmarks import linear
+
+    monkeypatch.setattr(linear, "NUM_TOKENS", 64)
+    monkeypatch.setattr(linear, "DIM", 16)
+    monkeypatch.setattr(linear, "CASES", ((256, "float32"), (128, "bfloat16")))
+    rows = linear.run(quick=False)
+    names = {r["implementation"] for r in rows}
+    assert {linear.MATERIALISED, linear.JAXCE, linear.FLOOR} <= names
+    assert len({r["case"] for r in rows}) == 2
+    for r in rows:
+        assert r["runs"] == 15 and 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        assert r["ratio_to_baseline"] > 0 and r["ratio_to_floor"] > 0
+        if r["implementation"] == linear.MATERIALISED:
+            assert r["ratio_to_baseline"] == 1.0
+        if r["implementation"] == linear.FLOOR:
+            assert r["ratio_to_floor"] == 1.0
+    mine = [r for r in rows if r["implementation"] == linear.JAXCE]
+    assert all(r["peer"] == linear.JAX_CCE and r["ratio_to_peer"] > 0 for r in mine)
+    # The floor computes the products a gradient needs, in the right shapes.
+    h, w, _ = linear.inputs(256)
+    d_hidden, d_weight = linear.three_matmuls(h[:64, :16], w[:, :16])
+    assert d_hidden.shape == (64, 16) and d_weight.shape == (256, 16)
+    table = linear.format_table(rows)
+    assert table.count("\n") == len(rows) + 1
+
+
+def test_report_shows_peer_ratio_and_linear_memory_plot(tmp_path):
+    rows = [
+        {"case": "lin", "implementation": "materialised", "median_ms": 4.0, "min_ms": 3.0,
+         "max_ms": 5.0, "compile_ms": 1.0, "temp_bytes": 2**30, "runs": 10,
+         "ratio_to_baseline": 1.0},
+        {"case": "lin", "implementation": "jax-cce", "median_ms": 3.0, "min_ms": 3.0,
+         "max_ms": 3.0, "compile_ms": 1.0, "temp_bytes": 64 * 2**20, "runs": 10,
+         "ratio_to_baseline": 0.75},
+        {"case": "lin", "implementation": "jaxce.linear_cross_entropy", "median_ms": 2.0,
+         "min_ms": 1.0, "max_ms": 3.0, "compile_ms": 1.0, "temp_bytes": 42 * 2**20, "runs": 10,
+         "ratio_to_baseline": 0.5, "peer": "jax-cce", "ratio_to_peer": 0.8},
+    ]  # fmt: skip
+    results = {
+        "stamp": harness.stamp(["benchmarks"]),
+        "cases": {"lin": {"description": "linear", "baseline": "materialised"}},
+        "measurements": rows,
+        "linear_memory": [
+            {"vocab": v, "implementation": name, "temp_bytes": v * k}
+            for v in (1024, 2048)
+            for name, k in (("materialised", 4096), ("jaxce", 16))
+        ],
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert report.main([str(tmp_path)]) == 0
+    section = (tmp_path / "readme_section.md").read_text()
+    assert "takes 0.80x the time of jax-cce (1.25x faster), 42.0 MiB" in section
+    assert "against 64.0 MiB" in section and "linear_memory.png" in section
+    assert (tmp_path / "linear_memory.png").read_bytes()[:4] == b"\x89PNG"
