@@ -39,6 +39,7 @@ def run_cases(
     runs: int,
     warmup: int,
     progress: harness.Progress | None = None,
+    min_seconds: float = 0.0,
 ) -> list[harness.Measurement]:
     """Measures each case in turn; a competitor that fails to build is reported, not fatal."""
     measurements = []
@@ -58,6 +59,7 @@ def run_cases(
             warmup=warmup,
             baseline=case.baseline,
             floor=case.floor,
+            min_seconds=min_seconds,
         )
         del prepared
         gc.collect()
@@ -124,7 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = harness.stamp(["benchmarks", *argv])
     sys.stderr.write(f"{stamp['device']}, jax {stamp['jax']}: measuring bandwidth ...\n")
     bandwidth = harness.memory_bandwidth()
-    measurements = run_cases(selected, runs=runs, warmup=1 if args.quick else 2, progress=progress)
+    measurements = run_cases(
+        selected,
+        runs=runs,
+        warmup=1 if args.quick else 2,
+        progress=progress,
+        # Short cases get more rounds (a 3 ms call is noisy over 20 rounds).
+        min_seconds=0.5 if args.quick else 3.0,
+    )
     descriptions = {c.name: c.description for c in selected}
     baselines = {c.name: c.baseline for c in selected}
     linear_memory: list[dict[str, Any]] = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import platform
 import shlex
@@ -84,18 +85,30 @@ def prepare_jax(fn: Callable[..., Any], args: Sequence[Any]) -> Prepared:
     return Prepared(lambda: compiled(*device_args), compile_ms, temp_bytes)
 
 
+MAX_RUNS = 1000
+
+
 def interleaved_times(
-    runners: dict[str, Runner], *, runs: int, warmup: int = 2
+    runners: dict[str, Runner], *, runs: int, warmup: int = 2, min_seconds: float = 0.0
 ) -> dict[str, np.ndarray]:
     """Seconds per call of each runner, measured round-robin: A B C A B C ...
 
     Each runner is called `warmup` times first (not timed). Every call waits
     for its result with `jax.block_until_ready` (a no-op for non-JAX results,
-    which are synchronous anyway).
+    which are synchronous anyway). With `min_seconds`, one more untimed round
+    estimates a round's duration and the number of rounds grows from `runs`
+    (up to `MAX_RUNS`) until the rounds take about `min_seconds`: a few
+    milliseconds per call needs hundreds of rounds for a steady median.
     """
     for run in runners.values():
         for _ in range(warmup):
             jax.block_until_ready(run())
+    if min_seconds > 0:
+        start = time.perf_counter()
+        for run in runners.values():
+            jax.block_until_ready(run())
+        per_round = max(time.perf_counter() - start, 1e-9)
+        runs = max(runs, min(MAX_RUNS, math.ceil(min_seconds / per_round)))
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(runs):
         for name, run in runners.items():
@@ -118,13 +131,16 @@ def measure_case(
     warmup: int,
     baseline: str | None,
     floor: str | None,
+    min_seconds: float = 0.0,
 ) -> list[Measurement]:
     """Times every prepared competitor of one case, interleaved, and reports ratios.
 
     Competitors that failed to build appear with their error and no times.
     """
     ready = {name: p for name, p in prepared.items() if isinstance(p, Prepared)}
-    times = interleaved_times({n: p.run for n, p in ready.items()}, runs=runs, warmup=warmup)
+    times = interleaved_times(
+        {n: p.run for n, p in ready.items()}, runs=runs, warmup=warmup, min_seconds=min_seconds
+    )
     results = []
     for name, item in prepared.items():
         if not isinstance(item, Prepared):
@@ -141,7 +157,7 @@ def measure_case(
                 max_ms=float(np.max(t)),
                 compile_ms=item.compile_ms,
                 temp_bytes=item.temp_bytes,
-                runs=runs,
+                runs=len(t),
                 ratio_to_baseline=(
                     median_ratio(times[name], times[baseline]) if baseline in times else None
                 ),

@@ -243,3 +243,13 @@ def test_report_shows_peer_ratio_and_linear_memory_plot(tmp_path):
     assert "takes 0.80x the time of jax-cce (1.25x faster), 42.0 MiB" in section
     assert "against 64.0 MiB" in section and "linear_memory.png" in section
     assert (tmp_path / "linear_memory.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interleaved_times_adds_rounds_for_short_calls():
+    calls = []
+    runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = harness.interleaved_times(runners, runs=3, warmup=1, min_seconds=0.01)
+    rounds = len(times["a"])
+    assert 3 < rounds <= harness.MAX_RUNS and len(times["b"]) == rounds
+    # warm-up, the calibration round, then the timed rounds, all round-robin.
+    assert calls == ["a", "b"] * (rounds + 2)
