@@ -91,7 +91,7 @@ MAX_RUNS = 1000
 def interleaved_times(
     runners: dict[str, Runner], *, runs: int, warmup: int = 2, min_seconds: float = 0.0
 ) -> dict[str, np.ndarray]:
-    """Seconds per call of each runner, measured round-robin: A B C A B C ...
+    """Seconds per call of each runner, measured round-robin: A B C, B C A, C A B, ...
 
     Each runner is called `warmup` times first (not timed). Every call waits
     for its result with `jax.block_until_ready` (a no-op for non-JAX results,
@@ -110,10 +110,16 @@ def interleaved_times(
         per_round = max(time.perf_counter() - start, 1e-9)
         runs = max(runs, min(MAX_RUNS, math.ceil(min_seconds / per_round)))
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(runs):
-        for name, run in runners.items():
+    names = list(runners)
+    for round_index in range(runs):
+        # Each round starts one competitor later, so that every competitor runs
+        # equally often in each position: the first call of a round pays for
+        # what the last one left behind (PyTorch's spinning threads, caches),
+        # which measured 1.58x against 0.92x for the same pair in swapped order.
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            jax.block_until_ready(run())
+            jax.block_until_ready(runners[name]())
             times[name].append(time.perf_counter() - start)
     return {name: np.asarray(t) for name, t in times.items()}
 

@@ -4,8 +4,8 @@
 dict per measurement for the harness, and `memory_sweep()` the temporaries
 against the vocabulary size (for the plot). Each competitor is `value_and_grad`
 of the mean loss with respect to `hidden` and `weight`, compiled once; the
-competitors are timed interleaved (A B C A B C ...) so that load from other
-processes hits them alike, and every ratio is the median over rounds of the
+competitors are timed interleaved (`harness.interleaved_times`: A B C, B C A,
+...) so that load from other processes hits them alike, and every ratio is the median over rounds of the
 per-round ratio (steadier than a ratio of medians on a shared machine). The
 floor is the three matrix products any formulation must do (logits, hidden
 gradient, weight gradient), timed in the same rounds. "temp" is XLA's
@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 import jaxce
+from benchmarks import harness
 
 NUM_TOKENS, DIM = 2048, 512
 # (vocabulary, dtype) cases; the quick run takes the first.
@@ -117,18 +118,12 @@ def run(quick: bool) -> list[dict[str, Any]]:
         start = time.perf_counter()
         floor = jax.jit(three_matmuls).lower(*args[:2]).compile()
         compiled[FLOOR] = (floor, (time.perf_counter() - start) * 1e3)
-        calls = {
+        calls: dict[str, harness.Runner] = {
             name: functools.partial(fn, *(args[:2] if name == FLOOR else args))
             for name, (fn, _) in compiled.items()
         }
-        for call in calls.values():
-            jax.block_until_ready(call())  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for _ in range(runs):
-            for name, call in calls.items():
-                start = time.perf_counter()
-                jax.block_until_ready(call())
-                times[name].append((time.perf_counter() - start) * 1e3)
+        seconds = harness.interleaved_times(calls, runs=runs, warmup=1)
+        times = {name: list(t * 1e3) for name, t in seconds.items()}
         for name, (fn, compile_ms) in compiled.items():
             row = {
                 "case": case,
