@@ -91,7 +91,7 @@ MAX_RUNS = 1000
 def interleaved_times(
     runners: dict[str, Runner], *, runs: int, warmup: int = 2, min_seconds: float = 0.0
 ) -> dict[str, np.ndarray]:
-    """Seconds per call of each runner, measured round-robin: A B C, B C A, C A B, ...
+    """Seconds per call of each runner, in rounds of one call each, shuffled per round.
 
     Each runner is called `warmup` times first (not timed). Every call waits
     for its result with `jax.block_until_ready` (a no-op for non-JAX results,
@@ -111,13 +111,14 @@ def interleaved_times(
         runs = max(runs, min(MAX_RUNS, math.ceil(min_seconds / per_round)))
     times: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
-    for round_index in range(runs):
-        # Each round starts one competitor later, so that every competitor runs
-        # equally often in each position: the first call of a round pays for
-        # what the last one left behind (PyTorch's spinning threads, caches),
-        # which measured 1.58x against 0.92x for the same pair in swapped order.
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+    order = np.random.default_rng(0)
+    for _ in range(runs):
+        # Each round runs the competitors in a fresh (seeded) random order: a
+        # call pays for what the one before it left behind (inputs evicted from
+        # the cache, PyTorch's spinning threads), which measured 1.58x against
+        # 0.92x for the same pair in swapped order; shuffling spreads that over
+        # every competitor alike.
+        for name in order.permutation(names):
             start = time.perf_counter()
             jax.block_until_ready(runners[name]())
             times[name].append(time.perf_counter() - start)

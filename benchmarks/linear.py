@@ -4,8 +4,8 @@
 dict per measurement for the harness, and `memory_sweep()` the temporaries
 against the vocabulary size (for the plot). Each competitor is `value_and_grad`
 of the mean loss with respect to `hidden` and `weight`, compiled once; the
-competitors are timed interleaved (`harness.interleaved_times`: A B C, B C A,
-...) so that load from other processes hits them alike, and every ratio is the median over rounds of the
+competitors are timed interleaved (`harness.interleaved_times`: rounds of one
+call each, in shuffled orders) so that load from other processes hits them alike, and every ratio is the median over rounds of the
 per-round ratio (steadier than a ratio of medians on a shared machine). The
 floor is the three matrix products any formulation must do (logits, hidden
 gradient, weight gradient), timed in the same rounds. "temp" is XLA's

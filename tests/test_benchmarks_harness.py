@@ -60,8 +60,9 @@ def test_interleaved_times_runs_round_robin():
     calls = []
     runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
     times = harness.interleaved_times(runners, runs=3, warmup=1)
-    # One warm-up round, then rounds that rotate the order.
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    # One warm-up round, then rounds of one call each, in shuffled orders.
+    assert calls[:2] == ["a", "b"]
+    assert all(sorted(calls[i : i + 2]) == ["a", "b"] for i in range(2, 8, 2))
     assert {k: v.shape for k, v in times.items()} == {"a": (3,), "b": (3,)}
 
 
@@ -252,7 +253,7 @@ def test_interleaved_times_adds_rounds_for_short_calls():
     times = harness.interleaved_times(runners, runs=3, warmup=1, min_seconds=0.01)
     rounds = len(times["a"])
     assert 3 < rounds <= harness.MAX_RUNS and len(times["b"]) == rounds
-    # warm-up, the calibration round, then the timed rounds, rotating.
+    # warm-up, the calibration round, then the timed rounds, shuffled.
     assert calls[:4] == ["a", "b"] * 2 and sorted(calls) == ["a"] * (rounds + 2) + ["b"] * (
         rounds + 2
     )
