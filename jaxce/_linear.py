@@ -211,32 +211,27 @@ def _take_rows_jvp(
     return _take_rows(array, start, size), tangent
 
 
-def _split_hidden_gradient(
+def _dense_logit_gradient(
     static: _Static,
-    logits: jax.Array,
-    pieces: dict[str, jax.Array],
-    weight: jax.Array,
-    target_c: jax.Array,
+    x: jax.Array,
+    row_max: jax.Array,
+    log_normalizer: jax.Array,
     scale: jax.Array,
-    label_coefficient: jax.Array,
     offset: jax.Array,
 ) -> jax.Array:
-    """One chunk's hidden gradient ``g @ W`` for bfloat16 ``weight``, in float32.
+    """The gradient of the loss w.r.t. logit columns ``x``, all but the one-hot term.
 
-    ``g``, the float32 gradient of the logits (one-hot term included), is
-    formed over the whole vocabulary and multiplied by all of ``W`` at once
-    (:func:`_split_product`): a block of ``W`` would be sliced, and XLA:CPU
-    slices bfloat16 arrays through a float32 copy of the whole array.
+    ``p * scale - offset``, times ``1 - (x / c)^2`` under a soft cap; the
+    per-row ``row_max``, ``log_normalizer``, ``scale`` and ``offset`` are
+    ``[C, 1]``. ``exp`` is recomputed from the logits rather than kept from the
+    log-sum-exp: no second ``[C, V]`` buffer.
     """
-    g = jnp.exp((logits - pieces["row_max"]) - pieces["log_normalizer"][:, None])
-    g = g * scale[:, None]
+    g = jnp.exp((x - row_max) - log_normalizer) * scale
     if static.smoothing:
-        g = g - offset[:, None]
+        g = g - offset
     if static.softcap is not None:
-        g = g * (1 - jnp.square(logits / static.softcap))
-    columns = jnp.arange(logits.shape[1])
-    g = g - jnp.where(columns[None, :] == target_c[:, None], label_coefficient[:, None], 0)
-    return _split_product(g, weight)
+        g = g * (1 - jnp.square(x / static.softcap))
+    return g
 
 
 @jax.custom_jvp
@@ -304,7 +299,8 @@ def _weighted_loss_and_grads(
     gradient's rows of the block ``g_block.T @ h_chunk``, in place. The
     one-hot term is a gather of ``chunk`` rows of ``W`` and a scatter-add
     into ``chunk`` rows of the weight gradient. Accumulation is in
-    ``compute`` precision.
+    ``compute`` precision. For bfloat16 inputs the hidden gradient is one
+    product over the whole vocabulary instead (:func:`_split_product`).
     """
     compute = row_weight.dtype
     vocab, dim = weight.shape
@@ -350,39 +346,33 @@ def _weighted_loss_and_grads(
             label_coefficient = label_coefficient * (
                 1 - jnp.square(pieces["label_logit"] / static.softcap)
             )
-        # bfloat16: the hidden gradient over the whole vocabulary at once (the
-        # blocks below would slice `weight`); the blocks do the rest.
-        split = want_hidden and hidden.dtype == jnp.bfloat16
-        if split:
-            split_hidden = _split_hidden_gradient(
-                static,
-                logits,
-                pieces,
-                weight,
-                target_c,
-                scale,
-                label_coefficient,
-                (smoothing / vocab) * weight_c,
-            )
-        blocks_hidden = want_hidden and not split
         # The products run in `compute` precision. (float16 inputs are upcast:
         # XLA:CPU then converts all of `weight` to float32 once, outside the loop.)
         hidden_up = hidden_c.astype(compute)
-        row_max = pieces["row_max"]
-        log_normalizer = pieces["log_normalizer"][:, None]
-        scale = scale[:, None]
-        offset = (smoothing / vocab) * weight_c[:, None]
+        dense = functools.partial(
+            _dense_logit_gradient,
+            static,
+            row_max=pieces["row_max"],
+            log_normalizer=pieces["log_normalizer"][:, None],
+            scale=scale[:, None],
+            offset=(smoothing / vocab) * weight_c[:, None],
+        )
+        # bfloat16: the hidden gradient over the whole vocabulary at once, one-hot
+        # term included (a block of `weight` would be sliced, and XLA:CPU slices
+        # bfloat16 arrays through a float32 copy of the whole array); the blocks
+        # below do the rest.
+        split = want_hidden and hidden.dtype == jnp.bfloat16
+        if split:
+            columns = jnp.arange(vocab)
+            one_hot = jnp.where(
+                columns[None, :] == target_c[:, None], label_coefficient[:, None], 0
+            )
+            split_hidden = _split_product(dense(logits) - one_hot, weight)
+        blocks_hidden = want_hidden and not split
 
         def dense_block(v_index: jax.Array, inner: dict[str, jax.Array]) -> dict[str, jax.Array]:
             v_start = jnp.minimum(v_index * block, vocab - block)
-            x = jax.lax.dynamic_slice_in_dim(logits, v_start, block, axis=1)
-            # exp is recomputed rather than kept from the log-sum-exp: no
-            # second `[chunk, V]` buffer.
-            g = jnp.exp((x - row_max) - log_normalizer) * scale
-            if static.smoothing:
-                g = g - offset
-            if static.softcap is not None:
-                g = g * (1 - jnp.square(x / static.softcap))
+            g = dense(jax.lax.dynamic_slice_in_dim(logits, v_start, block, axis=1))
             if vocab % block:
                 # The last block ends at the last column; columns an earlier
                 # block covered are zeroed so that they are not added twice.
@@ -643,16 +633,7 @@ def linear_cross_entropy(
         loss = loss.reshape(labels_shape)
         return loss[..., :-1] if shift else loss
 
-    total = _weighted_loss(
-        prepared.static,
-        prepared.hidden,
-        prepared.weight,
-        prepared.bias,
-        prepared.target,
-        prepared.row_weight,
-        prepared.smoothing,
-        prepared.z_coefficient,
-    )
+    total = _weighted_loss(*prepared.weighted_arguments())
     # A NaN constant, not a select: the gradients of the valid tokens stay as
     # in the materialised formulation.
     return total + jnp.where(jnp.any(prepared.invalid), jnp.nan, 0).astype(compute)
@@ -712,14 +693,7 @@ def gradients(
         d_bias = None if bias_array is None else jnp.zeros((vocab,), bias_array.dtype)
         return d_hidden, d_weight, d_bias
     out = _weighted_loss_and_grads(
-        prepared.static,
-        prepared.hidden,
-        prepared.weight,
-        prepared.bias,
-        prepared.target,
-        prepared.row_weight,
-        prepared.smoothing,
-        prepared.z_coefficient,
+        *prepared.weighted_arguments(),
         want_hidden=True,
         want_weight=True,
         want_bias=bias_array is not None,
@@ -746,6 +720,19 @@ class _Prepared:
     z_coefficient: jax.Array
     compute: Any
     labels_shape: tuple[int, ...]
+
+    def weighted_arguments(self) -> tuple[Any, ...]:
+        """The arguments of ``_weighted_loss`` / ``_weighted_loss_and_grads``."""
+        return (
+            self.static,
+            self.hidden,
+            self.weight,
+            self.bias,
+            self.target,
+            self.row_weight,
+            self.smoothing,
+            self.z_coefficient,
+        )
 
 
 def _prepare(

@@ -195,16 +195,7 @@ def _bfloat16_case_arguments(h, w, labels, options):
         16,
         "mean",
     )
-    return (
-        prepared.static,
-        prepared.hidden,
-        prepared.weight,
-        prepared.bias,
-        prepared.target,
-        prepared.row_weight,
-        prepared.smoothing,
-        prepared.z_coefficient,
-    )
+    return prepared.weighted_arguments()
 
 
 def test_bfloat16_hessian_matches_float32_products():
