@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -96,10 +95,6 @@ def temp_bytes(loss: LossFn, vocab: int, dtype: str = "float32") -> int:
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-def _median_ratio(numerator: list[float], denominator: list[float]) -> float:
-    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
-
-
 def run(quick: bool) -> list[dict[str, Any]]:
     """One dict per (case, implementation): times in ms, ratios, compile time, temporaries.
 
@@ -122,20 +117,20 @@ def run(quick: bool) -> list[dict[str, Any]]:
             name: functools.partial(fn, *(args[:2] if name == FLOOR else args))
             for name, (fn, _) in compiled.items()
         }
-        seconds = harness.interleaved_times(calls, runs=runs, warmup=1)
-        times = {name: list(t * 1e3) for name, t in seconds.items()}
+        times = harness.interleaved_times(calls, runs=runs, warmup=1)
         for name, (fn, compile_ms) in compiled.items():
+            ms = times[name] * 1e3
             row = {
                 "case": case,
                 "implementation": name,
-                "median_ms": statistics.median(times[name]),
-                "min_ms": min(times[name]),
-                "max_ms": max(times[name]),
+                "median_ms": float(np.median(ms)),
+                "min_ms": float(np.min(ms)),
+                "max_ms": float(np.max(ms)),
                 "compile_ms": compile_ms,
                 "temp_bytes": int(fn.memory_analysis().temp_size_in_bytes),
                 "runs": runs,
-                "ratio_to_baseline": _median_ratio(times[name], times[MATERIALISED]),
-                "ratio_to_floor": _median_ratio(times[name], times[FLOOR]),
+                "ratio_to_baseline": harness.median_ratio(times[name], times[MATERIALISED]),
+                "ratio_to_floor": harness.median_ratio(times[name], times[FLOOR]),
                 "description": (
                     f"value_and_grad of the mean loss w.r.t. hidden and weight, {dtype}; "
                     "baseline: the materialised logits + optax; floor: the three matrix "
@@ -144,7 +139,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
             }
             if name == JAXCE and JAX_CCE in times:
                 row["peer"] = JAX_CCE
-                row["ratio_to_peer"] = _median_ratio(times[name], times[JAX_CCE])
+                row["ratio_to_peer"] = harness.median_ratio(times[name], times[JAX_CCE])
             results.append(row)
         del args, compiled, calls
     return results

@@ -131,19 +131,19 @@ def readme_section(results: dict[str, Any], results_dir: str) -> str:
         "",
     ]
     peers = [
-        (case, r)
+        (case, r, next((p for p in rows if p["implementation"] == r["peer"]), {}))
         for case, rows in by_case(results).items()
         for r in rows
         if r.get("ratio_to_peer") is not None
     ]
     if peers:
         lines += ["Against a named peer (median of per-round ratios, same runs):", ""]
-        for case, r in peers:
+        for case, r, peer in peers:
             lines.append(
                 f"- `{case}`: {r['implementation']} takes {r['ratio_to_peer']:.2f}x the time of "
                 f"{r['peer']} ({1 / r['ratio_to_peer']:.2f}x faster), "
                 f"{_mib(r.get('temp_bytes'))} MiB of temporaries against "
-                f"{_mib(_temp_of(rows_of(results, case), r['peer']))} MiB."
+                f"{_mib(peer.get('temp_bytes'))} MiB."
             )
         lines.append("")
     if results.get("linear_memory"):
@@ -152,14 +152,6 @@ def readme_section(results: dict[str, Any], results_dir: str) -> str:
             "",
         ]
     return "\n".join(lines)
-
-
-def rows_of(results: dict[str, Any], case: str) -> list[dict[str, Any]]:
-    return by_case(results).get(case, [])
-
-
-def _temp_of(rows: Sequence[dict[str, Any]], name: str) -> int | None:
-    return next((r.get("temp_bytes") for r in rows if r["implementation"] == name), None)
 
 
 def plot_linear_memory(results: dict[str, Any], path: pathlib.Path) -> None:
