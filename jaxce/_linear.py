@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _closed_form, _reduce
+from jaxce import _checks, _closed_form, _reduce, _softmax
 
 # Default chunk: the `[chunk, V]` float32 logits of one chunk (the only buffer of
 # that size that "mean" / "sum" hold) stay near this many bytes, within [_MIN_CHUNK, _MAX_CHUNK]
@@ -763,24 +763,15 @@ def _prepare(
     vocab, dim = weight.shape
     labels_shape = labels.shape
 
-    active = jnp.ones(labels.shape, bool)
+    position_counts = None
     if shift:
         # Shift the labels, not `hidden` (which slicing would copy): position t
-        # takes label t + 1, and the last position is left out.
+        # takes label t + 1, and the last position (padded with the valid label
+        # 0) is left out.
         labels = jnp.concatenate([labels[..., 1:], jnp.zeros_like(labels[..., :1])], axis=-1)
-        active = active.at[..., -1].set(False)
-    in_range = (labels >= 0) & (labels < vocab)
-    if ignore_index is not None:
-        active = active & (labels != ignore_index)
-    _checks.check_values(
-        in_range | ~active,
-        labels,
-        "labels",
-        f"class indices in [0, {vocab})"
-        + (f" or ignore_index={ignore_index}" if ignore_index is not None else ""),
-    )
-    counted = (active & in_range).reshape(-1)
-    invalid = (active & ~in_range).reshape(-1)
+        position_counts = jnp.ones(labels.shape, bool).at[..., -1].set(False)
+    counted, invalid = _softmax.label_status(labels, vocab, ignore_index, position_counts)
+    counted, invalid = counted.reshape(-1), invalid.reshape(-1)
     target = jnp.clip(labels, 0, vocab - 1).astype(jnp.int32).reshape(-1)
     flat_hidden = hidden.reshape(-1, dim)
     num_tokens = flat_hidden.shape[0]
