@@ -89,24 +89,52 @@ def _chunk_rows(static: _Static, index: jax.Array) -> tuple[jax.Array, jax.Array
     return start, rows >= index * static.chunk
 
 
+def _cap(static: _Static, logits: jax.Array) -> jax.Array:
+    """The soft cap ``c * tanh(logits / c)``, if any."""
+    if static.softcap is None:
+        return logits
+    return static.softcap * jnp.tanh(logits / static.softcap)
+
+
 def _logits(
-    static: _Static, hidden: jax.Array, weight: jax.Array, bias: jax.Array | None, compute: Any
-) -> jax.Array:
-    """``softcap(hidden @ weight.T + bias)`` for one chunk, in ``compute``."""
+    static: _Static,
+    hidden: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    target: jax.Array,
+    compute: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """One chunk's ``softcap(hidden @ weight.T + bias)`` in ``compute``, and its labels' column.
+
+    The label column is not gathered from the logits: XLA fuses such a gather
+    into the first consumer of the log-sum-exp, after the exponential, so the
+    logits would stay alive beside their exponential instead of being written
+    over by it (two ``[C, V]`` buffers instead of one). It is the dot product
+    of the hidden rows with their label rows of ``weight``; for bfloat16
+    ``weight``, which XLA:CPU gathers through a float32 copy of the whole
+    array, a masked row sum of the logits instead (exact: one nonzero term).
+    """
     logits = jax.lax.dot_general(
         hidden, weight, (((1,), (1,)), ((), ())), preferred_element_type=compute
     )
     if bias is not None:
         logits = logits + bias.astype(compute)[None, :]
-    if static.softcap is not None:
-        logits = static.softcap * jnp.tanh(logits / static.softcap)
-    return logits
+    logits = _cap(static, logits)
+    if weight.dtype == jnp.bfloat16:
+        columns = jnp.arange(logits.shape[-1])
+        label_mask = columns[None, :] == target[:, None]
+        return logits, jnp.sum(jnp.where(label_mask, logits, 0), axis=-1)
+    label_rows = jnp.take(weight, target, axis=0).astype(compute)
+    label_logit = jnp.sum(hidden.astype(compute) * label_rows, axis=-1)
+    if bias is not None:
+        label_logit = label_logit + jnp.take(bias, target).astype(compute)
+    return logits, _cap(static, label_logit)
 
 
 def _row_loss(
     static: _Static,
     logits: jax.Array,
-    target: jax.Array,
+    label_logit: jax.Array,
     smoothing: jax.Array,
     z_coefficient: jax.Array,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -115,17 +143,20 @@ def _row_loss(
     # lse = m + log sum_j exp(x_j - m) with m the row max: no exp overflows, and
     # -log p_y = log sum_j exp(x_j - m) - (x_y - m) has no lse - x_y cancellation.
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    label_logit = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
     # sum_c -log p_c = V log sum_j exp(x_j - m) - sum_c (x_c - m)
     shifted_sum = jnp.sum(logits - row_max, axis=-1) if static.smoothing else None
-    shifted = logits - row_max
-    sum_exp = jnp.sum(jnp.exp(shifted), axis=-1)
+    # Where the gradient reads `exps`, XLA:CPU writes them over the logits in
+    # one pass and sums that; its fused exp-and-sum (used when only the sum
+    # reads them) measured two to six times slower than the two passes.
+    exps = jnp.exp(logits - row_max)
+    sum_exp = jnp.sum(exps, axis=-1)
     log_normalizer = jnp.log(sum_exp)
     nll = log_normalizer - (label_logit - row_max[:, 0])
     log_partition = log_normalizer + row_max[:, 0]
     pieces = {
         "label_logit": label_logit,
-        "shifted": shifted,
+        "exps": exps,
+        "sum_exp": sum_exp,
         "row_max": row_max,
         "log_normalizer": log_normalizer,
         "log_partition": log_partition,
@@ -162,8 +193,8 @@ def _weighted_loss_primal(
         weight_c = jnp.where(
             fresh, jax.lax.dynamic_slice_in_dim(row_weight, start, static.chunk), 0
         )
-        logits = _logits(static, hidden_c, weight, bias, compute)
-        loss, _ = _row_loss(static, logits, target_c, smoothing, z_coefficient)
+        logits, label_logit = _logits(static, hidden_c, weight, bias, target_c, compute)
+        loss, _ = _row_loss(static, logits, label_logit, smoothing, z_coefficient)
         return total + jnp.sum(jnp.where(weight_c != 0, weight_c * loss, 0))
 
     return jax.lax.fori_loop(0, static.num_chunks, body, jnp.zeros((), compute))
@@ -212,21 +243,16 @@ def _take_rows_jvp(
 
 
 def _dense_logit_gradient(
-    static: _Static,
-    x: jax.Array,
-    row_max: jax.Array,
-    log_normalizer: jax.Array,
-    scale: jax.Array,
-    offset: jax.Array,
+    static: _Static, exps: jax.Array, x: jax.Array, scale: jax.Array, offset: jax.Array
 ) -> jax.Array:
     """The gradient of the loss w.r.t. logit columns ``x``, all but the one-hot term.
 
-    ``p * scale - offset``, times ``1 - (x / c)^2`` under a soft cap; the
-    per-row ``row_max``, ``log_normalizer``, ``scale`` and ``offset`` are
-    ``[C, 1]``. ``exp`` is recomputed from the logits rather than kept from the
-    log-sum-exp: no second ``[C, V]`` buffer.
+    ``exps = exp(x - row_max)`` and ``scale`` (the row's weight over
+    ``sum exps``, times ``1 + 2 z lse`` under z-loss) make ``p * weight``;
+    then ``- offset`` under smoothing, times ``1 - (x / c)^2`` under a soft cap.
+    ``scale`` and ``offset`` are ``[C, 1]``.
     """
-    g = jnp.exp((x - row_max) - log_normalizer) * scale
+    g = exps * scale
     if static.smoothing:
         g = g - offset
     if static.softcap is not None:
@@ -317,8 +343,8 @@ def _weighted_loss_and_grads(
             fresh, jax.lax.dynamic_slice_in_dim(row_weight, start, static.chunk), 0
         )
         counted = weight_c != 0
-        logits = _logits(static, hidden_c, weight, bias, compute)
-        loss, pieces = _row_loss(static, logits, target_c, smoothing, z_coefficient)
+        logits, label_logit = _logits(static, hidden_c, weight, bias, target_c, compute)
+        loss, pieces = _row_loss(static, logits, label_logit, smoothing, z_coefficient)
         carry = dict(carry)
         carry["total"] = carry["total"] + jnp.sum(jnp.where(counted, weight_c * loss, 0))
 
@@ -349,30 +375,42 @@ def _weighted_loss_and_grads(
         # The products run in `compute` precision. (float16 inputs are upcast:
         # XLA:CPU then converts all of `weight` to float32 once, outside the loop.)
         hidden_up = hidden_c.astype(compute)
-        dense = functools.partial(
-            _dense_logit_gradient,
-            static,
-            row_max=pieces["row_max"],
-            log_normalizer=pieces["log_normalizer"][:, None],
-            scale=scale[:, None],
-            offset=(smoothing / vocab) * weight_c[:, None],
-        )
-        # bfloat16: the hidden gradient over the whole vocabulary at once, one-hot
-        # term included (a block of `weight` would be sliced, and XLA:CPU slices
-        # bfloat16 arrays through a float32 copy of the whole array); the blocks
-        # below do the rest.
-        split = want_hidden and hidden.dtype == jnp.bfloat16
-        if split:
+        row_scale = (scale / pieces["sum_exp"])[:, None]
+        offset = (smoothing / vocab) * weight_c[:, None]
+
+        def dense(v_start: jax.Array | int, size: int) -> jax.Array:
+            """The dense gradient of logit columns ``[v_start, v_start + size)``."""
+            x = jax.lax.dynamic_slice_in_dim(logits, v_start, size, axis=1)
+            if static.softcap is None:
+                exps = jax.lax.dynamic_slice_in_dim(pieces["exps"], v_start, size, axis=1)
+            else:
+                # Recomputed: the logits are read again for the soft cap's
+                # derivative, and keeping both would hold two `[C, V]` buffers.
+                exps = jnp.exp(x - pieces["row_max"])
+            return _dense_logit_gradient(static, exps, x, row_scale, offset)
+
+        # bfloat16: the chunk's whole logit gradient, one-hot term included, is
+        # formed once (over the exponentials, which it replaces in memory) and
+        # the hidden gradient is one product over the whole vocabulary (a block
+        # of `weight` would be sliced, and XLA:CPU slices bfloat16 arrays
+        # through a float32 copy of the whole array); the blocks below take
+        # their columns of it for the weight and bias gradients.
+        whole = None
+        if want_hidden and hidden.dtype == jnp.bfloat16:
             columns = jnp.arange(vocab)
             one_hot = jnp.where(
                 columns[None, :] == target_c[:, None], label_coefficient[:, None], 0
             )
-            split_hidden = _split_product(dense(logits) - one_hot, weight)
-        blocks_hidden = want_hidden and not split
+            whole = dense(0, vocab) - one_hot
+            whole_hidden = _split_product(whole, weight)
+        blocks_hidden = want_hidden and whole is None
 
         def dense_block(v_index: jax.Array, inner: dict[str, jax.Array]) -> dict[str, jax.Array]:
             v_start = jnp.minimum(v_index * block, vocab - block)
-            g = dense(jax.lax.dynamic_slice_in_dim(logits, v_start, block, axis=1))
+            if whole is None:
+                g = dense(v_start, block)
+            else:
+                g = jax.lax.dynamic_slice_in_dim(whole, v_start, block, axis=1)
             if vocab % block:
                 # The last block ends at the last column; columns an earlier
                 # block covered are zeroed so that they are not added twice.
@@ -408,23 +446,28 @@ def _weighted_loss_and_grads(
         if inner:
             inner = _loop(num_blocks, dense_block, inner)
 
-        # The one-hot term: -label_coefficient at (row, label).
+        # The one-hot term, -label_coefficient at (row, label), unless `whole`
+        # carries it.
         if want_hidden:
-            if split:
-                d_hidden = split_hidden  # one-hot term included
-            else:
+            if whole is None:
                 label_rows = jnp.take(weight, target_c, axis=0).astype(compute)
                 d_hidden = inner["hidden"] - label_coefficient[:, None] * label_rows
+            else:
+                d_hidden = whole_hidden
             old = jax.lax.dynamic_slice_in_dim(carry["hidden"], start, static.chunk)
             carry["hidden"] = jax.lax.dynamic_update_slice_in_dim(
                 carry["hidden"], jnp.where(fresh[:, None], d_hidden, old), start, axis=0
             )
         if want_weight:
-            carry["weight"] = (
-                inner["weight"].at[target_c].add(-label_coefficient[:, None] * hidden_up)
-            )
+            carry["weight"] = inner["weight"]
+            if whole is None:
+                carry["weight"] = (
+                    carry["weight"].at[target_c].add(-label_coefficient[:, None] * hidden_up)
+                )
         if want_bias:
-            carry["bias"] = inner["bias"].at[target_c].add(-label_coefficient)
+            carry["bias"] = inner["bias"]
+            if whole is None:
+                carry["bias"] = carry["bias"].at[target_c].add(-label_coefficient)
         return carry
 
     init = {"total": jnp.zeros((), compute)}
@@ -512,8 +555,8 @@ def _per_token_loss(
         start, _ = _chunk_rows(static, index)
         hidden_c = _take_rows(hidden, start, static.chunk)
         target_c = jax.lax.dynamic_slice_in_dim(target, start, static.chunk)
-        logits = _logits(static, hidden_c, weight, bias, compute)
-        loss, _ = _row_loss(static, logits, target_c, smoothing, z_coefficient)
+        logits, label_logit = _logits(static, hidden_c, weight, bias, target_c, compute)
+        loss, _ = _row_loss(static, logits, label_logit, smoothing, z_coefficient)
         return loss
 
     stacked = jax.lax.map(chunk_loss, jnp.arange(static.num_chunks))
