@@ -383,16 +383,27 @@ def test_frozen_weight_skips_its_gradient():
 @pytest.mark.parametrize(
     ("num_tokens", "vocab", "per_token", "expected"),
     [
-        (2048, 32768, False, 256),
-        (2048, 65536, False, 128),
-        (2048, 65536, True, 64),
-        (16384, 262144, False, 32),
-        (16384, 262144, True, 16),
+        (2048, 32768, False, 256),  # 256 rows: 32 MiB
+        (2048, 65536, False, 205),  # 224 rows fit in 56 MiB; 10 chunks of 205
+        (2048, 65536, True, 108),  # 112 rows fit in 28 MiB; 19 chunks of 108
+        (2048, 8192, False, 1024),  # 32 MiB hold 1024 rows
+        (16384, 262144, False, 56),
+        (16384, 262144, True, 28),
         (100, 1000, False, 100),
         (8, 10**7, False, 8),
         (4096, 10**7, False, 16),
     ],
-    ids=["V32k", "V64k", "V64k-none", "V256k", "V256k-none", "few-tokens", "huge-vocab", "min"],
+    ids=[
+        "V32k",
+        "V64k",
+        "V64k-none",
+        "V8k",
+        "V256k",
+        "V256k-none",
+        "few-tokens",
+        "huge-vocab",
+        "min",
+    ],
 )
 def test_default_chunk_size_rule(num_tokens, vocab, per_token, expected):
     assert _linear.default_chunk_size(num_tokens, vocab, per_token=per_token) == expected
