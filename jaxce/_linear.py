@@ -9,9 +9,10 @@ the same pass as the loss: three matrix products in total, the same as the
 unfused formulation. The tangent of the loss is then the inner product of those
 gradients with the input tangents, which is linear, so reverse mode transposes
 it into "scale the saved gradients by the cotangent" and forward mode works
-too. Within a chunk the gradient of the logits is formed a block of vocabulary
-columns at a time and pushed through both matrix products at once, so the
-chunk's logits are the only ``[chunk_size, V]`` buffer. :func:`gradients`
+too. Within a chunk the exponentials of the logits are written over them, and
+the gradient of the logits is formed from them a block of vocabulary columns at
+a time and pushed through both matrix products at once, so one
+``[chunk_size, V]`` buffer is all the chunk holds. :func:`gradients`
 returns those gradients directly (``jaxce.derivatives`` uses it).
 ``"none"`` (a loss per token) cannot use that trick, because the weight
 gradient would depend on one cotangent per token; it differentiates through a
@@ -335,15 +336,19 @@ def _weighted_loss_and_grads(
     ``p (1 + 2 z lse) - eps / V - (1 - eps) onehot(y)``; the soft cap multiplies
     it by ``1 - (x / c)^2``.
 
-    Only the chunk's ``[chunk, V]`` logits are held. The dense part of the
-    gradient (all but the one-hot term) is formed ``vocab_block`` columns at a
-    time from them and pushed through the linear layer at once: the hidden
-    gradient of the chunk accumulates ``g_block @ W_block`` and the weight
-    gradient's rows of the block ``g_block.T @ h_chunk``, in place. The
-    one-hot term is a gather of ``chunk`` rows of ``W`` and a scatter-add
-    into ``chunk`` rows of the weight gradient. Accumulation is in
-    ``compute`` precision. For bfloat16 inputs the hidden gradient is one
-    product over the whole vocabulary instead (:func:`_split_product`).
+    One ``[chunk, V]`` buffer is held: the chunk's logits, then their
+    exponentials ``exp(x - row_max)`` written over them (without a soft cap;
+    with one the logits stay, for the cap's derivative, and the exponentials
+    are recomputed block by block). The dense part of the gradient (all but
+    the one-hot term) is formed ``vocab_block`` columns at a time from it and
+    pushed through the linear layer at once: the hidden gradient of the chunk
+    accumulates ``g_block @ W_block`` and the weight gradient's rows of the
+    block ``g_block.T @ h_chunk``, in place. The one-hot term is a gather of
+    ``chunk`` rows of ``W`` and a scatter-add into ``chunk`` rows of the
+    weight gradient. Accumulation is in ``compute`` precision. For bfloat16
+    inputs the chunk's whole logit gradient (one-hot term included) is formed
+    once, the hidden gradient is one product over the whole vocabulary
+    (:func:`_split_product`), and the blocks take their columns of it.
     """
     compute = row_weight.dtype
     vocab, dim = weight.shape
