@@ -114,6 +114,11 @@ def _cap(static: _Static, logits: jax.Array) -> jax.Array:
     return static.softcap * jnp.tanh(logits / static.softcap)
 
 
+def _label_mask(target: jax.Array, vocab: int) -> jax.Array:
+    """``[C, V]``: True at each row's label column."""
+    return jnp.arange(vocab)[None, :] == target[:, None]
+
+
 def _logits(
     static: _Static,
     hidden: jax.Array,
@@ -121,8 +126,11 @@ def _logits(
     bias: jax.Array | None,
     target: jax.Array,
     compute: Any,
-) -> tuple[jax.Array, jax.Array]:
-    """One chunk's ``softcap(hidden @ weight.T + bias)`` in ``compute``, and its labels' column.
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """One chunk's logits ``softcap(hidden @ weight.T + bias)``, label column and label rows.
+
+    In ``compute``; the label rows are ``weight[target]``, which the gradient's
+    one-hot term reads too.
 
     The label column is not gathered from the logits: XLA fuses such a gather
     into the first consumer of the log-sum-exp, after the exponential, so the
@@ -130,7 +138,8 @@ def _logits(
     over by it (two ``[C, V]`` buffers instead of one). It is the dot product
     of the hidden rows with their label rows of ``weight``; for bfloat16
     ``weight``, which XLA:CPU gathers through a float32 copy of the whole
-    array, a masked row sum of the logits instead (exact: one nonzero term).
+    array, a masked row sum of the logits instead (exact: one nonzero term),
+    and the label rows returned are None.
     """
     logits = jax.lax.dot_general(
         hidden, weight, (((1,), (1,)), ((), ())), preferred_element_type=compute
@@ -139,14 +148,13 @@ def _logits(
         logits = logits + bias.astype(compute)[None, :]
     logits = _cap(static, logits)
     if weight.dtype == jnp.bfloat16:
-        columns = jnp.arange(logits.shape[-1])
-        label_mask = columns[None, :] == target[:, None]
-        return logits, jnp.sum(jnp.where(label_mask, logits, 0), axis=-1)
+        label_mask = _label_mask(target, logits.shape[-1])
+        return logits, jnp.sum(jnp.where(label_mask, logits, 0), axis=-1), None
     label_rows = jnp.take(weight, target, axis=0).astype(compute)
     label_logit = jnp.sum(hidden.astype(compute) * label_rows, axis=-1)
     if bias is not None:
         label_logit = label_logit + jnp.take(bias, target).astype(compute)
-    return logits, _cap(static, label_logit)
+    return logits, _cap(static, label_logit), label_rows
 
 
 def _row_loss(
@@ -172,11 +180,9 @@ def _row_loss(
     nll = log_normalizer - (label_logit - row_max[:, 0])
     log_partition = log_normalizer + row_max[:, 0]
     pieces = {
-        "label_logit": label_logit,
         "exps": exps,
         "sum_exp": sum_exp,
         "row_max": row_max,
-        "log_normalizer": log_normalizer,
         "log_partition": log_partition,
         "nll": nll,
     }
@@ -211,7 +217,7 @@ def _weighted_loss_primal(
         weight_c = jnp.where(
             fresh, jax.lax.dynamic_slice_in_dim(row_weight, start, static.chunk), 0
         )
-        logits, label_logit = _logits(static, hidden_c, weight, bias, target_c, compute)
+        logits, label_logit, _ = _logits(static, hidden_c, weight, bias, target_c, compute)
         loss, _ = _row_loss(static, logits, label_logit, smoothing, z_coefficient)
         return total + jnp.sum(jnp.where(weight_c != 0, weight_c * loss, 0))
 
@@ -365,7 +371,7 @@ def _weighted_loss_and_grads(
             fresh, jax.lax.dynamic_slice_in_dim(row_weight, start, static.chunk), 0
         )
         counted = weight_c != 0
-        logits, label_logit = _logits(static, hidden_c, weight, bias, target_c, compute)
+        logits, label_logit, label_rows = _logits(static, hidden_c, weight, bias, target_c, compute)
         loss, pieces = _row_loss(static, logits, label_logit, smoothing, z_coefficient)
         carry = dict(carry)
         carry["total"] = carry["total"] + jnp.sum(jnp.where(counted, weight_c * loss, 0))
@@ -391,9 +397,7 @@ def _weighted_loss_and_grads(
         if static.smoothing:
             label_coefficient = (1 - smoothing) * weight_c
         if static.softcap is not None:
-            label_coefficient = label_coefficient * (
-                1 - jnp.square(pieces["label_logit"] / static.softcap)
-            )
+            label_coefficient = label_coefficient * (1 - jnp.square(label_logit / static.softcap))
         # The products run in `compute` precision. (float16 inputs are upcast:
         # XLA:CPU then converts all of `weight` to float32 once, outside the loop.)
         hidden_up = hidden_c.astype(compute)
@@ -419,10 +423,7 @@ def _weighted_loss_and_grads(
         # their columns of it for the weight and bias gradients.
         whole = None
         if want_hidden and hidden.dtype == jnp.bfloat16:
-            columns = jnp.arange(vocab)
-            one_hot = jnp.where(
-                columns[None, :] == target_c[:, None], label_coefficient[:, None], 0
-            )
+            one_hot = jnp.where(_label_mask(target_c, vocab), label_coefficient[:, None], 0)
             whole = dense(0, vocab) - one_hot
             whole_hidden = _split_product(whole, weight)
         blocks_hidden = want_hidden and whole is None
@@ -471,11 +472,10 @@ def _weighted_loss_and_grads(
         # The one-hot term, -label_coefficient at (row, label), unless `whole`
         # carries it.
         if want_hidden:
-            if whole is None:
-                label_rows = jnp.take(weight, target_c, axis=0).astype(compute)
-                d_hidden = inner["hidden"] - label_coefficient[:, None] * label_rows
-            else:
+            if label_rows is None:  # bfloat16: `whole` carries the one-hot term
                 d_hidden = whole_hidden
+            else:
+                d_hidden = inner["hidden"] - label_coefficient[:, None] * label_rows
             old = jax.lax.dynamic_slice_in_dim(carry["hidden"], start, static.chunk)
             carry["hidden"] = jax.lax.dynamic_update_slice_in_dim(
                 carry["hidden"], jnp.where(fresh[:, None], d_hidden, old), start, axis=0
@@ -577,7 +577,7 @@ def _per_token_loss(
         start, _ = _chunk_rows(static, index)
         hidden_c = _take_rows(hidden, start, static.chunk)
         target_c = jax.lax.dynamic_slice_in_dim(target, start, static.chunk)
-        logits, label_logit = _logits(static, hidden_c, weight, bias, target_c, compute)
+        logits, label_logit, _ = _logits(static, hidden_c, weight, bias, target_c, compute)
         loss, _ = _row_loss(static, logits, label_logit, smoothing, z_coefficient)
         return loss
 
