@@ -33,12 +33,17 @@ def elementwise_inputs(
         raise TypeError(f"`labels` must be numeric (0/1 or probabilities), got {labels.dtype}.")
     _checks.check_broadcastable(labels, logits.shape, "labels", f"`{argument}`")
     _checks.check_reduction(reduction)
+    compute = _checks.compute_dtype(logits)
+    logits = logits.astype(compute)
+    labels = jnp.broadcast_to(labels.astype(compute), logits.shape)
     mask = None
     if where is not None:
         mask = jnp.broadcast_to(_checks.as_mask(where, logits.shape), logits.shape)
-    compute = _checks.compute_dtype(logits)
-    labels = jnp.broadcast_to(labels.astype(compute), logits.shape)
-    return logits.astype(compute), labels, mask, compute
+        # An excluded element takes no part, in the loss or in any gradient: a
+        # NaN there must not reach the gradient through `0 * NaN`.
+        logits = jnp.where(mask, logits, 0)
+        labels = jnp.where(mask, labels, 0)
+    return logits, labels, mask, compute
 
 
 def elementwise_weight(
@@ -48,7 +53,6 @@ def elementwise_weight(
         return None
     weight = _checks.as_float_array(weight, argument)
     _checks.check_broadcastable(weight, shape, argument, "`logits`")
-    _checks.check_values(weight >= 0, weight, argument, "non-negative")
     return jnp.broadcast_to(weight, shape)
 
 
@@ -106,9 +110,10 @@ def sigmoid_binary_cross_entropy(
     Args:
       logits: floating array, any shape.
       labels: 0/1 labels or probabilities, broadcastable to ``logits``.
-      weight: elementwise weight broadcastable to ``logits``.
+      weight: elementwise weight broadcastable to ``logits`` (any sign, as in
+        PyTorch).
       pos_weight: weight of positive examples, broadcastable to ``logits``
-        (PyTorch: one per class along the last axis); may be traced.
+        (PyTorch: one per class along the last axis; any sign); may be traced.
       label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
       where: boolean mask broadcastable to ``logits``; excluded elements give 0.
       reduction: ``"none"`` (``logits``' shape), ``"sum"``, or ``"mean"`` over
@@ -123,6 +128,10 @@ def sigmoid_binary_cross_entropy(
       [0.6931472 2.126928 ]
 
     Finite for all finite logits (``+-1e30`` included), with finite gradients.
+    A NaN logit gives that element a NaN loss, unless ``where`` excludes it
+    (then it has no effect, on the loss or on any gradient); a traced
+    ``label_smoothing`` outside ``[0, 1)`` makes the loss NaN (``jaxce.checked``
+    raises).
     """
     x, y, mask, _ = elementwise_inputs(logits, labels, where, reduction)
     _checks.check_unit_interval(label_smoothing, "label_smoothing")
@@ -136,13 +145,15 @@ def sigmoid_binary_cross_entropy(
     if pos_weight is not None:
         positive = pos_weight.astype(x.dtype) * positive
         loss = positive + (softplus_x - y * softplus_x)
-        loss = jnp.where(pos_weight < 0, jnp.nan, loss)
     else:
         # (1 - y) s = s - y s: the same value, and no [..] temporary for `1 - y` on
         # XLA:CPU, so value and gradient take one pass each (measured).
         loss = positive + (softplus_x - y * softplus_x)
     if weight is not None:
-        loss = jnp.where(weight < 0, jnp.nan, weight.astype(x.dtype) * loss)
+        loss = weight.astype(x.dtype) * loss
+    loss = _checks.nan_unless(
+        _checks.option_valid(label_smoothing, "label_smoothing", high=1.0), loss
+    )
     return masked_reduce(loss, mask, reduction)
 
 
@@ -196,6 +207,8 @@ def sigmoid_focal_loss(
     if alpha is not None:
         positive_weight = jnp.asarray(alpha, x.dtype)
         loss = (positive_weight * y + (1 - positive_weight) * (1 - y)) * loss
+        alpha_valid = _checks.option_valid(alpha, "alpha", high=1.0, closed_right=True)
+        loss = _checks.nan_unless(alpha_valid, loss)
     return masked_reduce(loss, mask, reduction)
 
 

@@ -20,8 +20,8 @@ from jax.experimental import checkify
 
 REDUCTIONS = ("none", "sum", "mean")
 
-# Set by `jaxce.checked` while it traces the user's function: the losses then
-# emit `checkify.check`s that name the offending index and value.
+# Set by `jaxce.checked` while it traces the user's function, so that checks
+# on its concrete (closed-over) arguments are emitted too.
 _value_checks: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "jaxce_value_checks", default=False
 )
@@ -37,14 +37,22 @@ def value_checks_enabled() -> Iterator[None]:
 
 
 def check_values(valid: jax.Array, values: jax.Array, argument: str, expectation: str) -> None:
-    """Under `jaxce.checked`, fails naming the first invalid element of `values`."""
-    if not _value_checks.get():
+    """Under `jaxce.checked`, fails naming the first invalid element of `values`.
+
+    The check is a `checkify.debug_check`: a no-op unless the computation is
+    checkified. It is emitted whenever the values are traced, so a `jit` trace
+    holds the same program with or without `jaxce.checked` and its cache can be
+    shared both ways (a plain `checkify.check` in a cached trace breaks later
+    plain calls; a trace cached without checks would skip them under
+    `jaxce.checked`). Eager calls outside `jaxce.checked` skip the work.
+    """
+    if not (_value_checks.get() or isinstance(values, jax.core.Tracer)):
         return
     valid = jnp.broadcast_to(valid, jnp.shape(values)).ravel()
     flat_values = jnp.ravel(values)
     first_bad = jnp.argmin(valid)
     index = jnp.unravel_index(first_bad, jnp.shape(values))
-    checkify.check(
+    checkify.debug_check(
         jnp.all(valid),
         f"`{argument}` must be {expectation}; got {{value}} at index {{index}}",
         value=flat_values[first_bad],
@@ -70,6 +78,15 @@ def as_float_array(x: Any, argument: str) -> jax.Array:
 
 
 def as_integer_labels(labels: Any, argument: str = "labels") -> jax.Array:
+    """Integer labels as int32 (int64 stays int64), whatever their dtype.
+
+    Labels are compared with class indices and `ignore_index` and used to
+    index, so they must be in a dtype that holds every class index and the
+    `ignore_index`: in int16, class 40000 does not exist, and in uint8,
+    `ignore_index=-100` is class 156. A uint32 or uint64 label too large for
+    the signed type wraps to a negative value, which is out of range (NaN),
+    as the label is.
+    """
     array = jnp.asarray(labels)
     if not jnp.issubdtype(array.dtype, jnp.integer):
         raise TypeError(
@@ -77,7 +94,8 @@ def as_integer_labels(labels: Any, argument: str = "labels") -> jax.Array:
             f"{array.dtype}. For one-hot or soft labels use "
             "`softmax_cross_entropy`."
         )
-    return array
+    index_dtype = jnp.int64 if array.dtype.itemsize == 8 else jnp.int32
+    return array.astype(index_dtype)
 
 
 def optional_float(x: Any, argument: str) -> jax.Array | None:
@@ -94,17 +112,34 @@ def is_concrete_zero(x: Any) -> bool:
     return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and x == 0
 
 
+def _concrete_scalar(x: Any, argument: str) -> np.ndarray:
+    value = np.asarray(x)
+    if value.shape != ():
+        raise ValueError(f"`{argument}` must be a scalar, got shape {value.shape}.")
+    if value.dtype == np.bool_ or not (
+        np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)
+    ):
+        raise TypeError(f"`{argument}` must be a real number, got {x!r}.")
+    return value
+
+
+def _traced_scalar(x: jax.core.Tracer, argument: str) -> None:
+    if x.shape != ():
+        raise ValueError(f"`{argument}` must be a scalar, got shape {x.shape}.")
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+        raise TypeError(f"`{argument}` must be a real number, got a traced {x.dtype}.")
+
+
 def check_unit_interval(x: Any, argument: str, *, closed_right: bool = False) -> None:
     """Checks a hyperparameter in [0, 1) (or [0, 1]) when its value is concrete.
 
     Traced values pass through: a hyperparameter may be a traced array so that
-    changing it does not retrace.
+    changing it does not retrace (`option_valid` then makes the loss NaN).
     """
     if isinstance(x, jax.core.Tracer):
+        _traced_scalar(x, argument)
         return
-    value = np.asarray(x)
-    if value.shape != ():
-        raise ValueError(f"`{argument}` must be a scalar, got shape {value.shape}.")
+    value = _concrete_scalar(x, argument)
     upper_ok = value <= 1 if closed_right else value < 1
     if not (value >= 0 and upper_ok):
         interval = "[0, 1]" if closed_right else "[0, 1)"
@@ -113,18 +148,70 @@ def check_unit_interval(x: Any, argument: str, *, closed_right: bool = False) ->
 
 def check_scalar(x: Any, argument: str) -> None:
     if isinstance(x, jax.core.Tracer):
-        if x.shape != ():
-            raise ValueError(f"`{argument}` must be a scalar, got shape {x.shape}.")
+        _traced_scalar(x, argument)
         return
-    value = np.asarray(x)
-    if value.shape != ():
-        raise ValueError(f"`{argument}` must be a scalar, got shape {value.shape}.")
-    if not np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.complexfloating):
-        raise TypeError(f"`{argument}` must be a real number, got {x!r}.")
+    _concrete_scalar(x, argument)
 
 
-def normalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
-    """Returns the class axes as sorted, non-negative, distinct ints."""
+def check_nonnegative(x: Any, argument: str) -> None:
+    """Checks a scalar hyperparameter that must be >= 0 (e.g. `z_loss`) when concrete."""
+    check_scalar(x, argument)
+    if not isinstance(x, jax.core.Tracer) and not np.asarray(x) >= 0:
+        raise ValueError(f"`{argument}` must be non-negative, got {x!r}.")
+
+
+def option_valid(
+    x: Any,
+    argument: str,
+    *,
+    low: float = 0.0,
+    high: float | None = None,
+    closed_right: bool = False,
+) -> jax.Array | None:
+    """For a traced hyperparameter, a scalar that is False when it is out of range.
+
+    A concrete value was checked eagerly (None here). A traced one cannot
+    raise; the loss becomes NaN where this is False (never a plausible
+    number), and under `jaxce.checked` it fails naming the argument.
+    """
+    if not isinstance(x, jax.core.Tracer):
+        return None
+    valid = x >= low
+    if high is not None:
+        valid = valid & ((x <= high) if closed_right else (x < high))
+    interval = f"[{low:g}, {'inf' if high is None else f'{high:g}'}" + (
+        "]" if closed_right else ")"
+    )
+    check_values(valid, x, argument, f"in {interval}")
+    return valid
+
+
+def all_valid(*flags: jax.Array | None) -> jax.Array | None:
+    """The conjunction of the flags that are not None (None if all are)."""
+    present = [f for f in flags if f is not None]
+    if not present:
+        return None
+    result = present[0]
+    for flag in present[1:]:
+        result = result & flag
+    return result
+
+
+def nan_unless(valid: jax.Array | None, loss: jax.Array) -> jax.Array:
+    """``loss``, or NaN where ``valid`` (broadcastable) is False."""
+    if valid is None:
+        return loss
+    return jnp.where(valid, loss, jnp.nan)
+
+
+def normalize_axes(
+    axis: int | Sequence[int], ndim: int, argument: str = "logits"
+) -> tuple[int, ...]:
+    """Returns the class axes as non-negative, distinct ints, in the order given.
+
+    The order matters: a tuple of class axes is flattened in that order (as
+    optax does), and an integer label indexes the flattened slice.
+    """
     if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
         axes: tuple[int, ...] = (int(axis),)
     elif isinstance(axis, tuple) and all(
@@ -140,10 +227,10 @@ def normalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     for a in axes:
         if not -ndim <= a < ndim:
             raise ValueError(
-                f"`axis` {a} is out of range for `logits` of rank {ndim}: expected "
+                f"`axis` {a} is out of range for `{argument}` of rank {ndim}: expected "
                 f"an axis in [{-ndim}, {ndim})."
             )
-    canonical = tuple(sorted(a % ndim for a in axes))
+    canonical = tuple(a % ndim for a in axes)
     if len(set(canonical)) != len(canonical):
         raise ValueError(f"`axis` has repeated axes: {axis!r}.")
     return canonical

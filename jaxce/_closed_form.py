@@ -30,23 +30,44 @@ from jax.custom_derivatives import SymbolicZero
 def softmax_parts(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``(row_max, log_normalizer, p, total)`` over the last axis of compute-dtype ``x``.
 
-    ``row_max`` is the stop-gradient row maximum, 0 for rows without a finite
-    entry (so ``x - row_max`` never makes ``inf - inf``); ``log_normalizer`` is
+    ``row_max`` is the stop-gradient row maximum, 0 where it is infinite
+    (so ``x - row_max`` never makes ``inf - inf``) and NaN where a logit is; ``log_normalizer`` is
     ``log sum_c exp(x_c - row_max)`` (``-inf`` for a row of ``-inf``); ``p`` the
     softmax, exactly 0 at ``-inf`` entries and on empty rows (never NaN);
     ``total`` the row sum of ``exp(x - row_max)``. Excluded classes are ``-inf``.
     """
-    row_max = jnp.max(x, axis=-1, keepdims=True)
-    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0))
+    row_max = jax.lax.stop_gradient(finite_shift(jnp.max(x, axis=-1, keepdims=True)))
     # Every exp(x - max) is at most 1: no overflow; the largest term is 1, so
     # the sum is at least 1 on any row with a finite entry.
     unnormalised = jnp.exp(x - row_max)
     total = jnp.sum(unnormalised, axis=-1)
-    nonempty = total > 0
-    log_normalizer = jnp.where(nonempty, jnp.log(jnp.where(nonempty, total, 1)), -jnp.inf)
-    reciprocal = jnp.where(nonempty, 1 / jnp.where(nonempty, total, 1), 0)
-    p = unnormalised * reciprocal[..., None]
-    return row_max[..., 0], log_normalizer, p, total
+    return row_max[..., 0], log_of_total(total), unnormalised * reciprocal_of_total(total), total
+
+
+def finite_shift(row_max: jax.Array) -> jax.Array:
+    """The row maximum as a shift: 0 for an infinite one (no ``inf - inf``), NaN kept.
+
+    A NaN logit makes the maximum NaN, and so the whole row NaN, as it must:
+    a row with a NaN in it has no meaningful loss.
+    """
+    return jnp.where(jnp.isinf(row_max), jnp.zeros_like(row_max), row_max)
+
+
+def log_of_total(total: jax.Array) -> jax.Array:
+    """``log(total)`` of a row sum of exponentials: ``-inf`` for an empty row, NaN kept.
+
+    ``log(0)`` stays out of the differentiated path, so an empty row (every
+    class excluded or ``-inf``) has a zero gradient, not ``0 * inf``. The test
+    is ``total == 0``, not ``total > 0``: a NaN sum must stay NaN.
+    """
+    empty = total == 0
+    return jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1, total)))
+
+
+def reciprocal_of_total(total: jax.Array) -> jax.Array:
+    """``1 / total`` as ``[..., 1]``: 0 for an empty row (so ``p = 0``, never NaN), NaN kept."""
+    empty = total == 0
+    return jnp.where(empty, 0, 1 / jnp.where(empty, 1, total))[..., None]
 
 
 def label_logit(x: jax.Array, labels: jax.Array) -> jax.Array:
@@ -108,9 +129,10 @@ def _weighted_shifted_sum(
     of ``w * (x - m)`` runs several times slower than that of ``(x - m) * w``.
 
     With ``zero_times_inf`` a zero weight on a ``-inf`` logit contributes 0
-    (``0 log 0 = 0``) and positive weight on one gives ``-inf``: the terms are
-    clamped at ``-finfo.max`` (so ``0 * -inf`` never happens) and a second,
-    equally fused sum finds the weight that sits on ``-inf`` logits. Without
+    (``0 log 0 = 0``) and positive (negative) weight on one gives ``-inf``
+    (``+inf``): the terms are clamped at ``-finfo.max`` (so ``0 * -inf`` never
+    happens) and two more, equally fused sums find the weight that sits on
+    ``-inf`` logits. Without
     it the plain product is summed (a zero weight on a ``-inf`` logit gives NaN).
     """
     shifted = x + (-row_max)[..., None]
@@ -123,8 +145,13 @@ def _weighted_shifted_sum(
         return jnp.sum(shifted * weights, axis=-1)
     lowest = jnp.finfo(x.dtype).min
     clamped = jnp.sum(jnp.maximum(shifted, lowest) * weights, axis=-1)
-    on_minus_inf = jnp.sum((x == -jnp.inf).astype(x.dtype) * weights, axis=-1)
-    return jnp.where(on_minus_inf > 0, -jnp.inf, clamped)
+    on_minus_inf = (x == -jnp.inf).astype(x.dtype)
+    positive = jnp.sum(on_minus_inf * jnp.maximum(weights, 0), axis=-1) > 0
+    negative = jnp.sum(on_minus_inf * jnp.minimum(weights, 0), axis=-1) < 0
+    # a * -inf is -inf for a > 0 and +inf for a < 0 (negative class weights);
+    # both in one row is -inf + inf.
+    infinite = jnp.where(positive, jnp.where(negative, jnp.nan, -jnp.inf), jnp.inf)
+    return jnp.where(positive | negative, infinite, clamped)
 
 
 def _terms(
@@ -137,7 +164,9 @@ def _terms(
     weighted = None
     if weights is not None:
         # sum_c a_c (-log p_c) = L sum_c a_c - sum_c a_c (x_c - m): for a >= 0
-        # both terms are >= 0 (L >= 0, x_c - m <= 0), so nothing cancels.
+        # both terms are >= 0 (L >= 0, x_c - m <= 0), so nothing cancels
+        # (negative class weights, which PyTorch allows, may cancel as its
+        # own formula does).
         total_weight = jnp.broadcast_to(_row_total(weights, x.shape[-1]), x.shape[:-1])
         # A row without weight (all targets 0, or every class excluded: L may
         # be -inf) contributes 0, never -inf * 0.

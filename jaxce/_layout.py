@@ -24,8 +24,10 @@ class ClassLayout:
     class_shape: tuple[int, ...]
 
     @classmethod
-    def of(cls, shape: tuple[int, ...], axis: int | Sequence[int]) -> ClassLayout:
-        axes = _checks.normalize_axes(axis, len(shape))
+    def of(
+        cls, shape: tuple[int, ...], axis: int | Sequence[int], argument: str = "logits"
+    ) -> ClassLayout:
+        axes = _checks.normalize_axes(axis, len(shape), argument)
         batch_shape = tuple(d for i, d in enumerate(shape) if i not in axes)
         class_shape = tuple(shape[a] for a in axes)
         return cls(len(shape), axes, batch_shape, class_shape)
@@ -39,19 +41,34 @@ class ClassLayout:
         return (*self.batch_shape, self.num_classes)
 
     def classes_last(self, x: jax.Array) -> jax.Array:
-        """`[...]` (full rank, broadcast already) to `[*batch_shape, num_classes]`."""
-        batch_axes = tuple(i for i in range(self.ndim) if i not in self.axes)
-        permutation = batch_axes + self.axes
+        """`[...]` (full rank, broadcast already) to `[*batch_shape, num_classes]`.
+
+        The class axes are flattened in the order `axes` gives them.
+        """
+        permutation = self.batch_axes + self.axes
         if permutation != tuple(range(self.ndim)):
             x = jnp.transpose(x, permutation)
-        return x.reshape(*x.shape[: len(batch_axes)], -1)
+        # The class count is spelt out: `-1` cannot be inferred for an empty batch.
+        return x.reshape(*x.shape[: len(self.batch_axes)], self.num_classes)
+
+    def unlayout(self, x: jax.Array) -> jax.Array:
+        """Inverse of `classes_last`: `[*batch_shape, num_classes]` back to the input's layout."""
+        x = x.reshape(*self.batch_shape, *self.class_shape)
+        permutation = self.batch_axes + self.axes
+        if permutation == tuple(range(self.ndim)):
+            return x
+        return jnp.transpose(x, tuple(int(i) for i in np.argsort(permutation)))
+
+    @property
+    def batch_axes(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.ndim) if i not in self.axes)
 
     def full_shape(self) -> tuple[int, ...]:
         shape = [0] * self.ndim
-        batch = iter(self.batch_shape)
-        classes = iter(self.class_shape)
-        for i in range(self.ndim):
-            shape[i] = next(classes) if i in self.axes else next(batch)
+        for i, d in zip(self.batch_axes, self.batch_shape, strict=True):
+            shape[i] = d
+        for i, d in zip(self.axes, self.class_shape, strict=True):
+            shape[i] = d
         return tuple(shape)
 
     def mask(self, where: Any) -> jax.Array | None:
@@ -90,8 +107,13 @@ class ClassLayout:
         return weight.reshape(self.num_classes)
 
 
-def check_class_weight_values(weight: jax.Array) -> None:
-    _checks.check_values(weight >= 0, weight, "weight", "non-negative")
+def require_classes(layout: ClassLayout, argument: str = "logits") -> None:
+    """A softmax needs at least one class: raise for a class axis of size 0."""
+    if layout.num_classes == 0:
+        raise ValueError(
+            f"`{argument}` has no classes: its class axes {layout.axes} have sizes "
+            f"{layout.class_shape}. A softmax cross-entropy needs at least one class."
+        )
 
 
 def batch_labels(labels: jax.Array, layout: ClassLayout) -> jax.Array:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _closed_form, _reduce, _softmax
+from jaxce import _checks, _closed_form, _integer_labels
 
 # Default chunk. Each chunk costs weight-sized memory traffic besides its
 # products (the vocabulary blocks of `weight` are copied for the hidden
@@ -188,10 +188,9 @@ def _row_loss(
     }
     loss = nll
     if shifted_sum is not None:
-        # PyTorch: (1 - eps) (-log p_y) + (eps / V) sum_c (-log p_c).
         smooth = vocab * log_normalizer - shifted_sum
         pieces["smooth"] = smooth
-        loss = (1 - smoothing) * nll + (smoothing / vocab) * smooth
+        loss = _integer_labels.mix(nll, smooth, None, smoothing, vocab)
     if static.z_loss:
         loss = loss + _closed_form.z_loss_term(z_coefficient, log_partition)
     return loss, pieces
@@ -587,6 +586,19 @@ def _per_token_loss(
     return jnp.concatenate([stacked[:-1].reshape(-1), stacked[-1, static.chunk - tail :]])
 
 
+# The entry points of the chunk loops, compiled once per configuration. Each
+# call builds fresh loop bodies (closures), so without `jit` here an eager
+# call would trace and compile its loops anew every time; inside a caller's
+# `jit` these are inlined.
+_weighted_loss_jit = jax.jit(_weighted_loss, static_argnums=0)
+_weighted_loss_and_grads_jit = jax.jit(
+    _weighted_loss_and_grads,
+    static_argnums=0,
+    static_argnames=("want_hidden", "want_weight", "want_bias"),
+)
+_per_token_loss_jit = jax.jit(_per_token_loss, static_argnums=(0, 7))
+
+
 def linear_cross_entropy(
     hidden: ArrayLike,
     weight: ArrayLike,
@@ -618,7 +630,9 @@ def linear_cross_entropy(
     the backward pass recomputes each chunk's logits (four).
 
     ``shift=1`` is next-token prediction: ``hidden[..., t, :]`` predicts
-    ``labels[..., t + 1]`` and the last position predicts nothing.
+    ``labels[..., t + 1]`` and the last position predicts nothing; ``shift=k``
+    predicts ``labels[..., t + k]`` (multi-token prediction) and the last
+    ``k`` positions predict nothing.
 
     Args:
       hidden: ``[..., D]`` hidden states (any leading dimensions; with
@@ -630,7 +644,8 @@ def linear_cross_entropy(
       label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
       z_loss: coefficient of PaLM's ``z_loss * logsumexp(x)**2``; may be traced.
       softcap: Gemma 2's logit soft cap :math:`c > 0`, or None.
-      shift: 0, or 1 for next-token prediction.
+      shift: ``k >= 0``, the offset of the predicted label (1 for next-token
+        prediction); needs ``T > k``.
       chunk_size: tokens per chunk. None picks 256 where a float32
         ``[256, V]`` buffer fits in 56 MiB, fewer where it does not, more (up
         to 32 MiB, at most 1024) for small vocabularies; budgets halved for
@@ -638,7 +653,7 @@ def linear_cross_entropy(
         the chunks (:func:`jaxce._linear.default_chunk_size`).
       reduction: ``"mean"`` (over counted tokens; 0 with zero gradients when
         none is counted), ``"sum"``, or ``"none"`` (``[...]``, or
-        ``[..., T - 1]`` with ``shift=1``).
+        ``[..., T - k]`` with ``shift=k``).
 
     Returns:
       The loss, float32 for half-precision inputs (float64 for float64).
@@ -682,10 +697,10 @@ def linear_cross_entropy(
         if reduction != "none":
             return jnp.zeros((), compute)
         empty = jnp.zeros(labels_shape, compute)
-        return empty[..., :-1] if shift else empty
+        return empty[..., : labels_shape[-1] - shift] if shift else empty
 
     if reduction == "none":
-        loss = _per_token_loss(
+        loss = _per_token_loss_jit(
             prepared.static,
             prepared.hidden,
             prepared.weight,
@@ -695,14 +710,12 @@ def linear_cross_entropy(
             prepared.z_coefficient,
             compute,
         )
-        loss = jnp.where(prepared.invalid, jnp.nan, jnp.where(prepared.counted, loss, 0))
-        loss = loss.reshape(labels_shape)
-        return loss[..., :-1] if shift else loss
+        loss = jnp.where(prepared.rule.counted, loss, 0)
+        loss = _integer_labels.reduce(prepared.rule, loss, None, "none").reshape(labels_shape)
+        return loss[..., : labels_shape[-1] - shift] if shift else loss
 
-    total = _weighted_loss(*prepared.weighted_arguments())
-    # A NaN constant, not a select: the gradients of the valid tokens stay as
-    # in the materialised formulation.
-    return total + jnp.where(jnp.any(prepared.invalid), jnp.nan, 0).astype(compute)
+    total = _weighted_loss_jit(*prepared.weighted_arguments())
+    return total + _integer_labels.nan_if_invalid(prepared.rule, compute)
 
 
 def gradients(
@@ -758,7 +771,7 @@ def gradients(
         d_weight = jnp.zeros((vocab, dim), weight_dtype)
         d_bias = None if bias_array is None else jnp.zeros((vocab,), bias_array.dtype)
         return d_hidden, d_weight, d_bias
-    out = _weighted_loss_and_grads(
+    out = _weighted_loss_and_grads_jit(
         *prepared.weighted_arguments(),
         want_hidden=True,
         want_weight=True,
@@ -779,8 +792,7 @@ class _Prepared:
     weight: jax.Array  # [V, D] in the matmul dtype
     bias: jax.Array | None
     target: jax.Array  # [N] int32 labels clipped to [0, V)
-    counted: jax.Array  # [N] bool: contributes to the loss
-    invalid: jax.Array  # [N] bool: label out of range (NaN loss)
+    rule: _integer_labels.LabelRule  # [N]: which tokens count, which are invalid
     row_weight: jax.Array  # [N] weight of each token's loss for `reduction`
     smoothing: jax.Array
     z_coefficient: jax.Array
@@ -818,10 +830,8 @@ def _prepare(
     weight = _checks.as_float_array(weight, "weight")
     labels = _checks.as_integer_labels(labels)
     bias = _checks.optional_float(bias, "bias")
-    _checks.check_reduction(reduction)
-    _checks.check_unit_interval(label_smoothing, "label_smoothing")
-    _checks.check_scalar(z_loss, "z_loss")
-    _check_arguments(hidden, weight, labels, bias, ignore_index, softcap, shift, chunk_size)
+    _integer_labels.check_options(reduction, label_smoothing, z_loss, ignore_index)
+    _check_arguments(hidden, weight, labels, bias, softcap, shift, chunk_size)
 
     compute = jnp.result_type(_checks.compute_dtype(hidden), _checks.compute_dtype(weight))
     matmul_dtype = jnp.result_type(hidden.dtype, weight.dtype)
@@ -832,19 +842,29 @@ def _prepare(
     position_counts = None
     if shift:
         # Shift the labels, not `hidden` (which slicing would copy): position t
-        # takes label t + 1, and the last position (padded with the valid label
-        # 0) is left out.
-        labels = jnp.concatenate([labels[..., 1:], jnp.zeros_like(labels[..., :1])], axis=-1)
-        position_counts = jnp.ones(labels.shape, bool).at[..., -1].set(False)
-    counted, invalid = _softmax.label_status(labels, vocab, ignore_index, position_counts)
-    counted, invalid = counted.reshape(-1), invalid.reshape(-1)
-    target = jnp.clip(labels, 0, vocab - 1).astype(jnp.int32).reshape(-1)
+        # takes label t + k, and the last k positions (padded with the valid
+        # label 0) are left out.
+        labels = jnp.concatenate(
+            [labels[..., shift:], jnp.zeros_like(labels[..., :shift])], axis=-1
+        )
+        position_counts = jnp.arange(labels.shape[-1]) < labels.shape[-1] - shift
+        position_counts = jnp.broadcast_to(position_counts, labels.shape).reshape(-1)
+    labels = labels.reshape(-1)
+    rule = _integer_labels.label_rule(
+        labels,
+        vocab,
+        class_weight=None,
+        ignore_index=ignore_index,
+        row_included=position_counts,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
+    target = jnp.clip(labels, 0, vocab - 1).astype(jnp.int32)
     flat_hidden = hidden.reshape(-1, dim)
     num_tokens = flat_hidden.shape[0]
-    row_weight = counted.astype(compute)
-    if reduction == "mean":
-        # PyTorch's mean over counted tokens; over none it is 0 (zero weights).
-        row_weight = _reduce.safe_divide(row_weight, jnp.sum(row_weight))
+    # Without class weights the cross-entropy and z-loss terms of a token are
+    # scaled alike: 1 for a counted token, or 1 / (number counted) for "mean".
+    row_weight = _integer_labels.gradient_scales(rule, reduction, compute).cross_entropy
 
     static = None
     if num_tokens:
@@ -873,8 +893,7 @@ def _prepare(
         weight=weight,
         bias=bias,
         target=target,
-        counted=counted,
-        invalid=invalid,
+        rule=rule,
         row_weight=row_weight,
         smoothing=jnp.asarray(label_smoothing, compute),
         z_coefficient=jnp.asarray(z_loss, compute),
@@ -888,7 +907,6 @@ def _check_arguments(
     weight: jax.Array,
     labels: jax.Array,
     bias: jax.Array | None,
-    ignore_index: Any,
     softcap: Any,
     shift: Any,
     chunk_size: Any,
@@ -901,6 +919,11 @@ def _check_arguments(
             f"axis of `hidden`), got {weight.shape}. The logits are `hidden @ weight.T`; "
             "pass the transpose if your weight is [D, V]."
         )
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(
+            f"`weight` has shape {weight.shape}: the vocabulary V and the hidden size D "
+            "must both be at least 1."
+        )
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(
             f"`labels` must have shape {hidden.shape[:-1]} (`hidden`'s shape without "
@@ -908,19 +931,33 @@ def _check_arguments(
         )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"`bias` must have shape ({weight.shape[0]},), got {bias.shape}.")
-    if ignore_index is not None and not isinstance(ignore_index, int):
-        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
-    if softcap is not None and (
-        isinstance(softcap, jax.core.Tracer)
-        or not isinstance(softcap, (int, float))
-        or not softcap > 0
-    ):
-        raise ValueError(f"`softcap` must be a positive Python float or None, got {softcap!r}.")
-    if shift not in (0, 1) or isinstance(shift, bool):
-        raise ValueError(f"`shift` must be 0 or 1, got {shift!r}.")
-    if shift and labels.ndim < 1:
-        raise ValueError("`shift=1` needs `hidden` of shape [..., T, D] and `labels` [..., T].")
+    check_softcap(softcap)
+    check_shift(shift, labels.shape)
     if chunk_size is not None and (
         not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
     ):
         raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
+
+
+def check_softcap(softcap: Any) -> None:
+    if softcap is not None and (
+        isinstance(softcap, (jax.core.Tracer, bool))
+        or not isinstance(softcap, (int, float))
+        or not softcap > 0
+        or softcap == float("inf")
+    ):
+        raise ValueError(
+            f"`softcap` must be a positive, finite Python float or None, got {softcap!r}."
+        )
+
+
+def check_shift(shift: Any, labels_shape: tuple[int, ...]) -> None:
+    """``shift = k >= 0``: position ``t`` predicts label ``t + k``, so ``T > k``."""
+    if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
+        raise ValueError(f"`shift` must be a non-negative int, got {shift!r}.")
+    if shift and (not labels_shape or labels_shape[-1] <= shift):
+        raise ValueError(
+            f"`shift={shift}` needs `hidden` of shape [..., T, D] and `labels` [..., T] "
+            f"with T > {shift} (position t predicts label t + {shift}); got `labels` of "
+            f"shape {labels_shape}."
+        )

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks
+from jaxce import _checks, _closed_form
 
 
 def log_sigmoid(x: ArrayLike) -> jax.Array:
@@ -57,14 +57,13 @@ def log1m_sigmoid(x: ArrayLike) -> jax.Array:
 
 
 def _stable_max(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.Array:
-    """Row maximum over `axes` (kept), 0 where a row has no finite entry.
+    """Row maximum over `axes` (kept): 0 where it is infinite, NaN where a logit is.
 
     It is a constant shift (`stop_gradient`): log-sum-exp does not depend on it,
     so its gradient would only add `0 * (...)` terms.
     """
     row_max = jnp.max(x, axis=axes, keepdims=True, where=mask, initial=-jnp.inf)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, jnp.zeros_like(row_max))
-    return jax.lax.stop_gradient(row_max)
+    return jax.lax.stop_gradient(_closed_form.finite_shift(row_max))
 
 
 def shifted_logits(
@@ -88,15 +87,13 @@ def log_sum_exp_shifted(shifted: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     The guard keeps ``log(0)`` out of the differentiated path, so an all-excluded
     row has a zero gradient instead of ``0 * inf = nan``.
     """
-    total = jnp.sum(jnp.exp(shifted), axis=axes, keepdims=True)
-    nonempty = total > 0
-    return jnp.where(nonempty, jnp.log(jnp.where(nonempty, total, 1)), -jnp.inf)
+    return _closed_form.log_of_total(jnp.sum(jnp.exp(shifted), axis=axes, keepdims=True))
 
 
 def _float_axes(x: jax.Array, axis: int | Sequence[int] | None) -> tuple[int, ...]:
     if axis is None:
         return tuple(range(x.ndim))
-    return _checks.normalize_axes(axis if isinstance(axis, int) else tuple(axis), x.ndim)
+    return _checks.normalize_axes(axis if isinstance(axis, int) else tuple(axis), x.ndim, "x")
 
 
 def logsumexp(
@@ -157,7 +154,7 @@ def log_softmax(
     an excluded or ``-inf`` entry gives ``-inf`` and no NaN in any gradient.
     """
     x = _checks.as_float_array(x, "x")
-    axes = _checks.normalize_axes(axis, x.ndim)
+    axes = _checks.normalize_axes(axis, x.ndim, "x")
     mask = None if where is None else _checks.as_mask(where, x.shape)
     x_compute = x.astype(_checks.compute_dtype(x))
     shifted, _ = shifted_logits(x_compute, axes, mask)

@@ -21,8 +21,11 @@ def clamped_log(p: jax.Array) -> jax.Array:
     return jnp.where(above, jnp.log(jnp.where(above, p, 1)), LOG_CLAMP)
 
 
-def _valid_probabilities(probs: jax.Array) -> jax.Array:
+def _valid_probabilities(probs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Probabilities in [0, 1], or excluded by ``mask`` (which then take no part)."""
     valid = (probs >= 0) & (probs <= 1)
+    if mask is not None:
+        valid = valid | ~mask
     _checks.check_values(valid, probs, "probs", "probabilities in [0, 1]")
     return valid
 
@@ -69,7 +72,7 @@ def binary_cross_entropy(
     valid = _valid_probabilities(p)
     loss = -(y * clamped_log(p) + (1 - y) * clamped_log(1 - p))
     if weight is not None:
-        loss = jnp.where(weight < 0, jnp.nan, weight.astype(p.dtype) * loss)
+        loss = weight.astype(p.dtype) * loss
     loss = jnp.where(valid, loss, jnp.nan)
     return _binary.masked_reduce(loss, mask, reduction)
 
@@ -81,7 +84,6 @@ class CategoricalInputs(NamedTuple):
     p: jax.Array
     targets: jax.Array  # labels times class weights
     mask: jax.Array | None
-    class_weight: jax.Array | None
 
 
 def categorical_inputs(
@@ -103,9 +105,8 @@ def categorical_inputs(
     p = layout.classes_last(probs).astype(compute)
     targets = _layout.dense_labels(labels, layout).astype(compute)
     if class_weight is not None:
-        _layout.check_class_weight_values(class_weight)
         targets = targets * class_weight.astype(compute).reshape((1,) * (p.ndim - 1) + (-1,))
-    return CategoricalInputs(layout, p, targets, mask, class_weight)
+    return CategoricalInputs(layout, p, targets, mask)
 
 
 def categorical_cross_entropy(
@@ -130,8 +131,9 @@ def categorical_cross_entropy(
       probs: ``[..., num_classes]`` probabilities (rows summing to 1).
       labels: one-hot or soft labels broadcastable to ``probs``.
       axis: class axis or tuple of axes.
-      weight: ``[num_classes]`` class weights.
-      where: boolean mask, of the probs' shape or of the batch shape.
+      weight: ``[num_classes]`` class weights (any sign, as in PyTorch).
+      where: boolean mask, of the probs' shape or of the batch shape;
+        excluded entries take no part (their values are not checked).
       reduction: ``"none"`` (``[...]``), ``"sum"`` or ``"mean"`` over examples.
 
     Returns:
@@ -145,13 +147,12 @@ def categorical_cross_entropy(
       0.424322
 
     A class with label 0 contributes 0 even at ``p = 0``; a probability outside
-    ``[0, 1]`` makes that example's loss NaN.
+    ``[0, 1]`` (NaN included) that ``where`` does not exclude makes that
+    example's loss NaN (``jaxce.checked`` raises).
     """
     inputs = categorical_inputs(probs, labels, axis, weight, where, reduction)
-    p, targets, mask, class_weight = inputs.p, inputs.targets, inputs.mask, inputs.class_weight
+    p, targets, mask = inputs.p, inputs.targets, inputs.mask
     take_part = targets != 0 if mask is None else mask & (targets != 0)
     loss = -jnp.sum(jnp.where(take_part, targets * clamped_log(p), 0), axis=-1)
-    loss = jnp.where(jnp.all(_valid_probabilities(p), axis=-1), loss, jnp.nan)
-    if class_weight is not None:
-        loss = jnp.where(jnp.any(class_weight < 0), jnp.nan, loss)
+    loss = jnp.where(jnp.all(_valid_probabilities(p, mask), axis=-1), loss, jnp.nan)
     return _reduce.reduce_examples(loss, mask, reduction)

@@ -8,40 +8,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _closed_form, _layout, _reduce
+from jaxce import _checks, _closed_form, _integer_labels, _layout, _reduce
 
 
 def _trailing(class_weight: jax.Array, ndim: int) -> jax.Array:
     """``[C]`` class weights as ``[1, ..., 1, C]``, to broadcast against ``ndim``-d logits."""
     return class_weight.reshape((1,) * (ndim - 1) + class_weight.shape)
-
-
-def label_status(
-    labels: jax.Array,
-    num_classes: int,
-    ignore_index: int | None,
-    row_has_class: jax.Array | None,
-) -> tuple[jax.Array, jax.Array]:
-    """``(counted, invalid)`` per example for integer labels.
-
-    An example counts when its label is in ``[0, num_classes)``, is not
-    ``ignore_index`` and its row has an included class (``row_has_class``, None
-    for all). An invalid label (out of range, not ignored, row included) makes
-    that example's loss NaN; under ``jaxce.checked`` it raises instead.
-    """
-    in_range = (labels >= 0) & (labels < num_classes)
-    ignored = (labels == ignore_index) if ignore_index is not None else jnp.zeros_like(in_range)
-    _checks.check_values(
-        in_range | ignored,
-        labels,
-        "labels",
-        f"class indices in [0, {num_classes})"
-        + (f" or ignore_index={ignore_index}" if ignore_index is not None else ""),
-    )
-    active = ~ignored
-    if row_has_class is not None:
-        active = active & row_has_class
-    return active & in_range, active & ~in_range
 
 
 def integer_label_loss(
@@ -57,19 +29,19 @@ def integer_label_loss(
 ) -> jax.Array:
     """The integer-label loss on `[..., C]` logits (compute dtype), labels `[...]`.
 
-    This is the one implementation behind `softmax_cross_entropy_with_integer_labels`
-    and `linear_cross_entropy`'s reference path.
+    The per-row terms come from the logits here; the rules that combine them
+    (what counts, weighting, smoothing, z-loss, NaN, reductions) are
+    `_integer_labels`', shared with the sharded, closed-form and fused losses.
     """
     num_classes = logits.shape[-1]
     if mask is not None:
         # An excluded class is a -inf logit: probability 0, zero gradient.
         logits = jnp.where(mask, logits, -jnp.inf)
-    smoothing_on = not _checks.is_concrete_zero(label_smoothing)
     smooth_weights = None
-    if smoothing_on:
-        # PyTorch: (1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c).
-        # Explicit leading axes keep this valid under jax_numpy_rank_promotion="raise".
-        # Without class weights, one weight of 1 stands for every class.
+    if not _checks.is_concrete_zero(label_smoothing):
+        # The smoothing term sum_c w_c (-log p_c). Explicit leading axes keep
+        # this valid under jax_numpy_rank_promotion="raise". Without class
+        # weights, one weight of 1 stands for every class.
         smooth_weights = (
             jnp.ones((1,) * logits.ndim, logits.dtype)
             if class_weight is None
@@ -88,57 +60,37 @@ def integer_label_loss(
     row_max, log_normalizer, nll, smooth = _closed_form.softmax_terms(
         logits, labels, smooth_weights, mask is not None
     )
-
-    counted, invalid = label_status(
-        labels, num_classes, ignore_index, None if mask is None else jnp.any(mask, axis=-1)
+    rule = _integer_labels.label_rule(
+        labels,
+        num_classes,
+        class_weight=class_weight,
+        ignore_index=ignore_index,
+        row_included=None if mask is None else jnp.any(mask, axis=-1),
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
     )
-
-    if class_weight is None:
-        label_weight = jnp.ones_like(nll)
-    else:
-        label_weight = class_weight[jnp.clip(labels, 0, num_classes - 1)]
-    loss = label_weight * nll
-    if smoothing_on:
-        smoothing = jnp.asarray(label_smoothing, loss.dtype)
-        loss = (1 - smoothing) * loss + (smoothing / num_classes) * smooth
-    if class_weight is not None:
-        _layout.check_class_weight_values(class_weight)
-        loss = jnp.where(jnp.any(class_weight < 0), jnp.nan, loss)
-    loss = jnp.where(counted, loss, 0)
-    loss = jnp.where(invalid, jnp.nan, loss)
-
-    if _checks.is_concrete_zero(z_loss):
-        z_term = None
-    else:
-        log_partition = log_normalizer + row_max
-        z_coefficient = jnp.asarray(z_loss, log_partition.dtype)
-        # Uncounted rows (an empty row has log Z = -inf) stay out of the product.
-        log_partition = jnp.where(counted, log_partition, 0)
-        z_term = _closed_form.z_loss_term(z_coefficient, log_partition)
-        z_term = jnp.where(counted, z_term, 0)
-
-    if reduction == "none":
-        return loss if z_term is None else loss + z_term
-    if reduction == "sum":
-        return jnp.sum(loss) if z_term is None else jnp.sum(loss) + jnp.sum(z_term)
-    # PyTorch's weighted mean: divide by the summed weights of counted examples.
-    count = jnp.sum(counted, dtype=loss.dtype)
-    denominator = count if class_weight is None else jnp.sum(jnp.where(counted, label_weight, 0))
-    mean = _reduce.safe_divide(jnp.sum(loss), denominator)
-    # z-loss is not class-weighted: its mean is over counted examples.
-    return mean if z_term is None else mean + _reduce.safe_divide(jnp.sum(z_term), count)
+    loss, z_term = _integer_labels.row_terms(
+        rule,
+        nll,
+        smooth,
+        log_normalizer + row_max,
+        num_classes=num_classes,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
+    return _integer_labels.reduce(rule, loss, z_term, reduction)
 
 
 def softmax_cross_entropy_with_integer_labels(
     logits: ArrayLike,
     labels: ArrayLike,
-    *,
     axis: int | Sequence[int] = -1,
+    where: ArrayLike | None = None,
+    *,
     weight: ArrayLike | None = None,
     ignore_index: int | None = None,
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
-    where: ArrayLike | None = None,
     reduction: str = "none",
 ) -> jax.Array:
     r"""Softmax cross-entropy with integer class labels (PyTorch's ``cross_entropy``).
@@ -157,19 +109,21 @@ def softmax_cross_entropy_with_integer_labels(
     z-loss by the number of counted examples. Examples whose label equals
     ``ignore_index``, or whose classes are all excluded by ``where``, are not
     counted; a mean over nothing is 0, with zero gradients (PyTorch: NaN).
+    Counted examples whose class weights sum to 0 divide by 0, as in PyTorch.
 
     Args:
       logits: ``[..., num_classes]`` floating logits.
-      labels: ``[...]`` integer class indices (the logits' shape without the
+      labels: ``[...]`` integer class indices, of any integer dtype (the logits' shape without the
         class axes). With a tuple ``axis`` a label indexes the flattened class
         slice.
-      axis: class axis, or a tuple of class axes.
-      weight: ``[num_classes]`` non-negative class weights.
-      ignore_index: label value of examples to skip (e.g. ``-100``).
-      label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
-      z_loss: coefficient :math:`z` of PaLM's auxiliary loss; may be traced.
+      axis: class axis, or a tuple of class axes (flattened in that order).
       where: boolean mask, of the logits' shape (excluded classes get
         probability 0) or of the batch shape (excluded examples).
+      weight: ``[num_classes]`` class weights (any sign, as in PyTorch).
+      ignore_index: label value of examples to skip (e.g. ``-100``).
+      label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
+      z_loss: coefficient :math:`z \ge 0` of PaLM's auxiliary loss; may be
+        traced.
       reduction: ``"none"`` (``[...]``), ``"sum"`` or ``"mean"`` (scalars).
 
     Returns:
@@ -184,16 +138,15 @@ def softmax_cross_entropy_with_integer_labels(
     Logits of ``+-1e30`` give finite losses and gradients. A ``-inf`` logit or
     an excluded class gets probability 0 and an exactly zero gradient. A label
     outside ``[0, num_classes)`` that is not ``ignore_index`` (negative ones
-    included) gives that example a NaN loss; ``jaxce.checked`` raises instead.
+    included) gives that example a NaN loss, and so does a NaN logit of a class
+    that takes part; a traced ``label_smoothing`` outside ``[0, 1)`` or a
+    negative ``z_loss`` makes every loss NaN. ``jaxce.checked`` raises instead.
     """
     logits = _checks.as_float_array(logits, "logits")
     labels = _checks.as_integer_labels(labels)
-    _checks.check_reduction(reduction)
-    _checks.check_unit_interval(label_smoothing, "label_smoothing")
-    _checks.check_scalar(z_loss, "z_loss")
-    if ignore_index is not None and not isinstance(ignore_index, int):
-        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
+    _integer_labels.check_options(reduction, label_smoothing, z_loss, ignore_index)
     layout = _layout.ClassLayout.of(logits.shape, axis)
+    _layout.require_classes(layout)
     labels = _layout.batch_labels(labels, layout)
     mask = layout.mask(where)
     class_weight = layout.class_weight(weight)
@@ -213,11 +166,11 @@ def softmax_cross_entropy_with_integer_labels(
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    *,
     axis: int | Sequence[int] | None = -1,
+    where: ArrayLike | None = None,
+    *,
     weight: ArrayLike | None = None,
     label_smoothing: ArrayLike = 0.0,
-    where: ArrayLike | None = None,
     reduction: str = "none",
 ) -> jax.Array:
     r"""Softmax cross-entropy against probability (one-hot or soft) labels.
@@ -234,11 +187,12 @@ def softmax_cross_entropy(
     Args:
       logits: ``[..., num_classes]`` floating logits.
       labels: probabilities broadcastable to ``logits``' shape.
-      axis: class axis or tuple of axes; ``None`` (as in optax): every axis.
-      weight: ``[num_classes]`` class weights.
-      label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
+      axis: class axis or tuple of axes (flattened in that order); ``None``
+        (as in optax): every axis.
       where: boolean mask of the logits' shape (excluded classes take no part)
         or of the batch shape (excluded examples).
+      weight: ``[num_classes]`` class weights (any sign, as in PyTorch).
+      label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
       reduction: ``"none"`` (``[...]``), ``"sum"`` or ``"mean"``.
 
     Returns:
@@ -253,7 +207,9 @@ def softmax_cross_entropy(
 
     A class with label 0 contributes 0 even when its logit is ``-inf``
     (:math:`0 \log 0 = 0`, where optax gives NaN); positive label mass on a
-    ``-inf`` logit gives ``+inf``.
+    ``-inf`` logit gives ``+inf`` (``-inf`` for a negative class weight). A NaN
+    logit of a class that takes part makes the example's loss NaN; so does a
+    traced ``label_smoothing`` outside ``[0, 1)`` (``jaxce.checked`` raises).
     """
     logits = _checks.as_float_array(logits, "logits")
     labels = _checks.as_float_array(labels, "labels")
@@ -262,6 +218,7 @@ def softmax_cross_entropy(
     if axis is None:
         axis = tuple(range(logits.ndim))
     layout = _layout.ClassLayout.of(logits.shape, axis)
+    _layout.require_classes(layout)
     mask = layout.mask(where)
     class_weight = layout.class_weight(weight)
     compute = _checks.compute_dtype(logits)
@@ -284,7 +241,7 @@ def softmax_cross_entropy(
     # -inf logit. The derivative rule (p sum_c a_c - a, and -log p for the
     # targets) lives in `_closed_form`, shared with `jaxce.derivatives`.
     _, _, _, loss = _closed_form.softmax_terms(x, None, weighted_targets, True)
-    if class_weight is not None:
-        _layout.check_class_weight_values(class_weight)
-        loss = jnp.where(jnp.any(class_weight < 0), jnp.nan, loss)
+    loss = _checks.nan_unless(
+        _checks.option_valid(label_smoothing, "label_smoothing", high=1.0), loss
+    )
     return _reduce.reduce_examples(loss, mask, reduction)

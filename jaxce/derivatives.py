@@ -21,10 +21,11 @@ Conventions shared by every function here:
 - Elements or classes excluded by ``where``, examples whose label is
   ``ignore_index``, and everything a mean over zero examples touches have an
   exactly zero gradient.
-- Invalid values (a label outside ``[0, C)``, a probability outside ``[0, 1]``,
-  a negative weight) make the loss NaN. The closed form then gives the
-  affected elements a zero gradient, which is what ``jax.grad`` of the shipped
-  loss gives; the NaN loss is the signal, and ``jaxce.checked`` raises.
+- Invalid values (a label outside ``[0, C)``, a probability outside ``[0, 1]``)
+  make the loss NaN. The closed form then gives the affected elements a zero
+  gradient, which is what ``jax.grad`` of the shipped loss gives; the NaN loss
+  is the signal, and ``jaxce.checked`` raises. Negative weights are valid, as
+  in PyTorch, and enter the gradients as they are.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _binary, _checks, _closed_form, _layout, _linear, _probabilities
+from jaxce import _binary, _checks, _closed_form, _integer_labels, _layout, _linear, _probabilities
 
 __all__ = [
     "binary_cross_entropy",
@@ -50,19 +51,6 @@ __all__ = [
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
 ]
-
-
-def _unlayout(gradient: jax.Array, layout: _layout.ClassLayout) -> jax.Array:
-    """Inverse of ``layout.classes_last``: `[*batch, C]` back to the input's layout."""
-    gradient = gradient.reshape(*layout.batch_shape, *layout.class_shape)
-    batch_axes = tuple(i for i in range(layout.ndim) if i not in layout.axes)
-    permutation = batch_axes + layout.axes
-    if permutation == tuple(range(layout.ndim)):
-        return gradient
-    inverse = [0] * layout.ndim
-    for position, axis in enumerate(permutation):
-        inverse[axis] = position
-    return jnp.transpose(gradient, inverse)
 
 
 def _per_class(class_weight: jax.Array, ndim: int) -> jax.Array:
@@ -187,7 +175,7 @@ def logsumexp(
         mask = layout.classes_last(full)
     x_last = layout.classes_last(x).astype(_checks.compute_dtype(x))
     p, _, _, _ = _softmax_parts(x_last, mask)
-    return _unlayout(p, layout).astype(x.dtype)
+    return layout.unlayout(p).astype(x.dtype)
 
 
 def log_softmax(
@@ -227,7 +215,7 @@ def log_softmax(
     else:
         included = jnp.sum(mask, axis=-1, keepdims=True, dtype=x_last.dtype)
         gradient = jnp.where(mask, 1 - included * p, 0)
-    return _unlayout(gradient, layout).astype(x.dtype)
+    return layout.unlayout(gradient).astype(x.dtype)
 
 
 def sigmoid_binary_cross_entropy(
@@ -270,8 +258,7 @@ def sigmoid_binary_cross_entropy(
       >>> print(jaxce.derivatives.sigmoid_binary_cross_entropy(x, y, reduction="mean"))
       [-0.25       0.4403985]
 
-    Finite for every finite logit; a negative ``weight`` or ``pos_weight``
-    (NaN loss) gives that element a zero gradient.
+    Finite for every finite logit.
     """
     dtype = _checks.as_float_array(logits, "logits").dtype
     x, y, mask, _ = _binary.elementwise_inputs(logits, labels, where, reduction)
@@ -289,10 +276,8 @@ def sigmoid_binary_cross_entropy(
         pos_weight = jnp.broadcast_to(pos_weight, x.shape)
         pw = pos_weight.astype(x.dtype)
         gradient = (1 - y) * s - pw * y * (1 - s)
-        gradient = jnp.where(pos_weight < 0, 0, gradient)
     if weight is not None:
-        weight = jnp.broadcast_to(weight, x.shape)
-        gradient = jnp.where(weight < 0, 0, weight.astype(x.dtype) * gradient)
+        gradient = jnp.broadcast_to(weight, x.shape).astype(x.dtype) * gradient
     gradient = gradient * _elementwise_scale(mask, x.shape, reduction, x.dtype)
     return jnp.broadcast_to(gradient, x.shape).astype(dtype)
 
@@ -402,8 +387,8 @@ def binary_cross_entropy(
       [-2.    1.25]
 
     :math:`y/p` overflows to ``inf`` in float32 for ``p`` below about ``y *
-    3e-39`` (as ``jax.grad`` does); a probability outside ``[0, 1]`` or a
-    negative weight (NaN loss) gives a zero gradient.
+    3e-39`` (as ``jax.grad`` does); a probability outside ``[0, 1]`` (NaN
+    loss) gives a zero gradient.
     """
     dtype = _checks.as_float_array(probs, "probs").dtype
     p, y, mask, _ = _binary.elementwise_inputs(probs, labels, where, reduction)
@@ -418,8 +403,7 @@ def binary_cross_entropy(
     )
     gradient = -y * inv_p + (1 - y) * inv_1mp
     if weight is not None:
-        weight = jnp.broadcast_to(weight, p.shape)
-        gradient = jnp.where(weight < 0, 0, weight.astype(p.dtype) * gradient)
+        gradient = jnp.broadcast_to(weight, p.shape).astype(p.dtype) * gradient
     gradient = jnp.where((p >= 0) & (p <= 1), gradient, 0)
     gradient = gradient * _elementwise_scale(mask, p.shape, reduction, p.dtype)
     return jnp.broadcast_to(gradient, p.shape).astype(dtype)
@@ -461,22 +445,19 @@ def categorical_cross_entropy(
       >>> print(jaxce.derivatives.categorical_cross_entropy(p, y))
       [[-2.  0.  0.]]
 
-    A row with a probability outside ``[0, 1]`` (NaN loss) or any negative
-    class weight gives a zero gradient.
+    A row with a probability outside ``[0, 1]`` (NaN loss) gives a zero gradient.
     """
     inputs = _probabilities.categorical_inputs(probs, labels, axis, weight, where, reduction)
     layout, p, targets, mask = inputs.layout, inputs.p, inputs.targets, inputs.mask
-    class_weight, compute = inputs.class_weight, inputs.p.dtype
+    compute = inputs.p.dtype
     take_part = targets != 0 if mask is None else mask & (targets != 0)
     threshold = jnp.exp(jnp.asarray(_probabilities.LOG_CLAMP, compute))
     above = p > threshold
     gradient = jnp.where(take_part & above, -targets / jnp.where(above, p, 1), 0)
     valid_row = jnp.all((p >= 0) & (p <= 1), axis=-1, keepdims=True)
     gradient = jnp.where(valid_row, gradient, 0)
-    if class_weight is not None:
-        gradient = jnp.where(jnp.any(class_weight < 0), 0, gradient)
     gradient = gradient * _example_scale(mask, layout.batch_shape, reduction, compute)
-    return _unlayout(gradient, layout).astype(jnp.result_type(probs))
+    return layout.unlayout(gradient).astype(jnp.result_type(probs))
 
 
 def _example_scale(mask: jax.Array | None, batch_shape: tuple[int, ...], reduction: str, dtype):
@@ -490,11 +471,11 @@ def _example_scale(mask: jax.Array | None, batch_shape: tuple[int, ...], reducti
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    *,
     axis: int | Sequence[int] = -1,
+    where: ArrayLike | None = None,
+    *,
     weight: ArrayLike | None = None,
     label_smoothing: ArrayLike = 0.0,
-    where: ArrayLike | None = None,
     reduction: str = "none",
 ) -> jax.Array:
     r"""Gradient of :func:`jaxce.softmax_cross_entropy` with respect to ``logits``.
@@ -526,14 +507,14 @@ def softmax_cross_entropy(
       [[-0.5  0.5]]
 
     Finite for logits of ``+-1e30`` and ``-inf`` (a ``-inf`` class has
-    :math:`p_j = 0`); a row without any finite logit has a zero gradient, and
-    any negative class weight (NaN loss) zeroes the whole gradient.
+    :math:`p_j = 0`); a row without any finite logit has a zero gradient.
     """
     logits = _checks.as_float_array(logits, "logits")
     labels = _checks.as_float_array(labels, "labels")
     _checks.check_reduction(reduction)
     _checks.check_unit_interval(label_smoothing, "label_smoothing")
     layout = _layout.ClassLayout.of(logits.shape, axis)
+    _layout.require_classes(layout)
     mask = layout.mask(where)
     class_weight = layout.class_weight(weight)
     compute = _checks.compute_dtype(logits)
@@ -551,10 +532,8 @@ def softmax_cross_entropy(
     p, _, _, _ = _softmax_parts(x, mask)
     # p_j sum_c a_c - a_j: the function the loss's derivative rule uses.
     gradient = _closed_form.weighted_gradient(p, weighted)
-    if class_weight is not None:
-        gradient = jnp.where(jnp.any(class_weight < 0), 0, gradient)
     gradient = gradient * _example_scale(mask, layout.batch_shape, reduction, compute)
-    return _unlayout(gradient, layout).astype(logits.dtype)
+    return layout.unlayout(gradient).astype(logits.dtype)
 
 
 def _integer_label_logit_gradient(
@@ -568,66 +547,61 @@ def _integer_label_logit_gradient(
     z_loss: ArrayLike,
     reduction: str,
 ) -> jax.Array:
-    """Gradient of the integer-label loss on `[..., C]` compute-dtype logits (classes last)."""
+    """Gradient of the integer-label loss on `[..., C]` compute-dtype logits (classes last).
+
+    Which examples count and what each term is scaled by (PyTorch's weighted
+    mean) are `_integer_labels`' rules, the loss's own.
+    """
     num_classes = x.shape[-1]
     p, log_normalizer, row_max, _ = _softmax_parts(x, mask)
-    in_range = (labels >= 0) & (labels < num_classes)
-    ignored = (labels == ignore_index) if ignore_index is not None else jnp.zeros_like(in_range)
-    active = ~ignored
-    if mask is not None:
-        active = active & jnp.any(mask, axis=-1)
-    counted = active & in_range
-
-    if class_weight is None:
-        label_weight = jnp.ones(labels.shape, x.dtype)
-    else:
-        label_weight = class_weight[jnp.clip(labels, 0, num_classes - 1)]
+    rule = _integer_labels.label_rule(
+        labels,
+        num_classes,
+        class_weight=class_weight,
+        ignore_index=ignore_index,
+        row_included=None if mask is None else jnp.any(mask, axis=-1),
+    )
+    scales = _integer_labels.gradient_scales(rule, reduction, x.dtype)
+    label_weight = rule.label_weight
     # d(-log p_y)/dx_j = p_j - [j = y]; every formula below is the one the
     # loss's derivative rule uses (`jaxce._closed_form`).
-    gradient = label_weight[..., None] * _closed_form.label_gradient(p, labels)
+    gradient = _closed_form.label_gradient(p, labels)
+    if label_weight is not None:
+        gradient = label_weight[..., None] * gradient
+    smooth = None
     if not _checks.is_concrete_zero(label_smoothing):
-        # d/dx_j (eps/C) sum_c w_c (-log p_c) = (eps/C) (p_j sum_c w_c - w_j).
-        smoothing = jnp.asarray(label_smoothing, x.dtype)
+        # d/dx_j sum_c w_c (-log p_c) = p_j sum_c w_c - w_j.
         weights = jnp.ones((num_classes,), x.dtype) if class_weight is None else class_weight
         weights = _per_class(weights, x.ndim)
-        included = weights if mask is None else jnp.where(mask, weights, 0)
-        smooth = _closed_form.weighted_gradient(p, included)
-        gradient = (1 - smoothing) * gradient + (smoothing / num_classes) * smooth
-    if mask is not None:
-        # An excluded class is not a variable of the loss: its gradient is 0.
-        gradient = jnp.where(mask, gradient, 0)
-    if class_weight is not None:
-        gradient = jnp.where(jnp.any(class_weight < 0), 0, gradient)
-    gradient = jnp.where(counted[..., None], gradient, 0)
-    if reduction == "mean":
-        count = jnp.sum(counted, dtype=x.dtype)
-        denominator = (
-            count if class_weight is None else jnp.sum(jnp.where(counted, label_weight, 0))
+        smooth = _closed_form.weighted_gradient(
+            p, weights if mask is None else jnp.where(mask, weights, 0)
         )
-        gradient = gradient * _mean_scale(denominator, "mean")
+    gradient = _integer_labels.mix(gradient, smooth, None, label_smoothing, num_classes)
+    gradient = gradient * scales.cross_entropy[..., None]
 
     if not _checks.is_concrete_zero(z_loss):
         # d/dx_j z (log Z)^2 = 2 z log Z p_j; under "mean" averaged over counted examples.
-        log_partition = jnp.where(counted, log_normalizer + row_max, 0)
+        log_partition = jnp.where(rule.counted, log_normalizer + row_max, 0)
         z_coefficient = jnp.asarray(z_loss, x.dtype)
         z_gradient = _closed_form.z_loss_gradient(p, z_coefficient, log_partition)
-        z_gradient = jnp.where(counted[..., None], z_gradient, 0)
-        if reduction == "mean":
-            z_gradient = z_gradient * _mean_scale(jnp.sum(counted, dtype=x.dtype), "mean")
-        gradient = gradient + z_gradient
+        gradient = gradient + z_gradient * scales.z_loss[..., None]
+    if mask is not None:
+        # An excluded class is not a variable of the loss: its gradient is 0
+        # (also when the mean's scale is infinite: counted weights summing to 0).
+        gradient = jnp.where(mask, gradient, 0)
     return gradient
 
 
 def softmax_cross_entropy_with_integer_labels(
     logits: ArrayLike,
     labels: ArrayLike,
-    *,
     axis: int | Sequence[int] = -1,
+    where: ArrayLike | None = None,
+    *,
     weight: ArrayLike | None = None,
     ignore_index: int | None = None,
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
-    where: ArrayLike | None = None,
     reduction: str = "none",
 ) -> jax.Array:
     r"""Gradient of :func:`jaxce.softmax_cross_entropy_with_integer_labels` w.r.t. ``logits``.
@@ -668,17 +642,13 @@ def softmax_cross_entropy_with_integer_labels(
 
     Finite for logits of ``+-1e30`` and ``-inf``. An out-of-range label (NaN
     loss) gives its example a zero gradient and leaves the mean's denominator
-    alone, as ``jax.grad`` of the loss does; any negative class weight zeroes
-    the cross-entropy part.
+    alone, as ``jax.grad`` of the loss does.
     """
     logits = _checks.as_float_array(logits, "logits")
     labels = _checks.as_integer_labels(labels)
-    _checks.check_reduction(reduction)
-    _checks.check_unit_interval(label_smoothing, "label_smoothing")
-    _checks.check_scalar(z_loss, "z_loss")
-    if ignore_index is not None and not isinstance(ignore_index, int):
-        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
+    _integer_labels.check_options(reduction, label_smoothing, z_loss, ignore_index)
     layout = _layout.ClassLayout.of(logits.shape, axis)
+    _layout.require_classes(layout)
     labels = _layout.batch_labels(labels, layout)
     mask = layout.mask(where)
     class_weight = layout.class_weight(weight)
@@ -693,7 +663,7 @@ def softmax_cross_entropy_with_integer_labels(
         z_loss=z_loss,
         reduction=reduction,
     )
-    return _unlayout(gradient, layout).astype(logits.dtype)
+    return layout.unlayout(gradient).astype(logits.dtype)
 
 
 def linear_cross_entropy(

@@ -24,13 +24,13 @@ transposes each ``psum`` into another ``psum`` and the gradient comes out
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _closed_form, _layout, _reduce, _softmax
+from jaxce import _checks, _closed_form, _integer_labels, _layout, _linear
 
 AxisName = Hashable | Sequence[Hashable]
 
@@ -66,32 +66,6 @@ def _global_class_weight(
     return weight
 
 
-def _reduce_rows(
-    loss: jax.Array,
-    z_term: jax.Array | None,
-    counted: jax.Array,
-    label_weight: jax.Array | None,
-    reduction: str,
-    batch_axis_name: AxisName | None,
-) -> jax.Array:
-    """``integer_label_loss``'s reductions, summed over ``batch_axis_name`` too."""
-    if reduction == "none":
-        return loss if z_term is None else loss + z_term
-
-    def total(x: jax.Array) -> jax.Array:
-        x = jnp.sum(x)
-        return x if batch_axis_name is None else jax.lax.psum(x, batch_axis_name)
-
-    if reduction == "sum":
-        return total(loss) if z_term is None else total(loss) + total(z_term)
-    count = total(counted.astype(loss.dtype))
-    # PyTorch's weighted mean: divide by the summed weights of counted examples.
-    denominator = count if label_weight is None else total(jnp.where(counted, label_weight, 0))
-    mean = _reduce.safe_divide(total(loss), denominator)
-    # z-loss is not class-weighted: its mean is over counted examples.
-    return mean if z_term is None else mean + _reduce.safe_divide(total(z_term), count)
-
-
 def _vocab_parallel_loss(
     logits_shard: jax.Array,
     labels: jax.Array,
@@ -116,11 +90,11 @@ def _vocab_parallel_loss(
     # not depend on it. pmax of the shard maxima is the global row maximum.
     local_max = jnp.max(logits_shard, axis=-1, where=mask, initial=-jnp.inf)
     row_max = jax.lax.pmax(jax.lax.stop_gradient(local_max), axis_name)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, jnp.zeros_like(row_max))
+    row_max = _closed_form.finite_shift(row_max)
     shifted = logits_shard - row_max[..., None]
     if mask is not None:
         shifted = jnp.where(mask, shifted, -jnp.inf)
-    classes = offset + jax.lax.broadcasted_iota(jnp.int32, shifted.shape, shifted.ndim - 1)
+    classes = offset + jax.lax.broadcasted_iota(labels.dtype, shifted.shape, shifted.ndim - 1)
     is_label = classes == labels[..., None]
     smoothing_on = not _checks.is_concrete_zero(label_smoothing)
     shard_weight = (
@@ -130,70 +104,72 @@ def _vocab_parallel_loss(
     )
 
     # Every per-row partial sum goes into one psum: O(rows) words per device.
-    partial = {
-        "sum_exp": jnp.sum(jnp.exp(shifted), axis=-1),
+    partial = _PartialSums(
+        sum_exp=jnp.sum(jnp.exp(shifted), axis=-1),
         # x_y - m from the one shard that holds class y (0 elsewhere), picked
         # with a select so that its gradient fuses with the softmax term.
-        "label_shifted": jnp.sum(jnp.where(is_label, shifted, 0), axis=-1),
-    }
-    if mask is not None:
-        partial["included"] = jnp.sum(mask, axis=-1, dtype=shifted.dtype)
+        label_shifted=jnp.sum(jnp.where(is_label, shifted, 0), axis=-1),
+        included=None if mask is None else jnp.sum(mask, axis=-1, dtype=shifted.dtype),
+    )
     if smoothing_on:
         # sum_c w_c (-log p_c) = L sum_c w_c - sum_c w_c (x_c - m) with
-        # L = log sum_j exp(x_j - m) >= 0 and x_c - m <= 0: both terms are
-        # non-negative, so the split adds without cancellation.
+        # L = log sum_j exp(x_j - m) >= 0 and x_c - m <= 0: for w >= 0 both
+        # terms are non-negative, so the split adds without cancellation.
         included = jnp.ones_like(is_label) if mask is None else mask
         weights = (
             jnp.ones_like(shifted)
             if shard_weight is None
             else jnp.broadcast_to(shard_weight, shifted.shape)
         )
-        partial["weight_total"] = jnp.sum(jnp.where(included, weights, 0), axis=-1)
-        partial["weighted_shifted"] = jnp.sum(jnp.where(included, weights * shifted, 0), axis=-1)
+        partial = partial._replace(
+            weight_total=jnp.sum(jnp.where(included, weights, 0), axis=-1),
+            weighted_shifted=jnp.sum(jnp.where(included, weights * shifted, 0), axis=-1),
+        )
     total = jax.lax.psum(partial, axis_name)
 
-    nonempty = total["sum_exp"] > 0
     # log(0) stays out of the differentiated path: an empty row has a zero gradient.
-    log_normalizer = jnp.where(
-        nonempty, jnp.log(jnp.where(nonempty, total["sum_exp"], 1)), -jnp.inf
-    )
+    log_normalizer = _closed_form.log_of_total(total.sum_exp)
     # -log p_y = L - (x_y - m), both in the shifted frame (no lse(x) - x_y cancellation).
-    nll = log_normalizer - total["label_shifted"]
-
-    counted, invalid = _softmax.label_status(
-        labels, num_classes, ignore_index, None if mask is None else total["included"] > 0
-    )
+    nll = log_normalizer - total.label_shifted
+    smooth = None
+    if total.weight_total is not None and total.weighted_shifted is not None:
+        smooth = log_normalizer * total.weight_total - total.weighted_shifted
 
     # The global weight vector is on every device: w_y is a local lookup.
-    label_weight = (
-        None if class_weight is None else class_weight[jnp.clip(labels, 0, num_classes - 1)]
+    rule = _integer_labels.label_rule(
+        labels,
+        num_classes,
+        class_weight=class_weight,
+        ignore_index=ignore_index,
+        row_included=None if total.included is None else total.included > 0,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
     )
-    loss = nll if label_weight is None else label_weight * nll
-    if smoothing_on:
-        # PyTorch: (1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c).
-        smooth = log_normalizer * total["weight_total"] - total["weighted_shifted"]
-        smoothing = jnp.asarray(label_smoothing, loss.dtype)
-        loss = (1 - smoothing) * loss + (smoothing / num_classes) * smooth
-    if class_weight is not None:
-        _layout.check_class_weight_values(class_weight)
-        loss = jnp.where(jnp.any(class_weight < 0), jnp.nan, loss)
-    loss = jnp.where(counted, loss, 0)
-    loss = jnp.where(invalid, jnp.nan, loss)
+    loss, z_term = _integer_labels.row_terms(
+        rule,
+        nll,
+        smooth,
+        log_normalizer + row_max,
+        num_classes=num_classes,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
 
-    z_term = None
-    if not _checks.is_concrete_zero(z_loss):
-        log_partition = log_normalizer + row_max
-        z_coefficient = jnp.asarray(z_loss, log_partition.dtype)
-        z_term = _closed_form.z_loss_term(z_coefficient, jnp.where(counted, log_partition, 0))
-    return _reduce_rows(loss, z_term, counted, label_weight, reduction, batch_axis_name)
+    def batch_total(x: jax.Array) -> jax.Array:
+        x = jnp.sum(x)
+        return x if batch_axis_name is None else jax.lax.psum(x, batch_axis_name)
+
+    return _integer_labels.reduce(rule, loss, z_term, reduction, batch_total)
 
 
-def _check_options(reduction: str, label_smoothing: Any, z_loss: Any, ignore_index: Any) -> None:
-    _checks.check_reduction(reduction)
-    _checks.check_unit_interval(label_smoothing, "label_smoothing")
-    _checks.check_scalar(z_loss, "z_loss")
-    if ignore_index is not None and not isinstance(ignore_index, int):
-        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
+class _PartialSums(NamedTuple):
+    """Per-row sums over this shard's classes, added over the shards by one ``psum``."""
+
+    sum_exp: jax.Array
+    label_shifted: jax.Array
+    included: jax.Array | None = None
+    weight_total: jax.Array | None = None
+    weighted_shifted: jax.Array | None = None
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -272,10 +248,11 @@ def softmax_cross_entropy_with_integer_labels(
     """
     logits_shard = _checks.as_float_array(logits_shard, "logits_shard")
     labels = _checks.as_integer_labels(labels)
-    _check_options(reduction, label_smoothing, z_loss, ignore_index)
+    _integer_labels.check_options(reduction, label_smoothing, z_loss, ignore_index)
     if logits_shard.ndim == 0:
         raise ValueError("`logits_shard` must have a class axis, got a scalar.")
     layout = _layout.ClassLayout.of(logits_shard.shape, -1)
+    _layout.require_classes(layout, "logits_shard")
     labels = _layout.batch_labels(labels, layout)
     mask = layout.mask(where)
     shard_classes = logits_shard.shape[-1]
@@ -339,9 +316,9 @@ def linear_cross_entropy(
       bias_shard: optional ``[V / n]`` slice of the bias.
       ignore_index, label_smoothing, z_loss, reduction, batch_axis_name: as in
         :func:`softmax_cross_entropy_with_integer_labels`.
-      softcap: Gemma 2's logit soft cap :math:`c`, or None.
-      shift: 0, or 1 for next-token prediction (``hidden[..., t, :]`` predicts
-        ``labels[..., t + 1]``).
+      softcap: Gemma 2's logit soft cap :math:`c > 0`, or None.
+      shift: ``k >= 0``: ``hidden[..., t, :]`` predicts ``labels[..., t + k]``
+        (1 for next-token prediction; needs ``T > k``).
       chunk_size: ignored (see above).
 
     Returns:
@@ -364,16 +341,17 @@ def linear_cross_entropy(
     hidden = _checks.as_float_array(hidden, "hidden")
     weight_shard = _checks.as_float_array(weight_shard, "weight_shard")
     labels = _checks.as_integer_labels(labels)
-    _check_options(reduction, label_smoothing, z_loss, ignore_index)
-    if shift not in (0, 1):
-        raise ValueError(f"`shift` must be 0 or 1, got {shift!r}.")
+    _integer_labels.check_options(reduction, label_smoothing, z_loss, ignore_index)
+    _linear.check_softcap(softcap)
+    _linear.check_shift(shift, labels.shape)
     if weight_shard.ndim != 2 or hidden.ndim == 0 or weight_shard.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"`weight_shard` must have shape [V / n, D] with D = hidden.shape[-1]; got "
             f"`weight_shard` {weight_shard.shape} and `hidden` {hidden.shape}."
         )
     if shift:
-        hidden, labels = hidden[..., :-1, :], labels[..., 1:]
+        length = labels.shape[-1] - shift
+        hidden, labels = hidden[..., :length, :], labels[..., shift:]
     compute = _checks.compute_dtype(hidden)
     logits = jnp.einsum("...d,vd->...v", hidden, weight_shard, preferred_element_type=compute)
     if bias_shard is not None:

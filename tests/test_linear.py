@@ -421,8 +421,14 @@ def test_bad_arguments_raise_before_running():
         jaxce.linear_cross_entropy(hidden, weight, labels[:3])
     with pytest.raises(ValueError, match="`bias` must have shape"):
         jaxce.linear_cross_entropy(hidden, weight, labels, bias=jnp.ones(4))
-    with pytest.raises(ValueError, match="`shift`"):
-        jaxce.linear_cross_entropy(hidden, weight, labels, shift=2)
+    with pytest.raises(ValueError, match=r"`shift=4` needs .* T > 4"):
+        jaxce.linear_cross_entropy(hidden, weight, labels, shift=4)
+    with pytest.raises(ValueError, match="`shift` must be a non-negative int"):
+        jaxce.linear_cross_entropy(hidden, weight, labels, shift=-1)
+    with pytest.raises(ValueError, match="V and the hidden size D must both be at least 1"):
+        jaxce.linear_cross_entropy(hidden, weight[:0], labels)
+    with pytest.raises(ValueError, match="V and the hidden size D must both be at least 1"):
+        jaxce.linear_cross_entropy(hidden[:, :0], weight[:, :0], labels)
     with pytest.raises(ValueError, match="`chunk_size`"):
         jaxce.linear_cross_entropy(hidden, weight, labels, chunk_size=0)
     with pytest.raises(ValueError, match="`softcap`"):

@@ -359,12 +359,13 @@ def test_checked_names_probability_outside_unit_interval() -> None:
     assert np.isnan(jaxce.binary_cross_entropy(jnp.array([0.5, 1.5]), jnp.array([1.0, 0.0]))[1])
 
 
-def test_checked_names_negative_weight() -> None:
+def test_checked_accepts_negative_weight_as_pytorch_does() -> None:
+    """Negative class weights are valid in PyTorch: no error, PyTorch's value."""
     loss = jaxce.checked(
         lambda x, y, w: jaxce.softmax_cross_entropy_with_integer_labels(x, y, weight=w)
     )
-    with pytest.raises(Exception, match=r"weight.*non-negative.*-2"):
-        loss(jnp.zeros((2, 3)), jnp.array([0, 1]), jnp.array([1.0, -2.0, 1.0]))
+    got = loss(jnp.zeros((2, 3)), jnp.array([0, 1]), jnp.array([1.0, -2.0, 1.0]))
+    np.testing.assert_allclose(got, [np.log(3), -2 * np.log(3)], rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- #

@@ -1,0 +1,224 @@
+"""The integer-label rules, written once.
+
+Four places compute the per-row terms of an integer-label loss their own way:
+`softmax_cross_entropy_with_integer_labels` (from the logits), the
+vocabulary-parallel loss in `jaxce.sharded` (from per-shard partial sums),
+`jaxce.derivatives` (the closed-form gradient) and `linear_cross_entropy`
+(chunk by chunk). What they share is here:
+
+- which examples count: a label in ``[0, C)`` that is not ``ignore_index``, in a
+  row with an included class; a label that is neither in range nor ignored is
+  invalid and makes the loss NaN (an error under ``jaxce.checked``);
+- PyTorch's class weighting and smoothing mix,
+  ``(1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c)``, and the
+  z-loss ``z (log Z)^2`` (not class-weighted);
+- the reductions: ``"mean"`` divides the cross-entropy by the summed ``w_y`` of
+  counted examples (their number without class weights; PyTorch's weighted
+  mean, which divides by zero when counted weights sum to zero, as PyTorch
+  does) and the z-loss by the number of counted examples; a mean over no
+  counted example is 0. Invalid labels, and traced hyperparameters out of
+  range, make every reduction NaN.
+
+The reductions take a ``total`` function that sums over the batch: `jnp.sum`,
+or a sum followed by a ``psum`` over the devices that share the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxce import _checks, _closed_form
+
+Total = Callable[[jax.Array], jax.Array]
+
+
+def check_options(reduction: str, label_smoothing: Any, z_loss: Any, ignore_index: Any) -> None:
+    """The eager checks of the integer-label options every caller takes."""
+    _checks.check_reduction(reduction)
+    _checks.check_unit_interval(label_smoothing, "label_smoothing")
+    _checks.check_nonnegative(z_loss, "z_loss")
+    if ignore_index is not None and (
+        not isinstance(ignore_index, int) or isinstance(ignore_index, bool)
+    ):
+        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
+    if ignore_index is not None and not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"`ignore_index` must fit in int64, got {ignore_index!r}.")
+
+
+class LabelRule(NamedTuple):
+    """Per example: whether it counts, whether its label is invalid, its class weight."""
+
+    counted: jax.Array  # [...] bool
+    invalid: jax.Array  # [...] bool: NaN loss
+    label_weight: jax.Array | None  # [...] w_y; None without class weights
+    options_valid: jax.Array | None  # scalar: traced hyperparameters in range
+
+
+def label_rule(
+    labels: jax.Array,
+    num_classes: int,
+    *,
+    class_weight: jax.Array | None,
+    ignore_index: int | None,
+    row_included: jax.Array | None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+) -> LabelRule:
+    """Which examples count and with what weight.
+
+    ``labels`` come from `_checks.as_integer_labels` (int32 or int64, so every
+    class index and ``ignore_index`` compare exactly); ``row_included`` is
+    False for rows whose classes are all excluded (None: all included);
+    ``class_weight`` is the ``[C]`` vector (any sign, as in PyTorch).
+    """
+    in_range = (labels >= 0) & (labels < num_classes)
+    if ignore_index is None:
+        ignored = jnp.zeros_like(in_range)
+    elif jnp.iinfo(labels.dtype).min <= ignore_index <= jnp.iinfo(labels.dtype).max:
+        ignored = labels == ignore_index
+    else:  # an int64 ignore_index with int32 labels: no label equals it
+        ignored = jnp.zeros_like(in_range)
+    _checks.check_values(
+        in_range | ignored,
+        labels,
+        "labels",
+        f"class indices in [0, {num_classes})"
+        + (f" or ignore_index={ignore_index}" if ignore_index is not None else ""),
+    )
+    active = ~ignored if row_included is None else ~ignored & row_included
+    label_weight = None
+    if class_weight is not None:
+        label_weight = class_weight[jnp.clip(labels, 0, num_classes - 1)]
+    options_valid = _checks.all_valid(
+        _checks.option_valid(label_smoothing, "label_smoothing", high=1.0),
+        _checks.option_valid(z_loss, "z_loss"),
+    )
+    return LabelRule(active & in_range, active & ~in_range, label_weight, options_valid)
+
+
+def mix(
+    nll: jax.Array,
+    smooth: jax.Array | None,
+    label_weight: jax.Array | None,
+    label_smoothing: ArrayLike,
+    num_classes: int,
+) -> jax.Array:
+    """PyTorch's ``(1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c)``.
+
+    ``smooth`` is ``sum_c w_c (-log p_c)`` (None without smoothing).
+    """
+    loss = nll if label_weight is None else label_weight * nll
+    if smooth is None:
+        return loss
+    smoothing = jnp.asarray(label_smoothing, loss.dtype)
+    return (1 - smoothing) * loss + (smoothing / num_classes) * smooth
+
+
+def row_terms(
+    rule: LabelRule,
+    nll: jax.Array,
+    smooth: jax.Array | None,
+    log_partition: jax.Array,
+    *,
+    num_classes: int,
+    label_smoothing: ArrayLike,
+    z_loss: ArrayLike,
+) -> tuple[jax.Array, jax.Array | None]:
+    """``(cross_entropy, z_term)`` per example, 0 where the example does not count.
+
+    ``z_term`` is None when ``z_loss`` is a concrete zero.
+    """
+    loss = jnp.where(
+        rule.counted, mix(nll, smooth, rule.label_weight, label_smoothing, num_classes), 0
+    )
+    if _checks.is_concrete_zero(z_loss):
+        return loss, None
+    # Uncounted rows (an empty row has log Z = -inf) stay out of the product.
+    log_partition = jnp.where(rule.counted, log_partition, 0)
+    z_term = _closed_form.z_loss_term(jnp.asarray(z_loss, log_partition.dtype), log_partition)
+    return loss, jnp.where(rule.counted, z_term, 0)
+
+
+def reduce(
+    rule: LabelRule,
+    loss: jax.Array,
+    z_term: jax.Array | None,
+    reduction: str,
+    total: Total = jnp.sum,
+) -> jax.Array:
+    """Applies ``reduction`` to the terms of `row_terms`, with NaN for invalid input."""
+    if reduction == "none":
+        per_example = loss if z_term is None else loss + z_term
+        per_example = jnp.where(rule.invalid, jnp.nan, per_example)
+        return _checks.nan_unless(rule.options_valid, per_example)
+    if reduction == "sum":
+        result = total(loss) if z_term is None else total(loss) + total(z_term)
+    else:
+        mean = _Denominators.of(rule, loss.dtype, total)
+        result = jnp.where(mean.anything, total(loss) / mean.cross_entropy, 0)
+        if z_term is not None:
+            result = result + jnp.where(mean.anything, total(z_term) / mean.z_loss, 0)
+    return result + nan_if_invalid(rule, result.dtype, total)
+
+
+def nan_if_invalid(rule: LabelRule, dtype: Any, total: Total = jnp.sum) -> jax.Array:
+    """NaN if any label is invalid or a traced option out of range, else 0.
+
+    Added to a reduced loss, not selected, so that the gradients of the valid
+    examples stay those of the summed per-example losses.
+    """
+    poisoned = total(rule.invalid.astype(dtype)) > 0
+    if rule.options_valid is not None:
+        poisoned = poisoned | ~rule.options_valid
+    return jnp.where(poisoned, jnp.nan, 0).astype(dtype)
+
+
+class _Denominators(NamedTuple):
+    """PyTorch's weighted-mean denominators (1 where no example counts)."""
+
+    anything: jax.Array  # some example counts
+    cross_entropy: jax.Array  # summed w_y of counted examples (their number without weights)
+    z_loss: jax.Array  # number of counted examples
+
+    @classmethod
+    def of(cls, rule: LabelRule, dtype: Any, total: Total) -> _Denominators:
+        # Only "no example counted" avoids the division: counted examples whose
+        # class weights sum to 0 divide by 0 (inf or NaN), as in PyTorch.
+        count = total(rule.counted.astype(dtype))
+        anything = count > 0
+        if rule.label_weight is None:
+            weights = count
+        else:
+            weights = total(jnp.where(rule.counted, rule.label_weight, 0).astype(dtype))
+        return cls(anything, jnp.where(anything, weights, 1), jnp.where(anything, count, 1))
+
+
+class GradientScales(NamedTuple):
+    """Per example, what the gradients of its two terms are multiplied by."""
+
+    cross_entropy: jax.Array  # [...]
+    z_loss: jax.Array  # [...]
+
+
+def gradient_scales(
+    rule: LabelRule, reduction: str, dtype: Any, total: Total = jnp.sum
+) -> GradientScales:
+    """1 (``"none"``, ``"sum"``) or the mean's ``1 / denominator`` for counted examples.
+
+    0 for the others (ignored, excluded or invalid: their loss does not depend
+    on the inputs), and for every example when none counts.
+    """
+    counted = rule.counted
+    if reduction != "mean":
+        one = counted.astype(dtype)
+        return GradientScales(one, one)
+    mean = _Denominators.of(rule, dtype, total)
+    counted = counted & mean.anything
+    return GradientScales(
+        jnp.where(counted, 1 / mean.cross_entropy, 0), jnp.where(counted, 1 / mean.z_loss, 0)
+    )
