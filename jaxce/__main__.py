@@ -7,9 +7,13 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m jaxce {demo,verify} [options]")
-        return 0 if argv else 2
+    usage = "usage: python -m jaxce {demo,verify} [options]"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if not argv:
+        print(usage, file=sys.stderr)
+        return 2
     command, rest = argv[0], argv[1:]
     if command == "demo":
         from jaxce import _demo
@@ -19,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         from jaxce import verify
 
         return verify.main(rest)
-    print(f"unknown command {command!r}; expected 'demo' or 'verify'", file=sys.stderr)
+    print(f"{usage}\nunknown command {command!r}; expected 'demo' or 'verify'", file=sys.stderr)
     return 2
 
 

@@ -506,6 +506,11 @@ def _labels_kept_by_where(
 DTYPES = ("float32", "float64", "bfloat16")
 
 
+def loss_names() -> list[str]:
+    """The losses :func:`run_all` checks (the values ``--loss`` accepts), in run order."""
+    return list(dict.fromkeys(case.name for case in _cases()))
+
+
 def run_all(
     dtypes: Sequence[str] = DTYPES, losses: Sequence[str] | None = None
 ) -> list[GradientReport]:
@@ -513,6 +518,9 @@ def run_all(
     import jaxce
     from jaxce import derivatives
 
+    unknown = sorted(set(losses or ()) - set(loss_names()))
+    if unknown:
+        raise ValueError(f"unknown loss(es) {unknown}; expected some of {loss_names()}")
     reports = []
     for case_index, case in enumerate(_cases()):
         if losses and case.name not in losses:
@@ -542,8 +550,8 @@ def format_table(reports: Sequence[GradientReport]) -> str:
         CLOSED_VS_FINITE_DIFFERENCES: "cf~fd",
         JVP_VS_CLOSED: "jvp~cf",
     }
-    name_width = max(len(r.name) for r in reports)
-    options_width = max(len(r.options) for r in reports)
+    name_width = max((len(r.name) for r in reports), default=len("loss"))
+    options_width = max((len(r.options) for r in reports), default=len("options"))
     header = f"{'loss':<{name_width}}  {'options':<{options_width}}  {'dtype':<8}"
     header += "".join(f"  {short[p]:>9}" for p in PAIRS) + "  verdict"
     lines = [header, "-" * len(header)]
@@ -557,7 +565,14 @@ def format_table(reports: Sequence[GradientReport]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jaxce verify [--json] [--dtype D ...] [--loss NAME ...]``; 1 on any failure."""
+    """``python -m jaxce verify [--json] [--dtype D ...] [--loss NAME ...]``.
+
+    Returns 0 when every check passes and 1 otherwise (also when nothing ran); with
+    ``--json`` the printed ``"passed"`` is true exactly when it returns 0. Bad arguments
+    (an unknown ``--loss`` or ``--dtype``) exit with status 2 and a message on stderr
+    naming the valid values, as argparse does.
+    """
+    names = loss_names()
     parser = argparse.ArgumentParser(
         prog="python -m jaxce verify",
         description="Compare jax.grad of every jaxce loss with its closed form, an independent "
@@ -565,17 +580,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the reports as JSON")
     parser.add_argument("--dtype", action="append", choices=sorted(TOLERANCES), help="repeatable")
-    parser.add_argument("--loss", action="append", help="only this loss (repeatable)")
+    parser.add_argument(
+        "--loss",
+        action="append",
+        choices=names,
+        metavar="NAME",
+        help=f"only this loss (repeatable); one of: {', '.join(names)}",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print every comparison")
     options = parser.parse_args(list(argv) if argv is not None else None)
     start = time.perf_counter()
     reports = run_all(options.dtype or DTYPES, options.loss)
     elapsed = time.perf_counter() - start
     failed = [r for r in reports if not r.passed]
+    passed = bool(reports) and not failed
     if options.json:
-        print(
-            json.dumps({"passed": not failed, "reports": [r.to_dict() for r in reports]}, indent=1)
-        )
+        print(json.dumps({"passed": passed, "reports": [r.to_dict() for r in reports]}, indent=1))
     else:
         print(format_table(reports))
         if options.verbose or failed:
@@ -589,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"\n{len(reports) - len(failed)}/{len(reports)} passed in {elapsed:.1f} s "
             f"(norm-wise relative errors; tolerance analytic/finite-differences: {tolerances})"
         )
-    return 1 if failed or not reports else 0
+    return 0 if passed else 1
 
 
 # The checks run once each: XLA's slow optimisation passes cost more than they save.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import pytest
 
 import jaxce
 import jaxce.derivatives as derivatives
+from jaxce import __main__ as cli
 from jaxce import verify
 
 
@@ -169,11 +172,84 @@ def test_command_line_json_and_exit_code(capsys):
     assert {r["name"] for r in output["reports"]} == {"sigmoid_focal_loss"}
 
 
-def test_command_line_table_and_failure(capsys, monkeypatch):
+def _double_binary_cross_entropy_derivative(monkeypatch):
     original = derivatives.binary_cross_entropy
     monkeypatch.setattr(derivatives, "binary_cross_entropy", lambda *a, **k: 2 * original(*a, **k))
+
+
+def test_command_line_table_and_failure(capsys, monkeypatch):
+    _double_binary_cross_entropy_derivative(monkeypatch)
     code = verify.main(["--loss", "binary_cross_entropy", "--dtype", "float64"])
     output = capsys.readouterr().out
     assert code == 1
     assert "binary_cross_entropy" in output.splitlines()[2]
     assert "FAIL" in output
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["passing", "failing"])
+def test_command_line_json_passed_agrees_with_exit_code(capsys, monkeypatch, broken):
+    if broken:
+        _double_binary_cross_entropy_derivative(monkeypatch)
+    code = verify.main(["--loss", "binary_cross_entropy", "--dtype", "float64", "--json"])
+    output = json.loads(capsys.readouterr().out)
+    assert code == (1 if broken else 0)
+    assert output["passed"] is (code == 0)
+    assert output["passed"] is all(r["passed"] for r in output["reports"])
+
+
+def test_command_line_nothing_run_is_not_a_pass(capsys, monkeypatch):
+    # No report at all must not read as success, in the table or in JSON.
+    monkeypatch.setattr(verify, "run_all", lambda *a, **k: [])
+    assert verify.main(["--json"]) == 1
+    assert json.loads(capsys.readouterr().out) == {"passed": False, "reports": []}
+    assert verify.main([]) == 1
+    assert "0/0 passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
+def test_command_line_unknown_loss_lists_valid_names(capsys, json_flag):
+    with pytest.raises(SystemExit) as exit_info:
+        verify.main(["--loss", "softmax_cross_entropy_with_int_labels", *json_flag])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "invalid choice: 'softmax_cross_entropy_with_int_labels'" in captured.err
+    for name in verify.loss_names():
+        assert f"'{name}'" in captured.err
+
+
+def test_command_line_unknown_loss_through_python_dash_m():
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxce", "verify", "--loss", "typo", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert "--loss: invalid choice: 'typo'" in result.stderr
+    assert "'softmax_cross_entropy_with_integer_labels'" in result.stderr
+
+
+def test_loss_names_cover_every_case_and_exist():
+    names = verify.loss_names()
+    assert len(names) == len(set(names))
+    assert set(names) == {case.name for case in verify._cases()}
+    for name in names:
+        assert callable(getattr(jaxce, name)) and callable(getattr(derivatives, name))
+    with pytest.raises(ValueError, match="typo"):
+        verify.run_all(["float32"], ["typo"])
+    assert verify.format_table([]).startswith("loss")
+
+
+def test_top_level_command_line_usage(capsys):
+    assert cli.main([]) == 2
+    assert "usage: python -m jaxce" in capsys.readouterr().err
+    assert cli.main(["--help"]) == 0
+    assert "usage: python -m jaxce" in capsys.readouterr().out
+    assert cli.main(["verfiy"]) == 2
+    assert "unknown command 'verfiy'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["verify", "--loss", "typo"])
+    assert exit_info.value.code == 2
