@@ -18,7 +18,8 @@ TOLERANCES = {  # (rtol, atol) for values and gradients, against a float64 refer
 def materialised(hidden, weight, labels, *, bias=None, softcap=None, shift=0, **options):
     """The reference: the full logits, then the core loss (float64 inputs)."""
     if shift:
-        hidden, labels = hidden[..., :-1, :], labels[..., 1:]
+        length = labels.shape[-1] - shift
+        hidden, labels = hidden[..., :length, :], labels[..., shift:]
     logits = jnp.einsum("...d,vd->...v", hidden, weight)
     if bias is not None:
         logits = logits + bias.reshape((1,) * (logits.ndim - 1) + (-1,))
@@ -235,6 +236,46 @@ def test_shift_is_next_token_prediction(reduction):
 
     compare(fused, reference, (hidden, weight, bias), "float32")
     assert fused(hidden, weight, bias).shape == ((3, 9) if reduction == "none" else ())
+
+
+def _plain_shifted_loss(hidden, weight, bias, labels, shift, reduction):
+    """float64 by hand: position t predicts label t + shift; -100 is ignored."""
+    length = labels.shape[-1] - shift
+    logits = hidden[..., :length, :] @ weight.T + bias[None, None, :]
+    targets = labels[..., shift:]
+    counted = targets != -100
+    log_p = logits - jax.scipy.special.logsumexp(logits, axis=-1, keepdims=True)
+    picked = jnp.take_along_axis(log_p, jnp.where(counted, targets, 0)[..., None], -1)[..., 0]
+    nll = jnp.where(counted, -picked, 0.0)
+    if reduction == "none":
+        return nll
+    return nll.sum() if reduction == "sum" else nll.sum() / counted.sum(dtype=nll.dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shift", [0, 2, 3, 9], ids=lambda k: f"shift{k}")
+def test_shift_k_is_multi_token_prediction(shift, reduction):
+    """shift=k: hidden[..., t, :] predicts labels[..., t + k]; the last k positions nothing."""
+    hidden, weight, bias, labels = make_inputs(3, (2, 10), 8, 13)
+
+    def fused(h, w, b):
+        return jaxce.linear_cross_entropy(
+            h, w, labels, bias=b, shift=shift, ignore_index=-100, chunk_size=3,
+            reduction=reduction,
+        )  # fmt: skip
+
+    def reference(h, w, b):
+        return _plain_shifted_loss(h, w, b, jnp.asarray(labels), shift, reduction)
+
+    compare(fused, reference, (hidden, weight, bias), "float32")
+    if reduction == "none":
+        assert fused(hidden, weight, bias).shape == (2, 10 - shift)
+    d_hidden, _, _ = jaxce.derivatives.linear_cross_entropy(
+        hidden, weight, labels, bias=bias, shift=shift, ignore_index=-100, reduction=reduction
+    )
+    if shift:
+        # The last k positions predict nothing: their hidden states get no gradient.
+        assert np.all(np.asarray(d_hidden)[:, -shift:] == 0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

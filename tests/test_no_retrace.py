@@ -74,3 +74,47 @@ def test_hyperparameter_value_change_does_not_retrace(loss, labels, name, values
     # And it is the same loss as with a Python constant.
     expected = float(loss(LOGITS, labels, values[-1], name))
     np.testing.assert_allclose(values_seen[-1], expected, rtol=1e-6)
+
+
+def _count_compilations(call, times: int) -> list[int]:
+    """XLA compilations during each of ``times`` eager calls of ``call``."""
+    counts: list[int] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        del duration, kwargs
+        if event == "/jax/core/compile/backend_compile_duration":
+            counts[-1] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for _ in range(times):
+            counts.append(0)
+            jax.block_until_ready(call())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return counts
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("what", ["loss", "jax.grad", "derivatives"])
+def test_linear_cross_entropy_outside_jit_compiles_once(what, reduction):
+    """Eager calls reuse the compiled chunk loops (they once recompiled on every call)."""
+    # Shapes of this case alone, so that its first call must compile.
+    tokens = {"loss": 11, "jax.grad": 13, "derivatives": 17}[what] + (reduction == "none")
+    hidden = jnp.asarray(RNG.standard_normal((tokens, 8), dtype=np.float32))
+    weight = jnp.asarray(RNG.standard_normal((30, 8), dtype=np.float32))
+    labels = jnp.asarray(RNG.integers(0, 30, size=tokens), jnp.int32)
+    options = {"chunk_size": 5, "label_smoothing": 0.1, "reduction": reduction}
+    if what == "loss":
+        call = lambda: jaxce.linear_cross_entropy(hidden, weight, labels, **options)  # noqa: E731
+    elif what == "jax.grad":
+        call = lambda: jax.grad(  # noqa: E731
+            lambda h: jnp.sum(jaxce.linear_cross_entropy(h, weight, labels, **options))
+        )(hidden)
+    else:
+        call = lambda: jaxce.derivatives.linear_cross_entropy(  # noqa: E731
+            hidden, weight, labels, **options
+        )
+    counts = _count_compilations(call, 3)
+    assert counts[0] > 0  # the listener sees compilations at all
+    assert counts[1:] == [0, 0], counts

@@ -67,6 +67,10 @@ LAYOUTS = [
     ("3d-axis1", (4, 10, 3), 1),
     ("3d-axis(1,2)", (4, 5, 3), (1, 2)),
     ("3d-axis(0,2)", (5, 4, 3), (0, 2)),
+    # A tuple is flattened in the order given, not sorted (optax's rule).
+    ("3d-axis(2,0)", (5, 4, 3), (2, 0)),
+    ("4d-axis(3,1,0)", (3, 2, 4, 5), (3, 1, 0)),
+    ("3d-axis(-1,-3)", (3, 2, 4), (-1, -3)),
 ]
 
 
@@ -106,6 +110,19 @@ def test_integer_labels_match_optax(layout, shape, axis, where_kind):
     where = None if where is None else jnp.asarray(where)
     kwargs = {"axis": axis, "where": where}
 
+    positional = (axis, where)  # optax's positional order (logits, labels, axis, where)
+    _assert_same(
+        _value_and_vjp(
+            lambda x: jaxce.softmax_cross_entropy_with_integer_labels(x, labels, *positional),
+            logits,
+        ),
+        _value_and_vjp(
+            lambda x: optax.losses.softmax_cross_entropy_with_integer_labels(
+                x, labels, *positional
+            ),
+            logits,
+        ),
+    )
     _assert_same(
         _value_and_vjp(
             lambda x: jaxce.softmax_cross_entropy_with_integer_labels(x, labels, **kwargs), logits
@@ -134,6 +151,12 @@ def test_probability_labels_match_optax(layout, shape, axis, where_kind):
     where = None if where is None else jnp.asarray(where)
     kwargs = {"axis": axis, "where": where}
 
+    _assert_same(
+        _value_and_vjp(lambda x: jaxce.softmax_cross_entropy(x, labels, axis, where), logits),
+        _value_and_vjp(
+            lambda x: optax.losses.softmax_cross_entropy(x, labels, axis, where), logits
+        ),
+    )
     _assert_same(
         _value_and_vjp(lambda x: jaxce.softmax_cross_entropy(x, labels, **kwargs), logits),
         _value_and_vjp(lambda x: optax.losses.softmax_cross_entropy(x, labels, **kwargs), logits),

@@ -239,7 +239,12 @@ else:
         )(jnp.asarray(inputs["logits"]))
         assert_close(gradient, expected, "grad inside shard_map")
 
-    LINEAR_CASES = [("plain", "8"), ("all_options", "2x4"), ("all_options", "4x2")]
+    LINEAR_CASES = [
+        ("plain", "8"),
+        ("all_options", "2x4"),
+        ("all_options", "4x2"),
+        ("shift3", "2x4"),
+    ]
 
     @pytest.mark.parametrize(
         ("case", "mesh_name"), LINEAR_CASES, ids=[f"{c}-mesh{m}" for c, m in LINEAR_CASES]
@@ -257,6 +262,8 @@ else:
             options.update(
                 ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, shift=1
             )
+        if case == "shift3":  # multi-token prediction: position t predicts label t + 3
+            options.update(shift=3, reduction="sum")
         mesh = make_mesh(mesh_name)
         batch_axis = None if mesh_name == "8" else "data"
 
@@ -360,6 +367,23 @@ else:
         )
         with pytest.raises(ValueError, match=expected):
             weighted(logits, np.zeros(BATCH, np.int32), np.ones(42, np.float32))
+
+    @pytest.mark.parametrize("softcap", [0.0, -1.0, float("inf")], ids=str)
+    def test_linear_softcap_must_be_positive_as_on_one_device(softcap: float) -> None:
+        mesh = make_mesh("8")
+        loss = jax.shard_map(
+            lambda h, w, y: jaxce.sharded.linear_cross_entropy(
+                h, w, y, axis_name="model", softcap=softcap
+            ),
+            mesh=mesh,
+            in_specs=(P(), P("model"), P()),
+            out_specs=P(),
+        )
+        hidden, weight = np.zeros((4, 3), np.float32), np.zeros((CLASSES, 3), np.float32)
+        with pytest.raises(ValueError, match="`softcap` must be a positive, finite"):
+            loss(hidden, weight, np.zeros(4, np.int32))
+        with pytest.raises(ValueError, match="`softcap` must be a positive, finite"):
+            jaxce.linear_cross_entropy(hidden, weight, np.zeros(4, np.int32), softcap=softcap)
 
     def test_unbound_axis_name_is_a_clear_error() -> None:
         with pytest.raises(NameError, match=r"inside `jax\.shard_map`"):
