@@ -376,6 +376,70 @@ def test_checked_accepts_negative_weight_as_pytorch_does() -> None:
 BAD_INPUTS = [
     pytest.param(
         lambda: jaxce.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 0)), jnp.array([0, 1])
+        ),
+        ValueError,
+        r"`logits` has no classes: its class axes \(1,\) have sizes \(0,\)",
+        id="no_classes_integer",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy(jnp.zeros((2, 3, 0)), jnp.zeros((2, 3, 0)), (1, 2)),
+        ValueError,
+        r"`logits` has no classes: its class axes \(1, 2\) have sizes \(3, 0\)",
+        id="no_classes_soft",
+    ),
+    pytest.param(
+        lambda: jaxce.derivatives.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 0)), jnp.array([0, 1])
+        ),
+        ValueError,
+        r"`logits` has no classes",
+        id="no_classes_derivative",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy(
+            jnp.zeros((2, 3)), jnp.ones((2, 3)), label_smoothing="a"
+        ),
+        TypeError,
+        r"`label_smoothing` must be a real number, got 'a'",
+        id="smoothing_string",
+    ),
+    pytest.param(
+        lambda: jaxce.sigmoid_binary_cross_entropy(jnp.zeros(3), jnp.ones(3), label_smoothing=True),
+        TypeError,
+        r"`label_smoothing` must be a real number, got True",
+        id="smoothing_bool",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 3)), jnp.array([0, 1]), z_loss=-1e-4
+        ),
+        ValueError,
+        r"`z_loss` must be non-negative, got -0.0001",
+        id="z_loss_negative",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 3)), jnp.array([0, 1]), ignore_index=True
+        ),
+        TypeError,
+        r"`ignore_index` must be an int or None, got True",
+        id="ignore_index_bool",
+    ),
+    pytest.param(
+        lambda: jaxce.logsumexp(jnp.zeros(())),
+        ValueError,
+        r"`axis` -1 is out of range for `x` of rank 0",
+        id="logsumexp_scalar_names_x",
+    ),
+    pytest.param(
+        lambda: jaxce.log_softmax(jnp.zeros(())),
+        ValueError,
+        r"`axis` -1 is out of range for `x` of rank 0",
+        id="log_softmax_scalar_names_x",
+    ),
+    pytest.param(
+        lambda: jaxce.softmax_cross_entropy_with_integer_labels(
             jnp.zeros((2, 3), jnp.int32), jnp.array([0, 1])
         ),
         TypeError,

@@ -67,7 +67,17 @@ LAYOUTS = {"NC": (7, NUM_CLASSES), "NCd": (4, NUM_CLASSES, 3)}
 
 
 def _class_weight(rng: np.random.Generator, kind: str | None) -> np.ndarray | None:
-    return None if kind is None else rng.uniform(0.2, 2.0, size=NUM_CLASSES)
+    """Positive class weights, or ("signed") weights of both signs: PyTorch computes those."""
+    return _weights(rng, kind, NUM_CLASSES, 0.2, 2.0)
+
+
+def _weights(rng, kind, size, low, high) -> np.ndarray | None:
+    if kind is None:
+        return None
+    if kind == "signed":
+        weights = rng.uniform(low, high, size=size)
+        return np.where(rng.random(size) < 0.4, -weights, weights)
+    return rng.uniform(low, high, size=size)
 
 
 def _integer_labels(
@@ -84,7 +94,9 @@ def _integer_labels(
 
 
 INTEGER_CASES = list(
-    itertools.product(LAYOUTS, (None, "weight"), (None, -100, 2), (0.0, 0.1, 0.35), REDUCTIONS)
+    itertools.product(
+        LAYOUTS, (None, "weight", "signed"), (None, -100, 2), (0.0, 0.1, 0.35), REDUCTIONS
+    )
 )
 
 
@@ -180,7 +192,9 @@ def _probability_targets(rng: np.random.Generator, shape: tuple[int, ...]) -> np
     return targets
 
 
-PROBABILITY_CASES = list(itertools.product(LAYOUTS, (None, "weight"), (0.0, 0.1, 0.35), REDUCTIONS))
+PROBABILITY_CASES = list(
+    itertools.product(LAYOUTS, (None, "weight", "signed"), (0.0, 0.1, 0.35), REDUCTIONS)
+)
 
 
 @pytest.mark.parametrize(
@@ -237,7 +251,9 @@ def _binary_labels(rng: np.random.Generator, kind: str) -> np.ndarray:
 
 
 BINARY_CASES = list(
-    itertools.product(("hard", "soft"), (None, "weight"), (None, "pos_weight"), REDUCTIONS)
+    itertools.product(
+        ("hard", "soft"), (None, "weight", "signed"), (None, "pos_weight", "signed"), REDUCTIONS
+    )
 )
 
 
@@ -254,8 +270,8 @@ def test_sigmoid_binary_matches_torch_bce_with_logits(
     rng = _rng("sigmoid", label_kind, weight_kind, pos_weight_kind, reduction)
     logits = _binary_logits(rng)
     labels = _binary_labels(rng, label_kind)
-    weight = None if weight_kind is None else rng.uniform(0.0, 2.0, size=BINARY_SHAPE)
-    pos_weight = None if pos_weight_kind is None else rng.uniform(0.2, 3.0, size=BINARY_SHAPE[-1])
+    weight = _weights(rng, weight_kind, BINARY_SHAPE, 0.0, 2.0)
+    pos_weight = _weights(rng, pos_weight_kind, BINARY_SHAPE[-1], 0.2, 3.0)
 
     ours = _jax_value_and_grad(
         lambda x: jaxce.sigmoid_binary_cross_entropy(
@@ -342,7 +358,7 @@ def _interior(probs: np.ndarray) -> np.ndarray:
     return (probs > 1e-3) & (probs < 1 - 1e-3)
 
 
-BCE_CASES = list(itertools.product(("hard", "soft"), (None, "weight"), REDUCTIONS))
+BCE_CASES = list(itertools.product(("hard", "soft"), (None, "weight", "signed"), REDUCTIONS))
 
 
 @pytest.mark.parametrize(
@@ -361,7 +377,7 @@ def test_binary_cross_entropy_matches_torch_with_log_clamp(label_kind, weight_ki
     labels = _binary_labels(rng, label_kind)
     labels[0] = (1.0, 0.0, 1.0, 0.0)  # clamp hit: -log(0) and -log(1 - 1)
     labels[1] = (1.0, 0.0, 0.0, 0.0)  # no clamp: the log of the zero term is unused
-    weight = None if weight_kind is None else rng.uniform(0.0, 2.0, size=BINARY_SHAPE)
+    weight = _weights(rng, weight_kind, BINARY_SHAPE, 0.0, 2.0)
 
     ours = _jax_value_and_grad(
         lambda p: jaxce.binary_cross_entropy(p, labels, weight=weight, reduction=reduction), probs
