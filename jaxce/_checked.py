@@ -6,6 +6,9 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 
 from jaxce import _checks
@@ -17,12 +20,15 @@ def checked(fn: Callable[..., Out]) -> Callable[..., Out]:
     """Wraps ``fn`` (any function calling jaxce losses) so invalid values raise.
 
     Under ``jit`` a loss cannot raise on values: an out-of-range label, a
-    probability outside ``[0, 1]`` or a negative weight makes the loss NaN.
+    probability outside ``[0, 1]`` or a traced ``label_smoothing`` outside
+    ``[0, 1)`` makes the loss NaN.
     ``checked(fn)`` traces ``fn`` with jaxce's value checks on, compiles it with
     :func:`jax.experimental.checkify.checkify`, and raises
     ``checkify.JaxRuntimeError`` naming the argument, the first offending
-    index and its value. Pass an un-jitted ``fn`` (a cached ``jit`` trace
-    would hold no checks) and call the result outside ``jit``.
+    index and its value (under ``vmap``, the index into the whole batched
+    array, vmapped axes first). ``fn`` may be ``jax.jit``-ed (its compiled
+    form is shared with plain calls, which the checks do not slow down); call
+    the result outside ``jit``.
 
     Args:
       fn: a function whose jaxce calls should be checked.
@@ -41,6 +47,13 @@ def checked(fn: Callable[..., Out]) -> Callable[..., Out]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Out:
+        # NumPy arrays become JAX arrays: closed over as NumPy constants, a
+        # `vmap` inside `fn` fails to trace them under checkify.
+        args, kwargs = jax.tree.map(
+            lambda leaf: jnp.asarray(leaf) if isinstance(leaf, np.ndarray) else leaf,
+            (args, kwargs),
+        )
+
         def call() -> Out:
             with _checks.value_checks_enabled():
                 return fn(*args, **kwargs)

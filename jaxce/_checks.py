@@ -48,6 +48,7 @@ def check_values(valid: jax.Array, values: jax.Array, argument: str, expectation
     """
     if not (_value_checks.get() or isinstance(values, jax.core.Tracer)):
         return
+    valid, values = _whole_batch(valid, values)
     valid = jnp.broadcast_to(valid, jnp.shape(values)).ravel()
     flat_values = jnp.ravel(values)
     first_bad = jnp.argmin(valid)
@@ -58,6 +59,35 @@ def check_values(valid: jax.Array, values: jax.Array, argument: str, expectation
         value=flat_values[first_bad],
         index=jnp.stack([jnp.asarray(i) for i in index]) if index else first_bad,
     )
+
+
+def _whole_batch(valid: Any, values: Any) -> tuple[Any, Any]:
+    """Under ``vmap``, the whole batched arrays (vmapped axes first), so that the
+    reported index is the user's index into the batch, not into one slice.
+
+    This reads JAX's batching tracers (not public API): where they are not
+    what it expects, the check stays on the slice and reports the slice's index.
+    """
+    try:
+        from jax._src.interpreters.batching import BatchTracer
+    except ImportError:  # pragma: no cover - a JAX without this module
+        return valid, values
+
+    def unbatch(x: Any) -> tuple[Any, int]:
+        levels = 0
+        while isinstance(x, BatchTracer):
+            axis = getattr(x, "batch_dim", None)
+            if not isinstance(axis, int):
+                break
+            x = jnp.moveaxis(jnp.asarray(x.val), axis, 0)
+            levels += 1
+        return x, levels
+
+    whole_values, levels = unbatch(values)
+    whole_valid, valid_levels = unbatch(valid)
+    if levels == 0 or valid_levels != levels or jnp.ndim(whole_valid) != jnp.ndim(whole_values):
+        return valid, values
+    return whole_valid, whole_values
 
 
 def compute_dtype(x: jax.Array) -> Any:

@@ -359,6 +359,21 @@ def test_checked_names_probability_outside_unit_interval() -> None:
     assert np.isnan(jaxce.binary_cross_entropy(jnp.array([0.5, 1.5]), jnp.array([1.0, 0.0]))[1])
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["vmap", "vmap-of-vmap"])
+def test_checked_under_vmap_names_the_index_in_the_batch(nested) -> None:
+    """The index is into the whole batched array (vmapped axes first), not one slice."""
+    loss = jax.vmap(jaxce.softmax_cross_entropy_with_integer_labels)
+    labels = np.array([[0, 1], [1, 1], [2, 9]])
+    logits = np.zeros((3, 2, 3), np.float32)
+    expected = r"got 9 at index \[2 1\]"
+    if nested:
+        loss = jax.vmap(loss)
+        labels, logits = np.stack([labels * 0, labels]), np.stack([logits, logits])
+        expected = r"got 9 at index \[1 2 1\]"
+    with pytest.raises(Exception, match=expected):
+        jaxce.checked(loss)(logits, labels)
+
+
 def test_checked_accepts_negative_weight_as_pytorch_does() -> None:
     """Negative class weights are valid in PyTorch: no error, PyTorch's value."""
     loss = jaxce.checked(
