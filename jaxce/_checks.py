@@ -49,6 +49,8 @@ def check_values(valid: jax.Array, values: jax.Array, argument: str, expectation
     if not (_value_checks.get() or isinstance(values, jax.core.Tracer)):
         return
     valid, values = _whole_batch(valid, values)
+    if not jnp.size(values):
+        return  # an empty batch holds nothing to check
     valid = jnp.broadcast_to(valid, jnp.shape(values)).ravel()
     flat_values = jnp.ravel(values)
     first_bad = jnp.argmin(valid)

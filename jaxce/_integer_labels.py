@@ -119,6 +119,23 @@ def mix(
     return (1 - smoothing) * loss + (smoothing / num_classes) * smooth
 
 
+class Terms(NamedTuple):
+    """Per example, the parts of the loss, 0 where the example does not count.
+
+    Kept apart until the reduction, which mixes them as PyTorch does: its mean
+    divides the label term and the smoothing term by the denominator each.
+    """
+
+    label: jax.Array  # w_y (-log p_y)
+    smooth: jax.Array | None  # sum_c w_c (-log p_c); None without smoothing
+    z: jax.Array | None  # z (log Z)^2; None when z_loss is a concrete zero
+    label_smoothing: ArrayLike
+    num_classes: int
+
+    def mixed(self, label: jax.Array, smooth: jax.Array | None) -> jax.Array:
+        return mix(label, smooth, None, self.label_smoothing, self.num_classes)
+
+
 def row_terms(
     rule: LabelRule,
     nll: jax.Array,
@@ -128,42 +145,52 @@ def row_terms(
     num_classes: int,
     label_smoothing: ArrayLike,
     z_loss: ArrayLike,
-) -> tuple[jax.Array, jax.Array | None]:
-    """``(cross_entropy, z_term)`` per example, 0 where the example does not count.
+) -> Terms:
+    """The per-example `Terms` of the loss from ``-log p_y``, the smoothing sum and ``log Z``."""
+    label = nll if rule.label_weight is None else rule.label_weight * nll
+    label = jnp.where(rule.counted, label, 0)
+    if smooth is not None:
+        smooth = jnp.where(rule.counted, smooth, 0)
+    z_term = None
+    if not _checks.is_concrete_zero(z_loss):
+        # Uncounted rows (an empty row has log Z = -inf) stay out of the product.
+        log_partition = jnp.where(rule.counted, log_partition, 0)
+        z_term = _closed_form.z_loss_term(jnp.asarray(z_loss, log_partition.dtype), log_partition)
+        z_term = jnp.where(rule.counted, z_term, 0)
+    return Terms(label, smooth, z_term, label_smoothing, num_classes)
 
-    ``z_term`` is None when ``z_loss`` is a concrete zero.
-    """
-    loss = jnp.where(
-        rule.counted, mix(nll, smooth, rule.label_weight, label_smoothing, num_classes), 0
-    )
-    if _checks.is_concrete_zero(z_loss):
-        return loss, None
-    # Uncounted rows (an empty row has log Z = -inf) stay out of the product.
-    log_partition = jnp.where(rule.counted, log_partition, 0)
-    z_term = _closed_form.z_loss_term(jnp.asarray(z_loss, log_partition.dtype), log_partition)
-    return loss, jnp.where(rule.counted, z_term, 0)
 
-
-def reduce(
-    rule: LabelRule,
-    loss: jax.Array,
-    z_term: jax.Array | None,
-    reduction: str,
-    total: Total = jnp.sum,
-) -> jax.Array:
-    """Applies ``reduction`` to the terms of `row_terms`, with NaN for invalid input."""
+def reduce(rule: LabelRule, terms: Terms, reduction: str, total: Total = jnp.sum) -> jax.Array:
+    """Applies ``reduction`` to the `Terms`, with NaN for invalid input."""
+    smooth = terms.smooth
     if reduction == "none":
-        per_example = loss if z_term is None else loss + z_term
-        per_example = jnp.where(rule.invalid, jnp.nan, per_example)
-        return _checks.nan_unless(rule.options_valid, per_example)
+        per_example = terms.mixed(terms.label, smooth)
+        if terms.z is not None:
+            per_example = per_example + terms.z
+        return nan_where_invalid(rule, per_example)
     if reduction == "sum":
-        result = total(loss) if z_term is None else total(loss) + total(z_term)
+        result = terms.mixed(total(terms.label), None if smooth is None else total(smooth))
+        if terms.z is not None:
+            result = result + total(terms.z)
     else:
-        mean = _Denominators.of(rule, loss.dtype, total)
-        result = jnp.where(mean.anything, total(loss) / mean.cross_entropy, 0)
-        if z_term is not None:
-            result = result + jnp.where(mean.anything, total(z_term) / mean.z_loss, 0)
+        mean = _Denominators.of(rule, terms.label.dtype, total)
+
+        def average(x: jax.Array, denominator: jax.Array) -> jax.Array:
+            return jnp.where(mean.anything, total(x) / denominator, 0)
+
+        result = terms.mixed(
+            average(terms.label, mean.cross_entropy),
+            None if smooth is None else average(smooth, mean.cross_entropy),
+        )
+        if terms.z is not None:
+            result = result + average(terms.z, mean.z_loss)
     return result + nan_if_invalid(rule, result.dtype, total)
+
+
+def nan_where_invalid(rule: LabelRule, per_example: jax.Array) -> jax.Array:
+    """Per-example losses, NaN for invalid labels (everywhere for invalid options)."""
+    per_example = jnp.where(rule.invalid, jnp.nan, per_example)
+    return _checks.nan_unless(rule.options_valid, per_example)
 
 
 def nan_if_invalid(rule: LabelRule, dtype: Any, total: Total = jnp.sum) -> jax.Array:

@@ -711,7 +711,7 @@ def linear_cross_entropy(
             compute,
         )
         loss = jnp.where(prepared.rule.counted, loss, 0)
-        loss = _integer_labels.reduce(prepared.rule, loss, None, "none").reshape(labels_shape)
+        loss = _integer_labels.nan_where_invalid(prepared.rule, loss).reshape(labels_shape)
         return loss[..., : labels_shape[-1] - shift] if shift else loss
 
     total = _weighted_loss_jit(*prepared.weighted_arguments())

@@ -69,7 +69,7 @@ def integer_label_loss(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
     )
-    loss, z_term = _integer_labels.row_terms(
+    terms = _integer_labels.row_terms(
         rule,
         nll,
         smooth,
@@ -78,7 +78,7 @@ def integer_label_loss(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
     )
-    return _integer_labels.reduce(rule, loss, z_term, reduction)
+    return _integer_labels.reduce(rule, terms, reduction)
 
 
 def softmax_cross_entropy_with_integer_labels(

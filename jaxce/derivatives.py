@@ -454,7 +454,9 @@ def categorical_cross_entropy(
     threshold = jnp.exp(jnp.asarray(_probabilities.LOG_CLAMP, compute))
     above = p > threshold
     gradient = jnp.where(take_part & above, -targets / jnp.where(above, p, 1), 0)
-    valid_row = jnp.all((p >= 0) & (p <= 1), axis=-1, keepdims=True)
+    in_range = (p >= 0) & (p <= 1)
+    # Entries excluded by `where` take no part: their values are not checked.
+    valid_row = jnp.all(in_range if mask is None else in_range | ~mask, axis=-1, keepdims=True)
     gradient = jnp.where(valid_row, gradient, 0)
     gradient = gradient * _example_scale(mask, layout.batch_shape, reduction, compute)
     return layout.unlayout(gradient).astype(jnp.result_type(probs))

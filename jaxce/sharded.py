@@ -145,7 +145,7 @@ def _vocab_parallel_loss(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
     )
-    loss, z_term = _integer_labels.row_terms(
+    terms = _integer_labels.row_terms(
         rule,
         nll,
         smooth,
@@ -159,7 +159,7 @@ def _vocab_parallel_loss(
         x = jnp.sum(x)
         return x if batch_axis_name is None else jax.lax.psum(x, batch_axis_name)
 
-    return _integer_labels.reduce(rule, loss, z_term, reduction, batch_total)
+    return _integer_labels.reduce(rule, terms, reduction, batch_total)
 
 
 class _PartialSums(NamedTuple):
