@@ -252,8 +252,11 @@ def _plain_shifted_loss(hidden, weight, bias, labels, shift, reduction):
     return nll.sum() if reduction == "sum" else nll.sum() / counted.sum(dtype=nll.dtype)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("shift", [0, 2, 3, 9], ids=lambda k: f"shift{k}")
+@pytest.mark.parametrize(
+    ("shift", "reduction"),
+    [(2, "mean"), (3, "none"), (9, "sum")],  # 0 and 1 are the tests above; 9 leaves T - k = 1
+    ids=["shift2-mean", "shift3-none", "shift9-sum"],
+)
 def test_shift_k_is_multi_token_prediction(shift, reduction):
     """shift=k: hidden[..., t, :] predicts labels[..., t + k]; the last k positions nothing."""
     hidden, weight, bias, labels = make_inputs(3, (2, 10), 8, 13)
