@@ -16,7 +16,11 @@ and float16, and the reductions "none", "sum" and "mean":
 The vocabulary-parallel cases (``jaxce.sharded``) need several devices, and JAX fixes its device
 count when the backend starts, so the parent run holds one test that runs the
 ``test_vocab_parallel_*`` cases of this file again in a subprocess with four host devices
-(``JAXCE_INVALID_VALUES_FOUR_DEVICES=1``); only that subprocess defines them.
+(``JAXCE_INVALID_VALUES_FOUR_DEVICES=1``); only that subprocess defines them. The subprocess
+starts with the module's first test and runs beside the others (not under pytest-xdist).
+
+Most cases compile one function and run it on several inputs (NaN and finite, several values
+of a traced option): compiling, not running, is what these small cases cost.
 """
 
 from __future__ import annotations
@@ -206,21 +210,33 @@ def test_nan_logit_makes_its_row_nan_and_leaves_other_rows_exact(
         assert np.isnan(per_example[unit]), f"loss at {unit}: {per_example[unit]}"
     assert np.isnan(out["sum"]), f"sum: {out['sum']}"
     assert np.isnan(out["mean"]), f"mean: {out['mean']}"
-    if kind == "binary":
-        # Every other element is an example of its own: as if the NaNs were finite.
-        replaced = as_f64(run(jnp.asarray(np.nan_to_num(x, nan=0.0), dtype))["none"])
-        others = ~np.isnan(x)
-        assert np.all(np.isfinite(per_example[others]))
-        np.testing.assert_allclose(per_example[others], replaced[others], rtol=1e-6)
-    else:
-        keep = ~np.isin(np.arange(N), [NAN_IN_LABEL_ROW, NAN_IN_OTHER_ROW])
-        alone = loss(logits[keep], labels[keep], reduction="none", **_keep_rows(options, keep))
-        assert np.all(np.isfinite(per_example[keep]))
+    # The other examples (rows; elements for binary) are exactly what they are on their own:
+    # what the same program gives them when the NaNs are finite values.
+    finite = as_f64(run(jnp.asarray(np.nan_to_num(x, nan=0.0), dtype))["none"])
+    others = ~np.isnan(x) if kind == "binary" else ~np.isnan(x).any(axis=1)
+    assert np.all(np.isfinite(per_example[others]))
+    np.testing.assert_array_equal(per_example[others], finite[others])
+    if kind != "binary" and dtype == "float32":  # and what they are in a batch of their own
+        keep = np.flatnonzero(others)
+        kept = _keep_rows(options, keep)
+        alone = jax.jit(lambda z: loss(z, labels[keep], reduction="none", **kept))(logits[keep])
         np.testing.assert_allclose(per_example[keep], as_f64(alone), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("layout", ["batch_dims_axis-1", "axis0", "axis(2,0)"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_reported_case_nan_beside_the_label_is_nan_not_minus_inf(dtype: str) -> None:
+    """`softmax_cross_entropy_with_integer_labels([[nan, 0, 1]], [1])` was -inf."""
+    logits = jnp.asarray([[np.nan, 0.0, 1.0]], dtype)
+    for mode in MODES:
+        out = maybe_jit(lambda z: all_reductions(integer_loss, z, np.array([1])), mode)(logits)
+        for reduction, loss in out.items():
+            assert np.all(np.isnan(as_f64(loss))), f"{mode}, {reduction}: {loss}"
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype"),
+    [("batch_dims_axis-1", "float32"), ("axis0", "bfloat16"), ("axis(2,0)", "float32")],
+)
 @pytest.mark.parametrize("loss", ["integer_labels", "softmax"])
 def test_nan_logit_is_loud_in_any_class_layout(loss: str, layout: str, dtype: str) -> None:
     """The NaN (not in the label's class) is found whatever the class axes are."""
@@ -243,11 +259,13 @@ def test_nan_logit_is_loud_in_any_class_layout(loss: str, layout: str, dtype: st
     x = np.transpose(flat.reshape([shape[i] for i in order]), np.argsort(order))
     logits = jnp.asarray(x, dtype)
     if loss == "integer_labels":
-        out = all_reductions(integer_loss, logits, classes, axis=axis)
+        out = jax.jit(lambda z: all_reductions(integer_loss, z, classes, axis=axis))(logits)
     else:
         targets = one_hot(classes, num_classes).reshape([shape[i] for i in order])
         targets = np.transpose(targets, np.argsort(order))
-        out = all_reductions(jaxce.softmax_cross_entropy, logits, targets, axis=axis)
+        out = jax.jit(lambda z: all_reductions(jaxce.softmax_cross_entropy, z, targets, axis=axis))(
+            logits
+        )
     per_example = as_f64(out["none"])
     assert per_example.shape == batch_shape
     assert np.isnan(per_example[first])
@@ -282,13 +300,13 @@ def test_nan_in_primitive_row_is_nan_and_other_rows_exact(
     for i, (row, excluded) in enumerate(PRIMITIVE_NAN_ROWS, start=1):
         x[i] = row
         where[i, list(excluded)] = False
-    fn = getattr(jaxce, primitive)
+    fn = jax.jit(functools.partial(getattr(jaxce, primitive), axis=axis))
 
     def call(rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
         # axis=0: the same rows, as columns.
         if axis == 0:
             rows, mask = rows.T, mask.T
-        out = fn(jnp.asarray(rows, dtype), axis=axis, where=mask)
+        out = fn(jnp.asarray(rows, dtype), where=mask)
         assert out.dtype == jnp.dtype(dtype)
         out = as_f64(out)
         return out.T if (axis == 0 and out.ndim == 2) else out
@@ -318,6 +336,7 @@ def test_primitive_nan_excluded_by_where_changes_nothing(primitive: str, dtype: 
         out = fn(v, where=where).astype(jnp.float32)
         return jnp.sum(out if primitive == "logsumexp" else jnp.where(where, out, 0))
 
+    @jax.jit
     def value_and_grad(z):
         return fn(z, where=where), jax.grad(total)(z)
 
@@ -406,10 +425,7 @@ def _where_inputs(kind: str, where_kind: str) -> tuple[np.ndarray, np.ndarray, n
     return x, labels, excluded, where
 
 
-WHERE_KINDS = [("elementwise", dtype) for dtype in DTYPES] + [
-    ("per_row", "float32"),
-    ("per_class", "float32"),
-]
+WHERE_KINDS = [("elementwise", "float32"), ("per_row", "bfloat16"), ("per_class", "float16")]
 
 
 @pytest.mark.parametrize(
@@ -477,9 +493,10 @@ def test_nan_excluded_by_where_changes_nothing(
 
 
 LINEAR_NAN_CASES = [
-    (option, chunk, dtype)
-    for option, chunk in [("plain", 2), ("bias_smoothing_z_loss_softcap_ignore_index", None)]
-    for dtype in DTYPES
+    ("plain", 2, "float32"),
+    ("plain", 2, "bfloat16"),
+    ("bias_smoothing_z_loss_softcap_ignore_index", None, "float32"),
+    ("bias_smoothing_z_loss_softcap_ignore_index", None, "float16"),
 ]
 
 
@@ -514,9 +531,12 @@ def test_linear_nan_hidden_row_makes_its_token_nan(option: str, chunk_size, dtyp
     assert np.isnan(per_token[nan_row])
     assert np.isnan(out["sum"]) and np.isnan(out["mean"])
     keep = np.arange(tokens) != nan_row
-    alone = jaxce.linear_cross_entropy(h[keep], w, labels[keep], reduction="none", **options)
     assert np.all(np.isfinite(per_token[keep]))
-    np.testing.assert_allclose(per_token[keep], as_f64(alone), rtol=1e-6, atol=1e-7)
+    # The other tokens' losses are those they have on their own, whatever the chunking.
+    finite = jaxce.linear_cross_entropy(
+        jnp.asarray(np.nan_to_num(hidden), dtype), w, labels, reduction="none", **options
+    )
+    np.testing.assert_allclose(per_token[keep], as_f64(finite)[keep], rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- #
@@ -524,33 +544,48 @@ def test_linear_nan_hidden_row_makes_its_token_nan(option: str, chunk_size, dtyp
 # --------------------------------------------------------------------------- #
 
 
-def _label_results(function: str, logits: np.ndarray, **options: Any) -> Callable[..., Any]:
+def _label_results(
+    function: str, logits: np.ndarray, mode: str = "eager", **options: Any
+) -> Callable[..., Any]:
     """labels -> {reduction: (loss, closed-form derivative)} of one integer-label function.
 
     "integer_labels": the loss on ``logits`` and `jaxce.derivatives` of it; "linear":
     `linear_cross_entropy` on hidden states and an embedding of ``logits``' shape and
-    `jaxce.derivatives.linear_cross_entropy`.
+    `jaxce.derivatives.linear_cross_entropy`. Under "jit" the float inputs are arguments (not
+    constants folded into the program, which is slow to compile for 40000 classes).
     """
     if function == "integer_labels":
         derivative = jaxce.derivatives.softmax_cross_entropy_with_integer_labels
-        return lambda labels: {
-            r: (
-                integer_loss(logits, labels, reduction=r, **options),
-                derivative(logits, labels, reduction=r, **options),
-            )
-            for r in REDUCTIONS
-        }
-    assert function == "linear"
-    rng = np.random.default_rng(46)
-    weight = jnp.asarray(rng.normal(size=(logits.shape[-1], 3)), jnp.float32)
-    hidden = jnp.asarray(rng.normal(size=(*logits.shape[:-1], 3)), jnp.float32)
-    return lambda labels: {
-        r: (
-            jaxce.linear_cross_entropy(hidden, weight, labels, reduction=r, **options),
-            jaxce.derivatives.linear_cross_entropy(hidden, weight, labels, reduction=r, **options),
-        )
-        for r in REDUCTIONS
-    }
+        arrays: tuple[jax.Array, ...] = (jnp.asarray(logits),)
+
+        def results(arrays, labels):
+            return {
+                r: (
+                    integer_loss(arrays[0], labels, reduction=r, **options),
+                    derivative(arrays[0], labels, reduction=r, **options),
+                )
+                for r in REDUCTIONS
+            }
+
+    else:
+        assert function == "linear"
+        rng = np.random.default_rng(46)
+        weight = jnp.asarray(rng.normal(size=(logits.shape[-1], 3)), jnp.float32)
+        arrays = (jnp.asarray(rng.normal(size=(*logits.shape[:-1], 3)), jnp.float32), weight)
+
+        def results(arrays, labels):
+            # The closed form of "mean" only: its three matrix products compile slowly.
+            derivative = jaxce.derivatives.linear_cross_entropy
+            return {
+                r: (
+                    jaxce.linear_cross_entropy(*arrays, labels, reduction=r, **options),
+                    derivative(*arrays, labels, reduction=r, **options) if r == "mean" else None,
+                )
+                for r in REDUCTIONS
+            }
+
+    run = maybe_jit(results, mode)
+    return lambda labels: run(arrays, labels)
 
 
 LABEL_FUNCTIONS = ["integer_labels", "linear"]
@@ -560,12 +595,24 @@ LABEL_FUNCTIONS = ["integer_labels", "linear"]
 def _shared_label_results(function: str, mode: str, **options: Any) -> Callable[..., Any]:
     """`_label_results` on fixed logits, one (jitted) function per case: compiles are shared."""
     logits = (np.random.default_rng(47).normal(size=(3, 7)) * 2).astype(np.float32)
-    return maybe_jit(_label_results(function, logits, **options), mode)
+    return _label_results(function, logits, mode, **options)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("function", LABEL_FUNCTIONS)
-@pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
+# Every label dtype through the integer-label loss, eagerly and under jit, and through the
+# linear loss: under jit a narrow signed, a narrow unsigned and a wide unsigned one.
+LABEL_DTYPE_CASES = [
+    (label_dtype, "integer_labels", mode) for label_dtype in LABEL_DTYPES for mode in MODES
+] + [
+    (label_dtype, "linear", "jit" if label_dtype in ("int8", "uint8", "uint32") else "eager")
+    for label_dtype in LABEL_DTYPES
+]
+
+
+@pytest.mark.parametrize(
+    ("label_dtype", "function", "mode"),
+    LABEL_DTYPE_CASES,
+    ids=[f"{d}-{f}-{m}" for d, f, m in LABEL_DTYPE_CASES],
+)
 def test_label_dtype_gives_the_int32_result(label_dtype: str, function: str, mode: str) -> None:
     """Losses and closed-form gradients; -100 is ignored where the dtype holds it."""
     values = np.array([6, -100, 3] if np.dtype(label_dtype).kind == "i" else [6, 0, 3])
@@ -576,13 +623,15 @@ def test_label_dtype_gives_the_int32_result(label_dtype: str, function: str, mod
     assert np.all(np.isfinite(as_f64(actual["mean"][0])))
 
 
-@pytest.mark.parametrize("function", LABEL_FUNCTIONS)
-@pytest.mark.parametrize("label_dtype", ["int64", "uint64"])
+@pytest.mark.parametrize(
+    ("label_dtype", "function"),
+    [("int64", "integer_labels"), ("uint64", "integer_labels"), ("int64", "linear")],
+)
 def test_64_bit_label_dtypes_under_x64(label_dtype: str, function: str) -> None:
     with jax.enable_x64(True):
         logits = (np.random.default_rng(48).normal(size=(4, 5)) * 2).astype(np.float32)
         values = np.array([0, 4, 2, 1])
-        results = _label_results(function, logits, ignore_index=-100)
+        results = _label_results(function, logits, "jit", ignore_index=-100)
         actual = results(jnp.asarray(values.astype(label_dtype)))
         assert_same_tree(actual, results(jnp.asarray(values, jnp.int32)), label_dtype)
 
@@ -592,12 +641,17 @@ def test_64_bit_labels_out_of_int32_range_are_invalid_or_ignored_exactly() -> No
     with jax.enable_x64(True):
         logits = np.zeros((3, 4), np.float32)
         big = np.array([1, 2**40, 3], np.int64)
-        loss = integer_loss(logits, big)
-        assert np.isnan(loss[1]) and np.all(np.isfinite(as_f64(loss)[[0, 2]]))
-        ignored = integer_loss(logits, big, ignore_index=2**40, reduction="mean")
-        np.testing.assert_allclose(ignored, np.log(4), rtol=1e-6)
         huge = np.array([1, 2**64 - 1, 3], np.uint64)  # not -1, and not a class either
-        assert np.isnan(integer_loss(logits, huge, ignore_index=-100)[1])
+        loss, ignored, unsigned = jax.jit(
+            lambda x: (
+                integer_loss(x, big),
+                integer_loss(x, big, ignore_index=2**40, reduction="mean"),
+                integer_loss(x, huge, ignore_index=-100),
+            )
+        )(logits)
+        assert np.isnan(loss[1]) and np.all(np.isfinite(as_f64(loss)[[0, 2]]))
+        np.testing.assert_allclose(ignored, np.log(4), rtol=1e-6)
+        assert np.isnan(unsigned[1])
 
 
 @pytest.mark.parametrize("function", LABEL_FUNCTIONS)
@@ -606,7 +660,7 @@ def test_int16_labels_index_40000_classes(function: str) -> None:
     rng = np.random.default_rng(49)
     logits = rng.normal(size=(2, 40000)).astype(np.float32)
     values = np.array([5, 30000])
-    results = jax.jit(_label_results(function, logits))
+    results = _label_results(function, logits, "jit")
     actual = results(jnp.asarray(values, jnp.int16))
     assert_same_tree(actual, results(jnp.asarray(values, jnp.int32)), "int16 vs int32")
     assert np.all(np.isfinite(as_f64(actual["none"][0])))
@@ -615,14 +669,16 @@ def test_int16_labels_index_40000_classes(function: str) -> None:
         assert np.all(np.asarray(actual["none"][1])[[0, 1], values] < 0)  # p_y - 1
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("function", LABEL_FUNCTIONS)
+@pytest.mark.parametrize(
+    ("function", "mode"),
+    [("integer_labels", "eager"), ("integer_labels", "jit"), ("linear", "jit")],
+)
 def test_uint8_label_156_is_a_class_not_ignore_index_minus_100(function: str, mode: str) -> None:
     """In uint8, -100 wraps to 156: label 156 of 200 classes must still count."""
     rng = np.random.default_rng(50)
     logits = rng.normal(size=(3, 200)).astype(np.float32)
     values = np.array([156, 3, 17])
-    results = maybe_jit(_label_results(function, logits, ignore_index=-100), mode)
+    results = _label_results(function, logits, mode, ignore_index=-100)
     actual = results(jnp.asarray(values, jnp.uint8))
     assert_same_tree(actual, results(jnp.asarray(values, jnp.int32)), "uint8 vs int32")
     ignored = results(jnp.asarray([-100, 3, 17], jnp.int32))
@@ -642,8 +698,10 @@ NEGATIVE_LABELS = [
 ]
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("function", LABEL_FUNCTIONS)
+@pytest.mark.parametrize(
+    ("function", "mode"),
+    [("integer_labels", "eager"), ("integer_labels", "jit"), ("linear", "jit")],
+)
 @pytest.mark.parametrize(
     ("label_dtype", "bad", "ignore_index"),
     NEGATIVE_LABELS,
@@ -702,11 +760,9 @@ def _nothing_counted(case: str, dtype: str) -> tuple[jax.Array, np.ndarray, dict
     return logits, labels, options
 
 
-# float32 under jit for every case; eagerly and in the half dtypes for some.
+# float32 under jit for every case, the half dtypes for some (eager: `test_empty_batch`).
 NOTHING_COUNTED_CASES = [(case, "float32", "jit") for case in NOTHING_COUNTED]
 NOTHING_COUNTED_CASES += [
-    ("all_ignored", "float32", "eager"),
-    ("empty_batch", "float32", "eager"),
     ("all_ignored_weight_smoothing_z_loss", "bfloat16", "jit"),
     ("every_row_excluded_by_where", "bfloat16", "jit"),
     ("every_class_excluded_by_where", "float16", "jit"),
@@ -750,7 +806,7 @@ def test_integer_labels_mean_over_nothing_is_zero_with_zero_gradients(
             assert np.all(as_f64(g) == 0), f"{reduction}: {g}"
 
 
-OTHER_LOSSES = [case for case in WHERE_LOSSES if case[0] != WHERE_LOSSES[4][0]]
+OTHER_LOSSES = [c for c in WHERE_LOSSES if c[0] != "softmax_cross_entropy_with_integer_labels"]
 OTHER_WHERE = [("per_element", "float32"), ("per_element", "bfloat16"), ("per_row", "float16")]
 
 
@@ -772,14 +828,19 @@ def test_other_losses_mean_over_nothing_is_zero_with_zero_gradients(
         where = np.zeros((4, 1) if binary else (4,), bool)
     else:
         where = np.zeros(x.shape, bool)
-    z = jnp.asarray(x, dtype)
-    for reduction in ("sum", "mean"):
-        value, grad = jax.value_and_grad(
-            lambda v, r=reduction: loss(v, labels, where=where, reduction=r)
-        )(z)
+
+    def results(z):
+        return {
+            r: (
+                *jax.value_and_grad(lambda v, r=r: loss(v, labels, where=where, reduction=r))(z),
+                derivative(z, labels, where=where, reduction=r),
+            )
+            for r in ("sum", "mean")
+        }
+
+    for reduction, (value, grad, closed_form) in jax.jit(results)(jnp.asarray(x, dtype)).items():
         assert float(value) == 0.0, reduction
         assert grad.dtype == jnp.dtype(dtype) and np.all(as_f64(grad) == 0), reduction
-        closed_form = derivative(z, labels, where=where, reduction=reduction)
         assert np.all(as_f64(closed_form) == 0), reduction
 
 
@@ -789,7 +850,8 @@ INVALID_LABELS = {
     "invalid_among_ignored": [-100, 9, -100, -100],
     "invalid_among_counted": [0, 9, 2, 3],
 }
-INVALID_FUNCTIONS = [("integer_labels", dtype) for dtype in DTYPES] + [("linear", "float32")]
+INVALID_FUNCTIONS = [("integer_labels", "float32"), ("integer_labels", "float16")]
+INVALID_FUNCTIONS += [("linear", "bfloat16")]
 
 
 @pytest.mark.parametrize(
@@ -809,23 +871,28 @@ def test_invalid_labels_make_mean_and_sum_nan_even_when_nothing_counts(
     ignored = labels == -100
     if function == "integer_labels":
         logits = jnp.asarray(rng.normal(size=(4, 5)), dtype)
-        out = jax.jit(lambda z: all_reductions(integer_loss, z, labels, ignore_index=-100))(logits)
-        closed_form = jaxce.derivatives.softmax_cross_entropy_with_integer_labels(
-            logits, labels, ignore_index=-100, reduction="mean"
-        )
+        derivative = jaxce.derivatives.softmax_cross_entropy_with_integer_labels
+        out, closed_form = jax.jit(
+            lambda z: (
+                all_reductions(integer_loss, z, labels, ignore_index=-100),
+                derivative(z, labels, ignore_index=-100, reduction="mean"),
+            )
+        )(logits)
         assert np.all(np.isfinite(as_f64(closed_form)))
         assert np.all(as_f64(closed_form)[invalid | ignored] == 0)
     else:
         hidden = jnp.asarray(rng.normal(size=(4, 3)), dtype)
         weight = jnp.asarray(rng.normal(size=(5, 3)), dtype)
-        out = jax.jit(
-            lambda h, w: all_reductions(
-                jaxce.linear_cross_entropy, h, w, labels, ignore_index=-100, chunk_size=2
+        out, grads = jax.jit(
+            lambda h, w: (
+                all_reductions(
+                    jaxce.linear_cross_entropy, h, w, labels, ignore_index=-100, chunk_size=2
+                ),
+                jaxce.derivatives.linear_cross_entropy(
+                    h, w, labels, ignore_index=-100, reduction="mean"
+                ),
             )
         )(hidden, weight)
-        grads = jaxce.derivatives.linear_cross_entropy(
-            hidden, weight, labels, ignore_index=-100, reduction="mean"
-        )
         assert all(np.all(np.isfinite(as_f64(g))) for g in grads if g is not None)
     per_example = as_f64(out["none"])
     assert np.all(np.isnan(per_example[invalid]))
@@ -843,16 +910,24 @@ def test_linear_all_ignored_is_zero_with_zero_gradients(dtype: str) -> None:
     bias = jnp.asarray(rng.normal(size=6), dtype)
     labels = np.full(5, -100)
     options = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3)
-    for reduction in ("sum", "mean"):
 
-        def total(h, w, b, r=reduction):
-            return jnp.sum(jaxce.linear_cross_entropy(h, w, labels, bias=b, reduction=r, **options))
+    def results(h, w, b):
+        out = {}
+        for r in ("sum", "mean"):
 
-        value, grads = jax.value_and_grad(total, argnums=(0, 1, 2))(hidden, weight, bias)
+            def total(h, w, b, r=r):
+                return jaxce.linear_cross_entropy(h, w, labels, bias=b, reduction=r, **options)
+
+            out[r] = (
+                *jax.value_and_grad(total, argnums=(0, 1, 2))(h, w, b),
+                jaxce.derivatives.linear_cross_entropy(
+                    h, w, labels, bias=b, reduction=r, **options
+                ),
+            )
+        return out
+
+    for reduction, (value, grads, closed_form) in jax.jit(results)(hidden, weight, bias).items():
         assert float(value) == 0.0, reduction
-        closed_form = jaxce.derivatives.linear_cross_entropy(
-            hidden, weight, labels, bias=bias, reduction=reduction, **options
-        )
         for g, c, like in zip(grads, closed_form, (hidden, weight, bias), strict=True):
             assert g.dtype == like.dtype and np.all(as_f64(g) == 0), reduction
             assert c.dtype == like.dtype and np.all(as_f64(c) == 0), reduction
@@ -901,7 +976,7 @@ def _torch_cross_entropy(logits, labels, weight, label_smoothing, reduction) -> 
 
 
 def _assert_matches_torch(ours: dict[str, Any], logits, labels, weight, smoothing) -> None:
-    """ "none" and "sum" first (finite), then "mean" (not finite: the case is what it says)."""
+    """Compares "none" and "sum" (finite), then "mean" (not finite: the case is as named)."""
     for reduction in REDUCTIONS:
         expected = _torch_cross_entropy(logits, labels, weight, smoothing, reduction)
         assert np.all(np.isfinite(expected)) == (reduction != "mean")
@@ -910,15 +985,22 @@ def _assert_matches_torch(ours: dict[str, Any], logits, labels, weight, smoothin
         )
 
 
+@functools.cache
+def _weighted_integer_loss(smoothing: float) -> Callable[..., dict[str, jax.Array]]:
+    return jax.jit(
+        lambda x, y, w: all_reductions(
+            integer_loss, x, y, weight=w, ignore_index=-100, label_smoothing=smoothing
+        )
+    )
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.2], ids=["no_smoothing", "smoothing0.2"])
 @pytest.mark.parametrize("case", list(ZERO_WEIGHT_SUMS))
 def test_counted_weights_summing_to_zero_match_torch(case: str, smoothing: float) -> None:
     """PyTorch divides by the summed weights: 0/0 = NaN, x/0 = +-inf. Only "no example
     counted" is 0."""
     logits, labels, weight = _zero_weight_inputs(case)
-    ours = all_reductions(
-        integer_loss, logits, labels, weight=weight, ignore_index=-100, label_smoothing=smoothing
-    )
+    ours = _weighted_integer_loss(smoothing)(logits, labels, weight)
     _assert_matches_torch(ours, logits, labels, weight, smoothing)
 
 
@@ -950,13 +1032,13 @@ def _hyper_setup(function: str, dtype: str) -> tuple[tuple[jax.Array, ...], Call
 
 # (function, argument, out-of-range values, in-range values)
 HYPERPARAMETERS = [
-    (function, "label_smoothing", (1.5, -0.1, 1.0), (0.0, 0.3, 0.99))
+    (function, "label_smoothing", (1.5, -0.1, 1.0), (0.0, 0.3))
     for function in ("integer_labels", "softmax", "sigmoid_binary", "linear")
 ]
 HYPERPARAMETERS += [
     (function, "z_loss", (-0.5, -1e-8), (0.0, 1e-3)) for function in ("integer_labels", "linear")
 ]
-HYPERPARAMETERS += [("sigmoid_focal", "alpha", (-0.1, 1.5), (0.0, 0.25, 1.0))]
+HYPERPARAMETERS += [("sigmoid_focal", "alpha", (-0.1, 1.5), (0.0, 1.0))]
 BAD_HYPERPARAMETERS = [(f, a, v) for f, a, bad, _ in HYPERPARAMETERS for v in bad]
 BAD_IDS = [f"{f}-{a}={v}" for f, a, v in BAD_HYPERPARAMETERS]
 
@@ -987,10 +1069,15 @@ def test_traced_hyperparameter_out_of_range_is_nan_and_in_range_is_exact(
         out = run(inputs, value)
         for reduction, loss in out.items():
             assert np.all(np.isnan(as_f64(loss))), f"{argument}={value}, {reduction}: {loss}"
-    for value in good:
+    for value in good if dtype == "float32" else good[1:]:
         out = run(inputs, value)
-        for reduction in REDUCTIONS:
-            concrete = call(*inputs, reduction=reduction, **{argument: value})
+        if dtype != "float32":  # the comparison with concrete values is float32's
+            assert all(np.all(np.isfinite(as_f64(v))) for v in out.values())
+            continue
+        concrete_run = jax.jit(
+            lambda args, v=value: {r: call(*args, reduction=r, **{argument: v}) for r in REDUCTIONS}
+        )
+        for reduction, concrete in concrete_run(inputs).items():
             what = f"{argument}={value}, {reduction}"
             assert np.all(np.isfinite(as_f64(out[reduction]))), what
             np.testing.assert_allclose(
@@ -998,7 +1085,11 @@ def test_traced_hyperparameter_out_of_range_is_nan_and_in_range_is_exact(
             )
 
 
-@pytest.mark.parametrize(("function", "argument", "value"), BAD_HYPERPARAMETERS, ids=BAD_IDS)
+@pytest.mark.parametrize(
+    ("function", "argument", "value"),
+    [(f, a, bad[0]) for f, a, bad, _ in HYPERPARAMETERS],
+    ids=[f"{f}-{a}={bad[0]}" for f, a, bad, _ in HYPERPARAMETERS],
+)
 def test_checked_names_the_hyperparameter_out_of_range(
     function: str, argument: str, value: float
 ) -> None:
@@ -1091,12 +1182,18 @@ def _checked_cases() -> dict[str, tuple[Callable[[], Callable[..., Any]], tuple,
 CHECKED_CASES = list(_checked_cases())
 
 
+@functools.cache
+def _never_checked(case: str) -> Callable[..., Any]:
+    """The jitted function of a case, never given to `jaxce.checked`."""
+    return jax.jit(_checked_cases()[case][0]())
+
+
 @pytest.mark.parametrize("order", ["checked_first", "jit_first"])
 @pytest.mark.parametrize("case", CHECKED_CASES)
 def test_checked_on_a_jitted_function(case: str, order: str) -> None:
     make, good, bad, argument = _checked_cases()[case]
     step = jax.jit(make())
-    fresh = jax.jit(make())  # never seen by `checked`: what `step` must keep returning
+    fresh = _never_checked(case)  # what `step` must keep returning
     if order == "jit_first":
         step(*bad)
         step(*good)
@@ -1199,13 +1296,7 @@ EMPTY_LOSSES = {
         True,
     ),
 }
-EMPTY_SHAPES = [
-    ((0, 5), "float32", "eager"),
-    ((0, 5), "float32", "jit"),
-    ((0, 5), "bfloat16", "jit"),
-    ((2, 0, 5), "float16", "eager"),
-    ((2, 0, 5), "float32", "jit"),
-]
+EMPTY_SHAPES = [((0, 5), "float32", "jit"), ((2, 0, 5), "bfloat16", "eager")]
 EMPTY_IDS = [f"{s}-{d}-{m}".replace(" ", "") for s, d, m in EMPTY_SHAPES]
 
 
@@ -1225,11 +1316,11 @@ def test_empty_batch(case: str, shape: tuple[int, ...], dtype: str, mode: str) -
             def total(v, r=reduction):
                 return jnp.sum(loss(v, y, reduction=r))
 
-            out[reduction] = (
-                loss(z, y, reduction=reduction),
-                jax.grad(total)(z),
-                derivative(z, y, reduction=reduction),
-            )
+            value = loss(z, y, reduction=reduction)
+            if reduction == "sum":  # its gradient is that of "none"
+                out[reduction] = (value, *out["none"][1:])
+                continue
+            out[reduction] = (value, jax.grad(total)(z), derivative(z, y, reduction=reduction))
         return out
 
     out = maybe_jit(results, mode)(jnp.zeros(shape, dtype), labels)
@@ -1459,7 +1550,7 @@ else:
         assert np.all(np.isfinite(as_f64(grad))) and np.all(as_f64(grad)[~where] == 0)
         np.testing.assert_allclose(as_f64(grad), as_f64(expected_grad), rtol=RTOL[dtype])
 
-    @pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
+    @pytest.mark.parametrize("label_dtype", ["int8", "uint16", "uint32"])
     def test_vocab_parallel_label_dtype_gives_the_int32_result(label_dtype: str) -> None:
         rng = np.random.default_rng(62)
         logits = jnp.asarray(rng.normal(size=(4, V)), jnp.float32)
@@ -1558,11 +1649,13 @@ else:
         _assert_matches_torch(ours, logits, labels, weight, smoothing)
 
     @pytest.mark.parametrize(
-        ("argument", "bad", "good"),
-        [("label_smoothing", (1.5, -0.1, 1.0), 0.3), ("z_loss", (-0.5,), 1e-3)],
-        ids=["label_smoothing", "z_loss"],
+        ("mesh_name", "argument", "bad", "good"),
+        [
+            ("model4", "label_smoothing", (1.5, -0.1, 1.0), 0.3),
+            ("data2xmodel2", "z_loss", (-0.5,), 1e-3),
+        ],
+        ids=["model4-label_smoothing", "data2xmodel2-z_loss"],
     )
-    @pytest.mark.parametrize("mesh_name", MESH_NAMES)
     def test_vocab_parallel_traced_hyperparameter_out_of_range(
         mesh_name: str, argument: str, bad: tuple, good: float
     ) -> None:
@@ -1595,8 +1688,7 @@ else:
         np.testing.assert_allclose(loss(logits, good)["mean"], np.log(V), rtol=1e-6)
 
     @pytest.mark.parametrize(
-        ("mesh_name", "dtype"),
-        [("model4", "float32"), ("data2xmodel2", "bfloat16"), ("model4", "float16")],
+        ("mesh_name", "dtype"), [("model4", "float16"), ("data2xmodel2", "bfloat16")]
     )
     def test_vocab_parallel_linear_nan_hidden_row_and_labels(mesh_name: str, dtype: str) -> None:
         rng = np.random.default_rng(66)
