@@ -79,6 +79,153 @@ def default_chunk_size(
     return max(1, -(-num_tokens // max(num_chunks, 1)))
 
 
+_PLATFORMS = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+# Accelerators: token chunks of at least this many rows, in multiples of
+# `_ACCELERATOR_ROW_MULTIPLE`, and products over the whole vocabulary, so that a
+# call is tens of loop iterations of large products, not thousands of small ones.
+_ACCELERATOR_MIN_CHUNK = 512
+_ACCELERATOR_ROW_MULTIPLE = 256
+# By default the largest temporary, one [chunk, V] float32 buffer, is at most
+# this fraction of the materialised [N, V] float32 logits.
+_ACCELERATOR_LOGITS_FRACTION = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCrossEntropyPlan:
+    """How :func:`jaxce.linear_cross_entropy` splits its work, for one platform.
+
+    Made by :func:`jaxce.plan_linear_cross_entropy`; pass it as ``plan=`` to
+    override the plan chosen for the default backend.
+
+    Attributes:
+      platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``: whose plan this is.
+      chunk_size: tokens per chunk (one ``[chunk_size, V]`` logits buffer at a time).
+      vocab_block: vocabulary rows of ``weight`` per gradient product
+        (``V``: one product over the whole vocabulary per chunk).
+      accumulation_dtype: the dtype the logits and gradients are accumulated in.
+      estimated_temporaries: bytes of temporary memory of the loss and its
+        gradients (XLA's ``memory_analysis().temp_size_in_bytes`` on CPU, within
+        about 15%), gradient accumulators included.
+    """
+
+    platform: str
+    chunk_size: int
+    vocab_block: int
+    accumulation_dtype: str
+    estimated_temporaries: int
+
+    def __str__(self) -> str:
+        return (
+            f"LinearCrossEntropyPlan({self.platform}: {self.chunk_size}-token chunks, "
+            f"{self.vocab_block}-row vocabulary blocks, {self.accumulation_dtype} "
+            f"accumulation, ~{self.estimated_temporaries / 2**20:.1f} MiB of temporaries)"
+        )
+
+
+def _estimated_temporaries(
+    num_tokens: int, dim: int, vocab: int, chunk: int, *, bfloat16: bool
+) -> int:
+    """Temporaries of the value and gradients, as XLA:CPU allocates them.
+
+    One float32 ``[chunk, V]`` buffer (the logits, then their exponentials, and
+    for float32 the gradient formed over them), a second one for bfloat16
+    (where the chunk's whole logit gradient is formed); plus the float32
+    gradient accumulators of ``weight`` and ``hidden``.
+    """
+    chunk_buffers = 2 if bfloat16 else 1
+    return 4 * (chunk_buffers * chunk * vocab + vocab * dim + num_tokens * dim)
+
+
+def plan_linear_cross_entropy(
+    num_tokens: int,
+    dim: int,
+    vocab: int,
+    dtype: Any,
+    *,
+    platform: str | None = None,
+    reduction: str = "mean",
+    memory_budget: int | None = None,
+) -> LinearCrossEntropyPlan:
+    """The plan :func:`jaxce.linear_cross_entropy` uses for these shapes on ``platform``.
+
+    - CPU (tuned for its caches): 256-token chunks where a float32
+      ``[256, V]`` buffer fits in 56 MiB (fewer rows where it does not, more
+      for small vocabularies), halved for ``reduction="none"`` and bfloat16,
+      and vocabulary blocks of about 1 MiB of ``weight``.
+    - GPU and TPU: chunks of at least 512 tokens, in multiples of 256, as
+      large as keeps the largest temporary (one float32 ``[chunk, V]``
+      buffer) within 1/8 of the materialised float32 logits, and products
+      over the whole vocabulary: tens of loop iterations, not thousands.
+
+    Args:
+      num_tokens: ``N``, the tokens of one call (``hidden``'s leading dimensions).
+      dim: ``D``, the hidden size.
+      vocab: ``V``, the vocabulary size (rows of ``weight``).
+      dtype: the inputs' dtype (bfloat16 plans for its extra buffer).
+      platform: ``"cpu"``, ``"gpu"`` (``"cuda"``, ``"rocm"``) or ``"tpu"``;
+        None for ``jax.default_backend()``.
+      reduction: the reduction the plan is for (``"none"`` holds more per chunk).
+      memory_budget: bytes the temporaries may take; the chunk is the largest
+        the platform's rule allows within it (more memory, fewer chunks), or
+        the smallest it allows (16 tokens on CPU, 512 on accelerators) when
+        even the gradient accumulators exceed the budget.
+
+    Returns:
+      A frozen, printable :class:`LinearCrossEntropyPlan`.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce
+      >>> plan = jaxce.plan_linear_cross_entropy(8192, 2304, 256000, jnp.bfloat16, platform="gpu")
+      >>> plan.chunk_size, plan.vocab_block
+      (1024, 256000)
+    """
+    for name, value, minimum in (
+        ("num_tokens", num_tokens, 0),
+        ("dim", dim, 1),
+        ("vocab", vocab, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    _checks.check_reduction(reduction)
+    key = jax.default_backend() if platform is None else platform
+    if key not in _PLATFORMS:
+        raise ValueError(f"`platform` must be one of {sorted(_PLATFORMS)} or None, got {key!r}.")
+    resolved = _PLATFORMS[key]
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"`dtype` must be a floating dtype, got {dtype}.")
+    bfloat16 = dtype == jnp.bfloat16
+    per_token = reduction == "none"
+    tokens = max(num_tokens, 1)
+    if resolved == "cpu":
+        vocab_block = min(
+            vocab, max(_MIN_WEIGHT_BLOCK_ROWS, _WEIGHT_BLOCK_BYTES // (4 * max(dim, 1)))
+        )
+        candidates = [default_chunk_size(tokens, vocab, per_token=per_token, bfloat16=bfloat16)]
+        smaller = range(candidates[0] - 1, min(_MIN_CHUNK, candidates[0]) - 1, -1)
+    else:
+        vocab_block = vocab
+        multiple, smallest = _ACCELERATOR_ROW_MULTIPLE, _ACCELERATOR_MIN_CHUNK
+        rows = tokens // _ACCELERATOR_LOGITS_FRACTION // multiple * multiple
+        if memory_budget is not None:
+            rows = tokens  # the budget decides below
+        rows = min(max(rows, smallest), -(-tokens // multiple) * multiple)
+        candidates = [rows]
+        smaller = range(rows - multiple, smallest - 1, -multiple)
+    if memory_budget is not None:
+        fits = [
+            c
+            for c in [*candidates, *smaller]
+            if _estimated_temporaries(num_tokens, dim, vocab, min(c, tokens), bfloat16=bfloat16)
+            <= memory_budget
+        ]  # fmt: skip
+        candidates = fits[:1] or [list(smaller)[-1] if smaller else candidates[0]]
+    chunk = min(candidates[0], tokens)
+    accumulation = "float64" if dtype == jnp.float64 else "float32"
+    estimate = _estimated_temporaries(num_tokens, dim, vocab, chunk, bfloat16=bfloat16)
+    return LinearCrossEntropyPlan(resolved, chunk, vocab_block, accumulation, estimate)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
     """Trace-time configuration of one call (hashable: a `nondiff_argnum`)."""
@@ -611,6 +758,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     shift: int = 0,
     chunk_size: int | None = None,
+    plan: LinearCrossEntropyPlan | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
     r"""Cross-entropy of ``softcap(hidden @ weight.T + bias)`` without holding the logits.
@@ -646,11 +794,11 @@ def linear_cross_entropy(
       softcap: Gemma 2's logit soft cap :math:`c > 0`, or None.
       shift: ``k >= 0``, the offset of the predicted label (1 for next-token
         prediction); needs ``T > k``.
-      chunk_size: tokens per chunk. None picks 256 where a float32
-        ``[256, V]`` buffer fits in 56 MiB, fewer where it does not, more (up
-        to 32 MiB, at most 1024) for small vocabularies; budgets halved for
-        ``reduction="none"`` and for bfloat16 inputs; then evened out over
-        the chunks (:func:`jaxce._linear.default_chunk_size`).
+      chunk_size: tokens per chunk: a shortcut that overrides the plan's.
+      plan: a :class:`jaxce.LinearCrossEntropyPlan` (chunk size, vocabulary
+        block) from :func:`jaxce.plan_linear_cross_entropy`; None plans for
+        ``jax.default_backend()`` (CPU: chunks tuned for its caches; GPU and
+        TPU: chunks of at least 512 tokens and whole-vocabulary products).
       reduction: ``"mean"`` (over counted tokens; 0 with zero gradients when
         none is counted), ``"sum"``, or ``"none"`` (``[...]``, or
         ``[..., T - k]`` with ``shift=k``).
@@ -691,6 +839,7 @@ def linear_cross_entropy(
         shift,
         chunk_size,
         reduction,
+        plan,
     )
     compute, labels_shape = prepared.compute, prepared.labels_shape
     if prepared.static is None:
@@ -730,6 +879,7 @@ def gradients(
     softcap: float | None = None,
     shift: int = 0,
     chunk_size: int | None = None,
+    plan: LinearCrossEntropyPlan | None = None,
     reduction: str = "mean",
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Gradients of :func:`linear_cross_entropy` w.r.t. ``hidden``, ``weight``, ``bias``.
@@ -759,6 +909,7 @@ def gradients(
         shift,
         chunk_size,
         "sum" if reduction == "none" else reduction,
+        plan,
     )
     # The gradients come back in the (floating) dtypes of the inputs.
     hidden_dtype = _checks.as_float_array(hidden, "hidden").dtype
@@ -825,6 +976,7 @@ def _prepare(
     shift: int,
     chunk_size: int | None,
     reduction: str,
+    plan: LinearCrossEntropyPlan | None = None,
 ) -> _Prepared:
     hidden = _checks.as_float_array(hidden, "hidden")
     weight = _checks.as_float_array(weight, "weight")
@@ -832,6 +984,16 @@ def _prepare(
     bias = _checks.optional_float(bias, "bias")
     _integer_labels.check_options(reduction, label_smoothing, z_loss, ignore_index)
     _check_arguments(hidden, weight, labels, bias, softcap, shift, chunk_size)
+    if plan is not None and not isinstance(plan, LinearCrossEntropyPlan):
+        raise TypeError(
+            "`plan` must be a LinearCrossEntropyPlan from "
+            f"`jaxce.plan_linear_cross_entropy`, got {type(plan).__name__}."
+        )
+    if plan is not None and chunk_size is not None:
+        raise ValueError(
+            "Pass `chunk_size` or `plan`, not both (`chunk_size` is a shortcut for a "
+            "plan's chunk size)."
+        )
 
     compute = jnp.result_type(_checks.compute_dtype(hidden), _checks.compute_dtype(weight))
     matmul_dtype = jnp.result_type(hidden.dtype, weight.dtype)
@@ -868,21 +1030,14 @@ def _prepare(
 
     static = None
     if num_tokens:
-        if chunk_size is None:
-            chunk = default_chunk_size(
-                num_tokens,
-                vocab,
-                per_token=reduction == "none",
-                bfloat16=matmul_dtype == jnp.bfloat16,
+        if plan is None:
+            plan = plan_linear_cross_entropy(
+                num_tokens, dim, vocab, matmul_dtype, reduction=reduction
             )
-        else:
-            chunk = chunk_size
         static = _Static(
             num_tokens=num_tokens,
-            chunk=min(chunk, num_tokens),
-            vocab_block=min(
-                vocab, max(_MIN_WEIGHT_BLOCK_ROWS, _WEIGHT_BLOCK_BYTES // (4 * max(dim, 1)))
-            ),
+            chunk=min(plan.chunk_size if chunk_size is None else chunk_size, num_tokens),
+            vocab_block=min(plan.vocab_block, vocab),
             softcap=None if softcap is None else float(softcap),
             smoothing=not _checks.is_concrete_zero(label_smoothing),
             z_loss=not _checks.is_concrete_zero(z_loss),

@@ -680,6 +680,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     shift: int = 0,
     chunk_size: int | None = None,
+    plan: _linear.LinearCrossEntropyPlan | None = None,
     reduction: str = "mean",
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     r"""Gradients of :func:`jaxce.linear_cross_entropy` w.r.t. ``hidden``, ``weight``, ``bias``.
@@ -701,9 +702,9 @@ def linear_cross_entropy(
 
     Args:
       hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss,
-        softcap, shift, chunk_size, reduction: as in
-        :func:`jaxce.linear_cross_entropy` (``chunk_size`` does not change
-        the result).
+        softcap, shift, chunk_size, plan, reduction: as in
+        :func:`jaxce.linear_cross_entropy` (``chunk_size`` and ``plan`` do not
+        change the result).
 
     Returns:
       ``(d_hidden, d_weight, d_bias)`` in the shapes and dtypes of ``hidden``,
@@ -733,5 +734,6 @@ def linear_cross_entropy(
         softcap=softcap,
         shift=shift,
         chunk_size=chunk_size,
+        plan=plan,
         reduction=reduction,
     )

@@ -1,0 +1,217 @@
+"""The per-platform plans of linear_cross_entropy, proved on CPU.
+
+Speed cannot be measured here, so these tests check the structure it depends
+on: accelerator plans lowered for CUDA and TPU make large products (at least
+512 token rows, whole vocabulary) and no tensor beyond 1/8 of the logits;
+their results on CPU equal a float64 formula; and the plan's estimate of the
+temporaries agrees with XLA's own memory analysis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxce
+from jaxce import _linear
+
+# (name, N tokens, D, V): the Gemma 2 head and the Llama 3 head of the benchmarks.
+HEADS = [("A", 8192, 2304, 256000), ("B", 8192, 4096, 128256)]
+BYTES = {"f32": 4, "bf16": 2, "f16": 2, "i32": 4, "i1": 1, "ui16": 2, "ui32": 4}
+
+
+def test_plan_is_frozen_printable_and_the_cpu_plan_is_the_tuned_rule():
+    plan = jaxce.plan_linear_cross_entropy(2048, 512, 65536, jnp.float32, platform="cpu")
+    assert isinstance(plan, jaxce.LinearCrossEntropyPlan)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.chunk_size = 1  # type: ignore[misc]
+    assert plan.chunk_size == _linear.default_chunk_size(2048, 65536)
+    assert plan.vocab_block == 512  # 1 MiB of a D = 512 float32 weight
+    assert plan.accumulation_dtype == "float32"
+    assert "cpu: 205-token chunks" in str(plan)
+    # None plans for the default backend (CPU here), per reduction and dtype.
+    assert jaxce.plan_linear_cross_entropy(2048, 512, 65536, jnp.float32) == plan
+    per_token = jaxce.plan_linear_cross_entropy(2048, 512, 65536, "float32", reduction="none")
+    assert per_token.chunk_size == _linear.default_chunk_size(2048, 65536, per_token=True)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "cuda", "tpu"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize(("head", "tokens", "dim", "vocab"), HEADS, ids=[h[0] for h in HEADS])
+def test_accelerator_plans_make_tens_of_large_products(head, tokens, dim, vocab, dtype, platform):
+    plan = jaxce.plan_linear_cross_entropy(tokens, dim, vocab, dtype, platform=platform)
+    assert plan.platform == ("tpu" if platform == "tpu" else "gpu")
+    assert plan.chunk_size >= 512 and plan.chunk_size % 256 == 0
+    assert plan.vocab_block == vocab  # whole-vocabulary products
+    assert -(-tokens // plan.chunk_size) <= 64  # tens of iterations, not thousands
+    assert plan.chunk_size * vocab * 4 <= tokens * vocab * 4 / 8
+
+
+def _tensors(module: str) -> list[tuple[int, tuple[int, ...]]]:
+    """(bytes, shape) of every ranked tensor type in StableHLO text."""
+    found = []
+    for match in re.finditer(r"tensor<((?:\d+x)+)(\w+)>", module):
+        shape = tuple(int(d) for d in match.group(1).rstrip("x").split("x"))
+        found.append((int(np.prod(shape)) * BYTES.get(match.group(2), 4), shape))
+    return found
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize(("head", "tokens", "dim", "vocab"), HEADS, ids=[h[0] for h in HEADS])
+def test_accelerator_plan_lowers_to_large_products_within_an_eighth_of_the_logits(
+    head, tokens, dim, vocab, dtype, platform
+):
+    """value_and_grad lowered for the accelerator (nothing allocated) at the real head shapes."""
+    plan = jaxce.plan_linear_cross_entropy(tokens, dim, vocab, dtype, platform=platform)
+
+    def loss(hidden, weight, labels):
+        return jaxce.linear_cross_entropy(hidden, weight, labels, plan=plan, label_smoothing=0.1)
+
+    arguments = (
+        jax.ShapeDtypeStruct((tokens, dim), dtype),
+        jax.ShapeDtypeStruct((vocab, dim), dtype),
+        jax.ShapeDtypeStruct((tokens,), jnp.int32),
+    )
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*arguments)
+    module = lowered.lower(lowering_platforms=(platform,)).as_text()
+    logits_bytes = tokens * vocab * 4
+    too_large = {
+        shape
+        for size, shape in _tensors(module)
+        if size > logits_bytes / 8 and shape != (vocab, dim)  # the weight and its gradient
+    }
+    assert not too_large, too_large
+    products = re.findall(r"stablehlo\.dot_general.*: \((tensor<[^)]*)\)", module)
+    with_vocab = [p for p in products if f"{vocab}x" in p or f"x{vocab}x" in p]
+    assert len(with_vocab) >= 3  # logits, hidden gradient, weight gradient
+    for operands in with_vocab:
+        rows = {shape[0] for _, shape in _tensors(operands)} - {vocab}
+        assert min(rows) >= 512, operands
+
+
+def _temporaries(tokens, dim, vocab, dtype, plan, reduction="mean"):
+    def loss(hidden, weight, labels):
+        value = jaxce.linear_cross_entropy(hidden, weight, labels, plan=plan, reduction=reduction)
+        return jnp.sum(value)
+
+    arguments = (
+        jax.ShapeDtypeStruct((tokens, dim), dtype),
+        jax.ShapeDtypeStruct((vocab, dim), dtype),
+        jax.ShapeDtypeStruct((tokens,), jnp.int32),
+    )
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*arguments).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+@pytest.mark.parametrize(
+    ("tokens", "dim", "vocab", "dtype"),
+    [
+        (1024, 64, 4096, "float32"),
+        (600, 32, 3000, "float32"),
+        (2048, 128, 8192, "bfloat16"),
+        (4096, 64, 16384, "bfloat16"),
+    ],
+    ids=["N1024-V4096-f32", "N600-V3000-f32", "N2048-V8192-bf16", "N4096-V16384-bf16"],
+)
+def test_estimated_temporaries_agree_with_xla_within_15_percent(
+    tokens, dim, vocab, dtype, platform
+):
+    plan = jaxce.plan_linear_cross_entropy(tokens, dim, vocab, dtype, platform=platform)
+    actual = _temporaries(tokens, dim, vocab, jnp.dtype(dtype), plan)
+    assert abs(plan.estimated_temporaries - actual) <= 0.15 * actual, (plan, actual)
+
+
+def test_memory_budget_trades_memory_for_fewer_chunks():
+    tokens, dim, vocab = 8192, 2304, 256000
+    default = jaxce.plan_linear_cross_entropy(tokens, dim, vocab, "bfloat16", platform="gpu")
+    roomy = jaxce.plan_linear_cross_entropy(
+        tokens, dim, vocab, "bfloat16", platform="gpu", memory_budget=8 * 2**30
+    )
+    tight = jaxce.plan_linear_cross_entropy(
+        tokens, dim, vocab, "bfloat16", platform="gpu", memory_budget=3584 * 2**20
+    )
+    assert roomy.chunk_size > default.chunk_size > tight.chunk_size >= 512
+    assert roomy.estimated_temporaries <= 8 * 2**30
+    assert tight.estimated_temporaries <= 3584 * 2**20
+    # CPU: the weight's float32 gradient alone is 128 MiB here; 160 MiB leaves room for
+    # chunks of 112 rows instead of 205.
+    cpu = jaxce.plan_linear_cross_entropy(2048, 512, 65536, "float32", memory_budget=160 * 2**20)
+    assert cpu.estimated_temporaries <= 160 * 2**20
+    assert 16 <= cpu.chunk_size < _linear.default_chunk_size(2048, 65536)
+    starved = jaxce.plan_linear_cross_entropy(2048, 512, 65536, "float32", memory_budget=2**20)
+    assert starved.chunk_size == 16  # the smallest CPU chunk: the budget cannot be met
+
+
+def _float64_loss(hidden, weight, bias, labels, *, softcap, label_smoothing, z_loss):
+    """The materialised loss by hand in float64 ("mean" over labels != -100)."""
+    logits = hidden @ weight.T + bias[None, :]
+    logits = softcap * jnp.tanh(logits / softcap)
+    log_z = jax.scipy.special.logsumexp(logits, axis=-1)
+    log_p = logits - log_z[:, None]
+    counted = labels != -100
+    picked = jnp.take_along_axis(log_p, jnp.where(counted, labels, 0)[:, None], -1)[:, 0]
+    vocab = logits.shape[-1]
+    per_token = (1 - label_smoothing) * -picked - label_smoothing / vocab * log_p.sum(-1)
+    per_token = per_token + z_loss * log_z**2
+    return jnp.where(counted, per_token, 0).sum() / counted.sum(dtype=per_token.dtype)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_accelerator_plan_runs_on_cpu_and_equals_float64_and_the_cpu_plan(platform):
+    """At small shapes (N not a multiple of the chunk) every option, values and gradients."""
+    rng = np.random.default_rng(5)
+    tokens, dim, vocab = 1300, 16, 700
+    hidden = rng.normal(size=(tokens, dim))
+    weight = rng.normal(size=(vocab, dim)) / 2
+    bias = rng.normal(size=vocab)
+    labels = np.where(rng.random(tokens) < 0.1, -100, rng.integers(0, vocab, tokens))
+    options = {"softcap": 5.0, "label_smoothing": 0.1, "z_loss": 1e-3}
+    plan = jaxce.plan_linear_cross_entropy(tokens, dim, vocab, "float32", platform=platform)
+    assert plan.chunk_size == 512 and plan.vocab_block == vocab
+
+    def fused(plan):
+        def loss(h, w, b):
+            return jaxce.linear_cross_entropy(
+                h, w, labels, bias=b, ignore_index=-100, plan=plan, **options
+            )
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+    arguments = [jnp.asarray(a, jnp.float32) for a in (hidden, weight, bias)]
+    accelerator = fused(plan)(*arguments)
+    cpu = fused(jaxce.plan_linear_cross_entropy(tokens, dim, vocab, "float32", platform="cpu"))(
+        *arguments
+    )
+    with jax.enable_x64(True):
+        exact = jax.value_and_grad(
+            lambda h, w, b: _float64_loss(h, w, b, jnp.asarray(labels), **options),
+            argnums=(0, 1, 2),
+        )(*(jnp.asarray(a, jnp.float64) for a in (hidden, weight, bias)))
+    # float32 over sums of 700 classes and 1300 tokens: relative 1e-5 of each array's scale.
+    for got, same, want in zip(jax.tree.leaves(accelerator), jax.tree.leaves(cpu),
+                               jax.tree.leaves(exact), strict=True):  # fmt: skip
+        scale = float(np.max(np.abs(np.asarray(want))))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5 * scale)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(same), atol=1e-5 * scale)
+
+
+def test_plan_arguments_are_checked():
+    plan = jaxce.plan_linear_cross_entropy(4, 3, 5, "float32")
+    hidden, weight, labels = jnp.ones((4, 3)), jnp.ones((5, 3)), jnp.zeros(4, jnp.int32)
+    with pytest.raises(ValueError, match="Pass `chunk_size` or `plan`, not both"):
+        jaxce.linear_cross_entropy(hidden, weight, labels, plan=plan, chunk_size=2)
+    with pytest.raises(TypeError, match="`plan` must be a LinearCrossEntropyPlan"):
+        jaxce.linear_cross_entropy(hidden, weight, labels, plan={"chunk_size": 2})
+    with pytest.raises(ValueError, match="`platform` must be one of"):
+        jaxce.plan_linear_cross_entropy(4, 3, 5, "float32", platform="metal")
+    with pytest.raises(ValueError, match="`vocab` must be an int >= 1"):
+        jaxce.plan_linear_cross_entropy(4, 3, 0, "float32")
+    with pytest.raises(TypeError, match="`dtype` must be a floating dtype"):
+        jaxce.plan_linear_cross_entropy(4, 3, 5, "int32")
