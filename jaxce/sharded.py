@@ -213,7 +213,7 @@ def softmax_cross_entropy_with_integer_labels(
       labels: ``[...]`` global integer class indices in ``[0, V)``, replicated
         over ``axis_name``.
       axis_name: the mesh axis (or tuple of axes) the classes are split over.
-      weight: ``[V]`` global non-negative class weights, replicated; each shard
+      weight: ``[V]`` global class weights (any sign, as in PyTorch), replicated; each shard
         uses its slice.
       ignore_index: label value of examples to skip.
       label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
