@@ -61,17 +61,23 @@ def _tensors(module: str) -> list[tuple[int, tuple[int, ...]]]:
     return found
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize(("head", "tokens", "dim", "vocab"), HEADS, ids=[h[0] for h in HEADS])
 def test_accelerator_plan_lowers_to_large_products_within_an_eighth_of_the_logits(
-    head, tokens, dim, vocab, dtype, platform
+    head, tokens, dim, vocab, dtype, platform, reduction
 ):
     """value_and_grad lowered for the accelerator (nothing allocated) at the real head shapes."""
-    plan = jaxce.plan_linear_cross_entropy(tokens, dim, vocab, dtype, platform=platform)
+    plan = jaxce.plan_linear_cross_entropy(
+        tokens, dim, vocab, dtype, platform=platform, reduction=reduction
+    )
 
     def loss(hidden, weight, labels):
-        return jaxce.linear_cross_entropy(hidden, weight, labels, plan=plan, label_smoothing=0.1)
+        value = jaxce.linear_cross_entropy(
+            hidden, weight, labels, plan=plan, label_smoothing=0.1, reduction=reduction
+        )
+        return jnp.sum(value)
 
     arguments = (
         jax.ShapeDtypeStruct((tokens, dim), dtype),
@@ -149,8 +155,9 @@ def test_memory_budget_trades_memory_for_fewer_chunks():
     assert starved.chunk_size == 16  # the smallest CPU chunk: the budget cannot be met
 
 
-def _float64_loss(hidden, weight, bias, labels, *, softcap, label_smoothing, z_loss):
-    """The materialised loss by hand in float64 ("mean" over labels != -100)."""
+def _float64_loss(hidden, weight, bias, labels, token_weights, *, softcap, label_smoothing, z_loss):
+    """The materialised loss by hand in float64: per-token losses times ``token_weights``,
+    summed and divided by the number of tokens whose label is not -100."""
     logits = hidden @ weight.T + bias[None, :]
     logits = softcap * jnp.tanh(logits / softcap)
     log_z = jax.scipy.special.logsumexp(logits, axis=-1)
@@ -159,12 +166,13 @@ def _float64_loss(hidden, weight, bias, labels, *, softcap, label_smoothing, z_l
     picked = jnp.take_along_axis(log_p, jnp.where(counted, labels, 0)[:, None], -1)[:, 0]
     vocab = logits.shape[-1]
     per_token = (1 - label_smoothing) * -picked - label_smoothing / vocab * log_p.sum(-1)
-    per_token = per_token + z_loss * log_z**2
+    per_token = (per_token + z_loss * log_z**2) * token_weights
     return jnp.where(counted, per_token, 0).sum() / counted.sum(dtype=per_token.dtype)
 
 
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
-def test_accelerator_plan_runs_on_cpu_and_equals_float64_and_the_cpu_plan(platform):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_accelerator_plan_runs_on_cpu_and_equals_float64_and_the_cpu_plan(platform, reduction):
     """At small shapes (N not a multiple of the chunk) every option, values and gradients."""
     rng = np.random.default_rng(5)
     tokens, dim, vocab = 1300, 16, 700
@@ -173,25 +181,37 @@ def test_accelerator_plan_runs_on_cpu_and_equals_float64_and_the_cpu_plan(platfo
     bias = rng.normal(size=vocab)
     labels = np.where(rng.random(tokens) < 0.1, -100, rng.integers(0, vocab, tokens))
     options = {"softcap": 5.0, "label_smoothing": 0.1, "z_loss": 1e-3}
-    plan = jaxce.plan_linear_cross_entropy(tokens, dim, vocab, "float32", platform=platform)
+    plan = jaxce.plan_linear_cross_entropy(
+        tokens, dim, vocab, "float32", platform=platform, reduction=reduction
+    )
     assert plan.chunk_size == 512 and plan.vocab_block == vocab
+    # "none" is checked through a weighted sum of the per-token losses (its VJP).
+    token_weights = rng.uniform(0.5, 1.5, tokens)
 
     def fused(plan):
         def loss(h, w, b):
-            return jaxce.linear_cross_entropy(
-                h, w, labels, bias=b, ignore_index=-100, plan=plan, **options
+            value = jaxce.linear_cross_entropy(
+                h, w, labels, bias=b, ignore_index=-100, plan=plan, reduction=reduction, **options
             )
+            if reduction == "none":
+                counted = labels != -100
+                value = jnp.sum(value * token_weights) / counted.sum(dtype=value.dtype)
+            return value
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
     arguments = [jnp.asarray(a, jnp.float32) for a in (hidden, weight, bias)]
     accelerator = fused(plan)(*arguments)
-    cpu = fused(jaxce.plan_linear_cross_entropy(tokens, dim, vocab, "float32", platform="cpu"))(
-        *arguments
+    cpu_plan = jaxce.plan_linear_cross_entropy(
+        tokens, dim, vocab, "float32", platform="cpu", reduction=reduction
     )
+    cpu = fused(cpu_plan)(*arguments)
+    weights = np.ones(tokens) if reduction == "mean" else token_weights
     with jax.enable_x64(True):
         exact = jax.value_and_grad(
-            lambda h, w, b: _float64_loss(h, w, b, jnp.asarray(labels), **options),
+            lambda h, w, b: _float64_loss(
+                h, w, b, jnp.asarray(labels), jnp.asarray(weights), **options
+            ),
             argnums=(0, 1, 2),
         )(*(jnp.asarray(a, jnp.float64) for a in (hidden, weight, bias)))
     # float32 over sums of 700 classes and 1300 tokens: relative 1e-5 of each array's scale.
