@@ -119,6 +119,48 @@ def mix(
     return (1 - smoothing) * loss + (smoothing / num_classes) * smooth
 
 
+def loss(
+    labels: jax.Array,
+    nll: jax.Array,
+    smooth: jax.Array | None,
+    log_partition: jax.Array,
+    *,
+    num_classes: int,
+    class_weight: jax.Array | None,
+    ignore_index: int | None,
+    row_included: jax.Array | None,
+    label_smoothing: ArrayLike,
+    z_loss: ArrayLike,
+    reduction: str,
+    total: Total = jnp.sum,
+) -> jax.Array:
+    """The reduced integer-label loss from its per-row terms.
+
+    ``nll`` is ``-log p_y``, ``smooth`` ``sum_c w_c (-log p_c)`` (None without
+    smoothing) and ``log_partition`` ``log Z``; `label_rule`, `row_terms` and
+    `reduce` do the rest.
+    """
+    rule = label_rule(
+        labels,
+        num_classes,
+        class_weight=class_weight,
+        ignore_index=ignore_index,
+        row_included=row_included,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
+    terms = row_terms(
+        rule,
+        nll,
+        smooth,
+        log_partition,
+        num_classes=num_classes,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
+    return reduce(rule, terms, reduction, total)
+
+
 class Terms(NamedTuple):
     """Per example, the parts of the loss, 0 where the example does not count.
 

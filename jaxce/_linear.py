@@ -197,30 +197,30 @@ def plan_linear_cross_entropy(
     bfloat16 = dtype == jnp.bfloat16
     per_token = reduction == "none"
     tokens = max(num_tokens, 1)
+    # The chunks the platform's rule allows, largest (the default) first.
     if resolved == "cpu":
         vocab_block = min(
             vocab, max(_MIN_WEIGHT_BLOCK_ROWS, _WEIGHT_BLOCK_BYTES // (4 * max(dim, 1)))
         )
-        candidates = [default_chunk_size(tokens, vocab, per_token=per_token, bfloat16=bfloat16)]
-        smaller = range(candidates[0] - 1, min(_MIN_CHUNK, candidates[0]) - 1, -1)
+        default = default_chunk_size(tokens, vocab, per_token=per_token, bfloat16=bfloat16)
+        allowed = range(default, min(_MIN_CHUNK, default) - 1, -1)
     else:
         vocab_block = vocab
         multiple, smallest = _ACCELERATOR_ROW_MULTIPLE, _ACCELERATOR_MIN_CHUNK
-        rows = tokens // _ACCELERATOR_LOGITS_FRACTION // multiple * multiple
-        if memory_budget is not None:
-            rows = tokens  # the budget decides below
-        rows = min(max(rows, smallest), -(-tokens // multiple) * multiple)
-        candidates = [rows]
-        smaller = range(rows - multiple, smallest - 1, -multiple)
+        # Without a budget, N / 8 rows; with one, as many as it allows.
+        rows = tokens if memory_budget is not None else tokens // _ACCELERATOR_LOGITS_FRACTION
+        rows = min(max(rows // multiple * multiple, smallest), -(-tokens // multiple) * multiple)
+        allowed = range(rows, smallest - 1, -multiple)
+    chunk = allowed[0]
     if memory_budget is not None:
-        fits = [
+        fitting = (
             c
-            for c in [*candidates, *smaller]
+            for c in allowed
             if _estimated_temporaries(num_tokens, dim, vocab, min(c, tokens), bfloat16=bfloat16)
             <= memory_budget
-        ]  # fmt: skip
-        candidates = fits[:1] or [list(smaller)[-1] if smaller else candidates[0]]
-    chunk = min(candidates[0], tokens)
+        )
+        chunk = next(fitting, allowed[-1])
+    chunk = min(chunk, tokens)
     accumulation = "float64" if dtype == jnp.float64 else "float32"
     estimate = _estimated_temporaries(num_tokens, dim, vocab, chunk, bfloat16=bfloat16)
     return LinearCrossEntropyPlan(resolved, chunk, vocab_block, accumulation, estimate)

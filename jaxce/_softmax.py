@@ -60,25 +60,19 @@ def integer_label_loss(
     row_max, log_normalizer, nll, smooth = _closed_form.softmax_terms(
         logits, labels, smooth_weights, mask is not None
     )
-    rule = _integer_labels.label_rule(
+    return _integer_labels.loss(
         labels,
-        num_classes,
+        nll,
+        smooth,
+        log_normalizer + row_max,
+        num_classes=num_classes,
         class_weight=class_weight,
         ignore_index=ignore_index,
         row_included=None if mask is None else jnp.any(mask, axis=-1),
         label_smoothing=label_smoothing,
         z_loss=z_loss,
+        reduction=reduction,
     )
-    terms = _integer_labels.row_terms(
-        rule,
-        nll,
-        smooth,
-        log_normalizer + row_max,
-        num_classes=num_classes,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-    )
-    return _integer_labels.reduce(rule, terms, reduction)
 
 
 def softmax_cross_entropy_with_integer_labels(

@@ -135,31 +135,25 @@ def _vocab_parallel_loss(
     if total.weight_total is not None and total.weighted_shifted is not None:
         smooth = log_normalizer * total.weight_total - total.weighted_shifted
 
+    def batch_total(x: jax.Array) -> jax.Array:
+        x = jnp.sum(x)
+        return x if batch_axis_name is None else jax.lax.psum(x, batch_axis_name)
+
     # The global weight vector is on every device: w_y is a local lookup.
-    rule = _integer_labels.label_rule(
+    return _integer_labels.loss(
         labels,
-        num_classes,
+        nll,
+        smooth,
+        log_normalizer + row_max,
+        num_classes=num_classes,
         class_weight=class_weight,
         ignore_index=ignore_index,
         row_included=None if total.included is None else total.included > 0,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
+        reduction=reduction,
+        total=batch_total,
     )
-    terms = _integer_labels.row_terms(
-        rule,
-        nll,
-        smooth,
-        log_normalizer + row_max,
-        num_classes=num_classes,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-    )
-
-    def batch_total(x: jax.Array) -> jax.Array:
-        x = jnp.sum(x)
-        return x if batch_axis_name is None else jax.lax.psum(x, batch_axis_name)
-
-    return _integer_labels.reduce(rule, terms, reduction, batch_total)
 
 
 class _PartialSums(NamedTuple):
