@@ -1,6 +1,7 @@
-"""Timing machinery: compile apart, warm up, interleave competitors, take medians.
+"""The benchmark suite's measurements: cases timed, ratios, bandwidth, stamps and progress.
 
-Every JAX competitor is compiled once, ahead of time, from `jax.ShapeDtypeStruct`s:
+The timing itself is `jaxce.bench`'s (re-exported here under the suite's names). Every JAX
+competitor is compiled once, ahead of time, from `jax.ShapeDtypeStruct`s:
 the compile time is measured on its own and the temporaries come from XLA's
 `memory_analysis()` of that same executable, so nothing is allocated to measure
 memory. The timed calls then run that executable on device-resident inputs
@@ -16,29 +17,27 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import os
 import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Runner = Callable[[], Any]
+from jaxce import bench
 
-
-@dataclasses.dataclass
-class Prepared:
-    """A competitor ready to time: a zero-argument call plus what was measured building it."""
-
-    run: Runner
-    compile_ms: float | None = None
-    temp_bytes: int | None = None
+# The timing loop is the package's (`jaxce bench` uses it too), under the suite's names.
+MAX_RUNS = bench.MAX_RUNS
+Prepared = bench.Prepared
+Runner = bench.Runner
+interleaved_times = bench.interleaved_times
+median_ratio = bench.median_ratio
+prepare_jax = bench.prepare
 
 
 @dataclasses.dataclass
@@ -62,72 +61,6 @@ class Measurement:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def structs_of(args: Sequence[Any]) -> list[Any]:
-    """The `jax.ShapeDtypeStruct` of each array argument (pytrees allowed)."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), list(args))
-
-
-def prepare_jax(fn: Callable[..., Any], args: Sequence[Any]) -> Prepared:
-    """Compiles `jax.jit(fn)` from shapes alone and binds it to device-resident `args`.
-
-    The compile time covers tracing, lowering and XLA compilation.
-    `temp_bytes` is XLA's `temp_size_in_bytes` (outputs and arguments excluded).
-    """
-    device_args = [jax.device_put(a) for a in args]
-    jax.block_until_ready(device_args)
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*structs_of(args)).compile()
-    compile_ms = (time.perf_counter() - start) * 1e3
-    analysis = compiled.memory_analysis()
-    temp_bytes = None if analysis is None else int(analysis.temp_size_in_bytes)
-    return Prepared(lambda: compiled(*device_args), compile_ms, temp_bytes)
-
-
-MAX_RUNS = 1000
-
-
-def interleaved_times(
-    runners: dict[str, Runner], *, runs: int, warmup: int = 2, min_seconds: float = 0.0
-) -> dict[str, np.ndarray]:
-    """Seconds per call of each runner, in rounds of one call each, shuffled per round.
-
-    Each runner is called `warmup` times first (not timed). Every call waits
-    for its result with `jax.block_until_ready` (a no-op for non-JAX results,
-    which are synchronous anyway). With `min_seconds`, one more untimed round
-    estimates a round's duration and the number of rounds grows from `runs`
-    (up to `MAX_RUNS`) until the rounds take about `min_seconds`: a few
-    milliseconds per call needs hundreds of rounds for a steady median.
-    """
-    for run in runners.values():
-        for _ in range(warmup):
-            jax.block_until_ready(run())
-    if min_seconds > 0:
-        start = time.perf_counter()
-        for run in runners.values():
-            jax.block_until_ready(run())
-        per_round = max(time.perf_counter() - start, 1e-9)
-        runs = max(runs, min(MAX_RUNS, math.ceil(min_seconds / per_round)))
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    names = list(runners)
-    order = np.random.default_rng(0)
-    for _ in range(runs):
-        # Each round runs the competitors in a fresh (seeded) random order: a
-        # call pays for what the one before it left behind (inputs evicted from
-        # the cache, PyTorch's spinning threads), which measured 1.58x against
-        # 0.92x for the same pair in swapped order; shuffling spreads that over
-        # every competitor alike.
-        for name in order.permutation(names):
-            start = time.perf_counter()
-            jax.block_until_ready(runners[name]())
-            times[name].append(time.perf_counter() - start)
-    return {name: np.asarray(t) for name, t in times.items()}
-
-
-def median_ratio(numerator: np.ndarray, denominator: np.ndarray) -> float:
-    """Median over rounds of the per-round time ratio (both measured in the same round)."""
-    return float(np.median(numerator / denominator))
 
 
 def measure_case(

@@ -1,5 +1,8 @@
 """jaxce: numerically stable, jit-compiled cross-entropy losses for JAX."""
 
+import importlib.metadata
+
+from jaxce import bench as bench
 from jaxce import derivatives as derivatives
 from jaxce import sharded as sharded
 from jaxce import verify as verify
@@ -20,4 +23,5 @@ from jaxce._softmax import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
 
-__version__ = "0.1.0"
+# The one place the version is written is pyproject.toml.
+__version__ = importlib.metadata.version("jaxce")

@@ -36,7 +36,7 @@ Tolerances (:data:`TOLERANCES`) are per input dtype:
 - float16: ``2e-3`` by the same argument with 11 significant bits
   (:math:`2^{-10} \approx 9.8 \times 10^{-4}`).
 
-``python -m jaxce verify`` runs the check for every loss of the library
+``jaxce verify`` (or ``python -m jaxce verify``) runs the check for every loss of the library
 under its main option sets in float32, float64 and bfloat16.
 """
 
@@ -46,6 +46,7 @@ import argparse
 import dataclasses
 import json
 import math
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,6 +54,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxce._progress import Progress
 
 __all__ = ["TOLERANCES", "Comparison", "GradientReport", "check_gradients", "main"]
 
@@ -512,9 +515,15 @@ def loss_names() -> list[str]:
 
 
 def run_all(
-    dtypes: Sequence[str] = DTYPES, losses: Sequence[str] | None = None
+    dtypes: Sequence[str] = DTYPES,
+    losses: Sequence[str] | None = None,
+    *,
+    on_report: Callable[[GradientReport], None] | None = None,
 ) -> list[GradientReport]:
-    """Runs :func:`check_gradients` for every loss, main option set and dtype."""
+    """Runs :func:`check_gradients` for every loss, main option set and dtype.
+
+    ``on_report`` is called with each report as soon as it is ready.
+    """
     import jaxce
     from jaxce import derivatives
 
@@ -529,57 +538,129 @@ def run_all(
             with jax.enable_x64(True):
                 rng = np.random.default_rng(case_index)
                 args, kwargs = case.build(rng, jnp.dtype(dtype_name))
-            reports.append(
-                check_gradients(
-                    getattr(jaxce, case.name),
-                    getattr(derivatives, case.name),
-                    *args,
-                    options=case.options,
-                    **kwargs,
-                )
+            report = check_gradients(
+                getattr(jaxce, case.name),
+                getattr(derivatives, case.name),
+                *args,
+                options=case.options,
+                **kwargs,
             )
+            reports.append(report)
+            if on_report is not None:
+                on_report(report)
     return reports
 
 
-def format_table(reports: Sequence[GradientReport]) -> str:
-    """One row per loss, option set and dtype: the worst relative error of each pair."""
-    short = {
-        CLOSED_VS_GRAD: "cf~grad",
-        CLOSED_VS_REFERENCE: "cf~ref",
-        GRAD_VS_REFERENCE: "grad~ref",
-        CLOSED_VS_FINITE_DIFFERENCES: "cf~fd",
-        JVP_VS_CLOSED: "jvp~cf",
-    }
-    name_width = max((len(r.name) for r in reports), default=len("loss"))
-    options_width = max((len(r.options) for r in reports), default=len("options"))
-    header = f"{'loss':<{name_width}}  {'options':<{options_width}}  {'dtype':<8}"
-    header += "".join(f"  {short[p]:>9}" for p in PAIRS) + "  verdict"
+def _count_checks(dtypes: Sequence[str], losses: Sequence[str] | None) -> int:
+    return len(dtypes) * sum(1 for case in _cases() if not losses or case.name in losses)
+
+
+SHORT_PAIR_NAMES = {
+    CLOSED_VS_GRAD: "cf~grad",
+    CLOSED_VS_REFERENCE: "cf~ref",
+    GRAD_VS_REFERENCE: "grad~ref",
+    CLOSED_VS_FINITE_DIFFERENCES: "cf~fd",
+    JVP_VS_CLOSED: "jvp~cf",
+}
+# The narrow table's two columns: the analytic comparisons, and finite differences.
+AUTODIFF_PAIRS = (CLOSED_VS_GRAD, CLOSED_VS_REFERENCE, GRAD_VS_REFERENCE, JVP_VS_CLOSED)
+
+
+def format_table(reports: Sequence[GradientReport], *, wide: bool = False) -> str:
+    """One row per option set and dtype, under its loss's name: the worst relative errors.
+
+    The narrow table has two error columns, ``autodiff`` (the worst of the four analytic
+    comparisons) and ``finite diff``; ``wide=True`` gives one column per comparison
+    (:data:`PAIRS`). :func:`legend` explains the columns.
+    """
+    columns: list[tuple[str, tuple[str, ...]]] = (
+        [(SHORT_PAIR_NAMES[pair], (pair,)) for pair in PAIRS]
+        if wide
+        else [("autodiff", AUTODIFF_PAIRS), ("finite diff", (CLOSED_VS_FINITE_DIFFERENCES,))]
+    )
+    width = max((len(r.options) + 2 for r in reports), default=0)
+    width = max(width, *(len(r.name) for r in reports), len("loss / options"))
+    header = f"{'loss / options':<{width}}  {'dtype':<8}"
+    header += "".join(f"  {title:>11}" for title, _ in columns) + "  verdict"
     lines = [header, "-" * len(header)]
+    previous = None
     for report in reports:
-        line = f"{report.name:<{name_width}}  {report.options:<{options_width}}  {report.dtype:<8}"
-        for pair in PAIRS:
-            row = report.worst(pair)
-            line += f"  {row.max_rel:>9.1e}" if row is not None else f"  {'-':>9}"
-        lines.append(line + ("  PASS" if report.passed else "  FAIL"))
+        if report.name != previous:
+            lines.append(report.name)
+            previous = report.name
+        line = f"{'  ' + report.options:<{width}}  {report.dtype:<8}"
+        for _, pairs in columns:
+            rows = [row for pair in pairs if (row := report.worst(pair)) is not None]
+            worst = max((row.max_rel for row in rows), key=_sortable, default=None)
+            line += f"  {worst:>11.1e}" if worst is not None else f"  {'-':>11}"
+        lines.append(line + ("  ok" if report.passed else "  FAIL"))
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jaxce verify [--json] [--dtype D ...] [--loss NAME ...]``.
-
-    Returns 0 when every check passes and 1 otherwise (also when nothing ran); with
-    ``--json`` the printed ``"passed"`` is true exactly when it returns 0. Bad arguments
-    (an unknown ``--loss`` or ``--dtype``) exit with status 2 and a message on stderr
-    naming the valid values, as argparse does.
-    """
-    names = loss_names()
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxce verify",
-        description="Compare jax.grad of every jaxce loss with its closed form, an independent "
-        "reference, finite differences and forward mode.",
+def legend(*, wide: bool = False) -> str:
+    """What the columns of :func:`format_table` mean, and the tolerances."""
+    if wide:
+        columns = [
+            "cf~grad   the closed form (jaxce.derivatives) against jax.grad of the loss",
+            "cf~ref    the closed form against jax.grad of an independent reference, float64",
+            "grad~ref  jax.grad of the loss against jax.grad of that reference",
+            "cf~fd     the closed form against central finite differences, float64",
+            "jvp~cf    forward mode (jax.jvp along random directions) against closed form . v",
+        ]
+    else:
+        columns = [
+            "autodiff     the worst of: the closed form (jaxce.derivatives) against jax.grad of",
+            "             the loss and against jax.grad of an independent float64 reference,",
+            "             jax.grad against that reference, and forward mode (jax.jvp) against",
+            "             the closed form (--wide: one column each)",
+            "finite diff  the closed form against central finite differences in float64",
+        ]
+    tolerances = ", ".join(
+        f"{name} {t.analytic:g}"
+        + (
+            ""
+            if t.analytic == t.finite_differences
+            else f" ({t.finite_differences:g} against finite differences)"
+        )
+        for name, t in TOLERANCES.items()
     )
+    return "\n".join(
+        [
+            "Each number is a norm-wise relative error, max|a - b| / max|b|, the worst over the",
+            "differentiated arguments:",
+            *(f"  {line}" for line in columns),
+            "A row is ok when every comparison is within its dtype's tolerance:",
+            *textwrap.wrap(tolerances, 88, initial_indent="  ", subsequent_indent="  "),
+        ]
+    )
+
+
+DESCRIPTION = """\
+Checks the gradient of every jaxce loss, under its main option sets, in several dtypes: the
+closed form (jaxce.derivatives) against jax.grad of the loss, against jax.grad of an
+independent reference formulation and against central finite differences in float64, and
+forward mode (jax.jvp) against the closed form. Prints the worst relative error of each
+comparison and exits 1 if any is beyond its tolerance, 0 if all pass."""
+
+EPILOG = """\
+examples:
+  jaxce verify                                   every loss, float32 / float64 / bfloat16
+  jaxce verify --loss sigmoid_focal_loss --dtype float64 -v
+  jaxce verify --json > report.json              "passed" is true exactly when it exits 0
+
+exit status: 0 every check passed; 1 a check failed (or nothing ran); 2 bad arguments."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``jaxce verify``."""
+    names = loss_names()
     parser.add_argument("--json", action="store_true", help="print the reports as JSON")
-    parser.add_argument("--dtype", action="append", choices=sorted(TOLERANCES), help="repeatable")
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=sorted(TOLERANCES),
+        help=f"repeatable (default: {' '.join(DTYPES)})",
+    )
     parser.add_argument(
         "--loss",
         action="append",
@@ -587,29 +668,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME",
         help=f"only this loss (repeatable); one of: {', '.join(names)}",
     )
+    parser.add_argument(
+        "--wide", action="store_true", help="one table column per comparison instead of two"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print every comparison")
-    options = parser.parse_args(list(argv) if argv is not None else None)
+    parser.set_defaults(run=run)
+
+
+def run(options: argparse.Namespace) -> int:
+    """Runs ``jaxce verify`` with parsed options: 0 when every check passes, else 1."""
+    dtypes = options.dtype or DTYPES
     start = time.perf_counter()
-    reports = run_all(options.dtype or DTYPES, options.loss)
+    with Progress(_count_checks(dtypes, options.loss), "jaxce verify") as progress:
+        reports = run_all(
+            dtypes,
+            options.loss,
+            on_report=lambda r: progress.advance(f"{r.name} [{r.dtype}]"),
+        )
     elapsed = time.perf_counter() - start
     failed = [r for r in reports if not r.passed]
     passed = bool(reports) and not failed
     if options.json:
         print(json.dumps({"passed": passed, "reports": [r.to_dict() for r in reports]}, indent=1))
     else:
-        print(format_table(reports))
+        print(format_table(reports, wide=options.wide))
         if options.verbose or failed:
             print()
             for report in reports if options.verbose else failed:
                 print(report)
-        tolerances = ", ".join(
-            f"{k} {v.analytic:g}/{v.finite_differences:g}" for k, v in TOLERANCES.items()
-        )
-        print(
-            f"\n{len(reports) - len(failed)}/{len(reports)} passed in {elapsed:.1f} s "
-            f"(norm-wise relative errors; tolerance analytic/finite-differences: {tolerances})"
-        )
+        print(f"\n{legend(wide=options.wide)}")
+        print(f"\n{len(reports) - len(failed)}/{len(reports)} passed in {elapsed:.1f} s")
     return 0 if passed else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``jaxce verify [--json] [--dtype D ...] [--loss NAME ...] [--wide] [-v]``.
+
+    Returns 0 when every check passes and 1 otherwise (also when nothing ran); with
+    ``--json`` the printed ``"passed"`` is true exactly when it returns 0. Bad arguments
+    (an unknown ``--loss`` or ``--dtype``) exit with status 2 and a message on stderr
+    naming the valid values, as argparse does.
+    """
+    parser = argparse.ArgumentParser(
+        prog="jaxce verify",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    options = parser.parse_args(list(argv) if argv is not None else None)
+    return int(options.run(options))
 
 
 # The checks run once each: XLA's slow optimisation passes cost more than they save.

@@ -13,7 +13,6 @@ import pytest
 
 import jaxce
 import jaxce.derivatives as derivatives
-from jaxce import __main__ as cli
 from jaxce import verify
 
 
@@ -243,13 +242,26 @@ def test_loss_names_cover_every_case_and_exist():
     assert verify.format_table([]).startswith("loss")
 
 
-def test_top_level_command_line_usage(capsys):
-    assert cli.main([]) == 2
-    assert "usage: python -m jaxce" in capsys.readouterr().err
-    assert cli.main(["--help"]) == 0
-    assert "usage: python -m jaxce" in capsys.readouterr().out
-    assert cli.main(["verfiy"]) == 2
-    assert "unknown command 'verfiy'" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["verify", "--loss", "typo"])
-    assert exit_info.value.code == 2
+def test_narrow_table_groups_by_loss_with_a_legend_and_wide_has_every_pair(capsys):
+    code = verify.main(["--loss", "softmax_cross_entropy", "--dtype", "float64"])
+    output = capsys.readouterr().out
+    assert code == 0
+    table = output.split("\n\n")[0].splitlines()
+    assert table[0].split() == ["loss", "/", "options", "dtype", "autodiff", "finite", "diff",
+                                "verdict"]  # fmt: skip
+    assert table[2] == "softmax_cross_entropy"
+    assert all(line.startswith("  ") and line.endswith("  ok") for line in table[3:])
+    assert max(len(line) for line in table) < 100
+    assert "autodiff     the worst of" in output and "float64 1e-12" in output
+    verify.main(["--loss", "softmax_cross_entropy", "--dtype", "float64", "--wide"])
+    wide = capsys.readouterr().out
+    assert all(short in wide.splitlines()[0] for short in verify.SHORT_PAIR_NAMES.values())
+    assert "cf~fd     the closed form against central finite differences" in wide
+
+
+def test_progress_reports_every_check_in_order():
+    seen = []
+    reports = verify.run_all(["float32"], ["sigmoid_focal_loss"], on_report=seen.append)
+    assert seen == reports and len(reports) == verify._count_checks(
+        ["float32"], ["sigmoid_focal_loss"]
+    )
