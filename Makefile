@@ -1,29 +1,40 @@
-# The two commands: `make demo` and `make test`. Both create .venv on first use.
+# The two commands: `make demo` and `make test`. Both create .venv on first use; each installs
+# only what it needs (a stamp file per set of extras).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.demo-installed
+SOURCES := jaxce tests benchmarks examples
 
 .PHONY: test demo lint typecheck bench bench-quick clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,demo]'
+
+# Everything: the test suite, the notebooks, the benchmarks.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The demo only: jaxce, optax, tqdm and scikit-learn.
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[demo]'
+	touch $(DEMO_STAMP)
+
 lint: $(STAMP)
-	$(BIN)/ruff check jaxce tests benchmarks examples
-	$(BIN)/ruff format --check jaxce tests benchmarks examples
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
 
 typecheck: $(STAMP)
-	$(BIN)/mypy jaxce
+	$(BIN)/mypy jaxce examples
 
 test: lint typecheck
 	$(BIN)/pytest -n 2 --doctest-modules jaxce tests
 
-demo: $(STAMP)
-	$(BIN)/python -m jaxce demo
+demo: $(DEMO_STAMP)
+	$(BIN)/python -m examples.demo
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick

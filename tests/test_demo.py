@@ -1,4 +1,4 @@
-"""``python -m jaxce demo`` end to end, and the pieces of it that make claims."""
+"""``make demo`` (``python -m examples.demo``) end to end, and the pieces of it that make claims."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxce import _demo, _training
+from examples import demo, training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ CORRECTED = {
 
 
 def test_reference_examples_give_the_corrected_values() -> None:
-    rows = _demo.reference_examples()
+    rows = demo.reference_examples()
     assert [name for name, *_ in rows] == list(CORRECTED)
     for name, ours, numpy_value, printed in rows:
         np.testing.assert_allclose(ours, CORRECTED[name], rtol=1e-6, err_msg=name)
@@ -37,7 +37,7 @@ def test_reference_examples_give_the_corrected_values() -> None:
 def test_demo_command_runs_every_section_and_passes() -> None:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
-        [sys.executable, "-m", "jaxce", "demo"],
+        [sys.executable, "-m", "examples.demo"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -50,6 +50,7 @@ def test_demo_command_runs_every_section_and_passes() -> None:
     for header in ("[1/4] Worked examples", "[2/4] Gradient verification", "[3/4] Training"):
         assert header in output, header
     assert "[4/4] Benchmark" in output
+    assert "above 1, jaxce is faster" in output
     assert "FAIL" not in output
     assert "digits: held-out accuracy" in output
     assert "breast_cancer: per-epoch loss matches optax's" in output
@@ -61,8 +62,8 @@ def test_demo_command_runs_every_section_and_passes() -> None:
 def test_demo_exits_1_and_names_the_claim_that_broke(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(_demo, "CORRECT_BINARY", 0.3285061001454424)
-    status = _demo.main(["--skip", "verify", "--skip", "train", "--skip", "bench"])
+    monkeypatch.setattr(demo, "CORRECT_BINARY", 0.3285061001454424)
+    status = demo.main(["--skip", "verify", "--skip", "train", "--skip", "bench"])
     output = capsys.readouterr().out
     assert status == 1
     assert "1 check(s) FAILED" in output
@@ -74,8 +75,8 @@ def test_digits_loss_equals_its_optax_formulation(label_smoothing: float) -> Non
     rng = np.random.default_rng(0)
     logits = jnp.asarray(3 * rng.standard_normal((37, 10)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, size=37), jnp.int32)
-    ours = jax.jit(jax.value_and_grad(_training.digits_loss(label_smoothing)))(logits, labels)
-    optax_form = _training.digits_loss_optax(label_smoothing)
+    ours = jax.jit(jax.value_and_grad(training.digits_loss(label_smoothing)))(logits, labels)
+    optax_form = training.digits_loss_optax(label_smoothing)
     theirs = jax.jit(jax.value_and_grad(optax_form))(logits, labels)
     np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
     np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-5, atol=1e-8)
@@ -86,9 +87,9 @@ def test_breast_cancer_loss_equals_its_optax_formulation(pos_weight: float) -> N
     rng = np.random.default_rng(1)
     logits = jnp.asarray(4 * rng.standard_normal(41), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 2, size=41), jnp.float32)
-    loss = _training.breast_cancer_loss(pos_weight)
+    loss = training.breast_cancer_loss(pos_weight)
     ours = jax.jit(jax.value_and_grad(loss))(logits, labels)
-    optax_form = _training.breast_cancer_loss_optax(pos_weight)
+    optax_form = training.breast_cancer_loss_optax(pos_weight)
     theirs = jax.jit(jax.value_and_grad(optax_form))(logits, labels)
     # Float64 NumPy reference of PyTorch's definition.
     x, y = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
@@ -100,21 +101,55 @@ def test_breast_cancer_loss_equals_its_optax_formulation(pos_weight: float) -> N
 
 
 def test_split_is_fixed_stratified_and_standardised_on_training_data_only() -> None:
-    first, second = _training.load("breast_cancer"), _training.load("breast_cancer")
+    first, second = training.load("breast_cancer"), training.load("breast_cancer")
     np.testing.assert_array_equal(first.x_test, second.x_test)
     assert first.binary and first.class_names == ("benign", "malignant")
     # 212 of 569 tumours are malignant (label 1 here); stratification keeps the ratio.
     assert int(first.y_train.sum() + first.y_test.sum()) == 212
     assert abs(first.y_test.mean() - 212 / 569) < 0.01
     np.testing.assert_allclose(first.x_train.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(first.x_train.std(axis=0), 1, rtol=1e-4)
     assert np.abs(first.x_test.mean(axis=0)).max() > 1e-3
-    assert _training.balanced_pos_weight(first) == pytest.approx(
+    assert training.balanced_pos_weight(first) == pytest.approx(
         (len(first.y_train) - first.y_train.sum()) / first.y_train.sum()
     )
+    # Digits' always-blank border pixels stay 0 instead of dividing by a zero deviation.
+    digits = training.load("digits")
+    assert np.all(np.isfinite(digits.x_train)) and np.any(np.all(digits.x_train == 0, axis=0))
     with pytest.raises(ValueError, match="`name` must be one of"):
-        _training.load("iris")
+        training.load("iris")
+
+
+def test_balanced_class_weight_is_n_over_classes_times_count() -> None:
+    digits = training.load("digits")
+    counts = np.bincount(digits.y_train, minlength=10)
+    np.testing.assert_allclose(
+        training.balanced_class_weight(digits), len(digits.y_train) / (10 * counts)
+    )
 
 
 def test_confusion_matrix_counts_true_rows_and_predicted_columns() -> None:
-    counts = _training.confusion_matrix(np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0]), 3)
-    np.testing.assert_array_equal(counts, [[1, 1, 0], [0, 1, 0], [1, 0, 1]])
+    cancer = training.load("breast_cancer")
+    # One linear layer whose logit is the first feature: predicts malignant where it is > 0.
+    weight = np.zeros((cancer.x_train.shape[1], 1), np.float32)
+    weight[0, 0] = 1.0
+    params = [(jnp.asarray(weight), jnp.zeros((1,), jnp.float32))]
+    counts = training.confusion_matrix(cancer, params)
+    predicted = (cancer.x_test[:, 0] > 0).astype(int)
+    true = cancer.y_test.astype(int)
+    expected = [[np.sum((true == t) & (predicted == q)) for q in (0, 1)] for t in (0, 1)]
+    np.testing.assert_array_equal(counts, expected)
+
+
+def test_demo_without_scikit_learn_says_which_extra_to_install() -> None:
+    # `import sklearn` fails as it does where the `demo` extra is not installed.
+    code = "import sys; sys.modules['sklearn'] = None; from examples import demo; sys.exit(demo.main([]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "the demo needs sklearn, which is not installed: pip install -e '.[demo]'" in (
+        result.stderr
+    )

@@ -1,8 +1,9 @@
-"""Small optax training loops on scikit-learn's bundled data sets.
+"""Small optax training loops on scikit-learn's bundled data sets, for ``make demo``.
 
-Shared by ``python -m jaxce demo`` and ``notebooks/03_training_with_optax.ipynb``.
-scikit-learn is an optional dependency (the ``demo`` extra), imported only when a
-data set is loaded.
+scikit-learn does what it already does well: the stratified split, standardisation
+(``StandardScaler``), balanced class weights (``compute_class_weight``) and the confusion
+matrix. jaxce provides the losses. ``notebooks/03_training_with_optax.ipynb`` writes the same
+loop out for the reader.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from sklearn import datasets, metrics, model_selection, preprocessing, utils
 
 import jaxce
 
@@ -53,8 +55,6 @@ def load(name: str, *, test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     statistics only. For breast cancer the positive class (label 1) is
     *malignant*, the minority class (212 of 569).
     """
-    from sklearn import datasets, model_selection
-
     if name == "digits":
         bunch = datasets.load_digits()
         x, y = bunch.data, bunch.target.astype(np.int32)
@@ -69,15 +69,13 @@ def load(name: str, *, test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     x_train, x_test, y_train, y_test = model_selection.train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
-    # Digits has pixels that are always 0 in training: leave them unscaled.
-    std = np.where(std > 0, std, 1.0)
+    # Fitted on the training split only; constant features (digits' border pixels) stay 0.
+    scaler = preprocessing.StandardScaler().fit(x_train)
     return Dataset(
         name=name,
-        x_train=((x_train - mean) / std).astype(np.float32),
+        x_train=scaler.transform(x_train).astype(np.float32),
         y_train=y_train,
-        x_test=((x_test - mean) / std).astype(np.float32),
+        x_test=scaler.transform(x_test).astype(np.float32),
         y_test=y_test,
         num_classes=len(class_names),
         class_names=class_names,
@@ -99,9 +97,9 @@ def init_mlp(key: jax.Array, sizes: Sequence[int]) -> Params:
 def mlp(params: Params, x: jax.Array) -> jax.Array:
     """ReLU MLP; with one layer it is a linear (logistic regression) model."""
     for w, b in params[:-1]:
-        x = jax.nn.relu(x @ w + b)
+        x = jax.nn.relu(x @ w + b[None, :])
     w, b = params[-1]
-    return x @ w + b
+    return x @ w + b[None, :]
 
 
 def logits_of(params: Params, x: jax.Array, binary: bool) -> jax.Array:
@@ -244,14 +242,26 @@ def breast_cancer_loss_optax(pos_weight: float) -> LossFn:
     return loss
 
 
+def balanced_class_weight(data: Dataset) -> np.ndarray:
+    """scikit-learn's "balanced" weights ``n / (C n_c)`` of the training split (PyTorch's ``weight``)."""
+    classes = np.arange(data.num_classes)
+    return utils.class_weight.compute_class_weight(
+        "balanced", classes=classes, y=np.asarray(data.y_train, np.int64)
+    )
+
+
 def balanced_pos_weight(data: Dataset) -> float:
-    """``negatives / positives`` in the training split (PyTorch's usual ``pos_weight``)."""
-    positives = float(np.sum(data.y_train))
-    return (len(data.y_train) - positives) / positives
+    """``negatives / positives`` in the training split (PyTorch's usual ``pos_weight``).
+
+    The ratio of the balanced class weights of the positive and the negative class.
+    """
+    negative, positive = balanced_class_weight(data)
+    return float(positive / negative)
 
 
-def confusion_matrix(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
-    """``[num_classes, num_classes]`` counts, rows = true class, columns = predicted."""
-    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(counts, (np.asarray(true, np.int64), np.asarray(predicted, np.int64)), 1)
-    return counts
+def confusion_matrix(data: Dataset, params: Params) -> np.ndarray:
+    """Held-out counts, ``[num_classes, num_classes]``: rows the true class, columns predicted."""
+    predicted = predict(params, data.x_test, data.binary)
+    return metrics.confusion_matrix(
+        np.asarray(data.y_test, np.int64), predicted, labels=np.arange(data.num_classes)
+    )
