@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
-SOURCES := jaxce tests benchmarks examples
+SOURCES := jaxce tests benchmarks examples notebooks/execute.py
 
-.PHONY: test demo lint typecheck bench bench-quick clean
+.PHONY: test demo lint typecheck bench bench-quick notebooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: lint typecheck
 
 demo: $(DEMO_STAMP)
 	$(BIN)/python -m examples.demo
+
+# Re-executes the notebooks in place (then commit them): tests/test_notebooks.py fails when a
+# committed notebook's outputs differ from a fresh execution's.
+notebooks: $(STAMP)
+	$(BIN)/python notebooks/execute.py
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
