@@ -181,53 +181,94 @@ def plot_linear_memory(results: dict[str, Any], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+# One colour per family of implementations, so a family reads the same in every case.
+FAMILIES = (
+    ("jaxce", "tab:blue"),
+    ("optax", "tab:orange"),
+    ("torch", "tab:green"),
+    ("naive", "tab:gray"),
+    ("jax-cce", "tab:purple"),
+    ("materialised", "tab:brown"),
+)
+OTHER_COLOUR = "tab:olive"
+
+
+def family_colour(implementation: str) -> str:
+    for family, colour in FAMILIES:
+        if implementation.startswith(family):
+            return colour
+    return OTHER_COLOUR
+
+
 def plot(results: dict[str, Any], path: pathlib.Path) -> None:
-    """Two panels per case: time relative to the baseline, and relative to the floor."""
+    """Two panels per case: time relative to the baseline, and relative to the floor.
+
+    Bars are medians of per-round ratios; whiskers span the competitor's fastest to slowest
+    run on the same scale (the bar times min/median and max/median).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     grouped = [
-        (c, [r for r in rows if r.get("median_ms") is not None])
+        (
+            c,
+            [
+                r
+                for r in rows
+                if r.get("median_ms") is not None and not r["implementation"].startswith("floor")
+            ],
+        )
         for c, rows in by_case(results).items()
     ]
-    names = sorted(
-        {
-            r["implementation"]
-            for _, rows in grouped
-            for r in rows
-            if not r["implementation"].startswith("floor")
-        }
-    )
-    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
-    height = max(3.0, 0.28 * sum(len(rows) for _, rows in grouped) + 1.5)
+    height = max(3.0, 0.24 * sum(len(rows) + 1.6 for _, rows in grouped) + 1.5)
     fig, axes = plt.subplots(1, 2, figsize=(13, height), sharey=True)
     labels, positions = [], []
     y = 0.0
     for case, rows in grouped:
+        axes[0].text(0.005, y - 0.9, case, transform=axes[0].get_yaxis_transform(), fontsize=7.5,
+                     fontweight="bold", va="center")  # fmt: skip
         for r in rows:
-            if r["implementation"].startswith("floor"):
-                continue
             for ax, key in zip(axes, ("ratio_to_baseline", "ratio_to_floor"), strict=True):
-                if r.get(key) is not None:
-                    ax.barh(y, r[key], color=colours[r["implementation"]])
-            labels.append(f"{case}  {r['implementation']}")
+                value = r.get(key)
+                if value is None:
+                    continue
+                spread = [[value * (1 - r["min_ms"] / r["median_ms"])],
+                          [value * (r["max_ms"] / r["median_ms"] - 1)]]  # fmt: skip
+                ax.barh(y, value, color=family_colour(r["implementation"]), height=0.8)
+                ax.errorbar(value, y, xerr=spread, color="black", linewidth=0.8, capsize=2)
+            labels.append(r["implementation"])
             positions.append(y)
             y += 1
-        y += 0.8
+        y += 1.6
     axes[0].set_yticks(positions, labels, fontsize=7)
     axes[0].invert_yaxis()
-    axes[0].set_xlabel("time / baseline time (optax unless named; < 1 is faster)")
-    axes[1].set_xlabel("time / floor time")
+    axes[0].set_xlabel("time / baseline time (optax unless named; below 1 is faster)")
+    axes[1].set_xlabel(
+        "time / floor time (the floor is a plain XLA program of the least passes, not a\n"
+        "hardware bound: an implementation doing less, e.g. one exp pass, runs below 1)"
+    )
     for ax in axes:
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([0.125, 0.25, 0.5, 1, 2, 4, 8, 16]))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(axis="x", alpha=0.3)
+    present = {family_colour(label) for label in labels}
+    legend = [Patch(color=colour, label=family) for family, colour in FAMILIES if colour in present]
+    if OTHER_COLOUR in present:
+        legend.append(Patch(color=OTHER_COLOUR, label="other"))
+    legend.append(plt.Line2D([], [], color="black", linewidth=0.8, label="fastest-slowest run"))
+    axes[1].legend(handles=legend, loc="lower right", fontsize=8)
     s = results["stamp"]
     fig.suptitle(f"jaxce benchmarks: {s['device']}, jax {s['jax']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # bbox_inches="tight" keeps the longest labels inside the image.
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

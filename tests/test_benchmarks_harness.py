@@ -257,3 +257,13 @@ def test_interleaved_times_adds_rounds_for_short_calls():
     assert calls[:4] == ["a", "b"] * 2 and sorted(calls) == ["a"] * (rounds + 2) + ["b"] * (
         rounds + 2
     )
+
+
+def test_plot_colours_each_family_apart():
+    colours = {
+        name: report.family_colour(name)
+        for name in ("jaxce", "jaxce options", "optax", "torch", "naive jnp", "jax-cce 0.1.0")
+    }
+    assert colours["jaxce"] == colours["jaxce options"]
+    assert len({colours[n] for n in ("jaxce", "optax", "torch", "naive jnp", "jax-cce 0.1.0")}) == 5
+    assert report.family_colour("floor") == report.OTHER_COLOUR
