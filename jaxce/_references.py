@@ -168,21 +168,33 @@ def softmax_cross_entropy_with_integer_labels(
     return _reduce_mean(jnp.sum(loss), weights_total) + _reduce_mean(jnp.sum(z_term), count)
 
 
-def linear_cross_entropy(
-    hidden, weight, labels, *, bias=None, ignore_index=None, label_smoothing=0.0, z_loss=0.0,
-    softcap=None, shift=0, chunk_size=None, reduction="mean",
-):  # fmt: skip
-    del chunk_size
-    hidden, labels = jnp.asarray(hidden), jnp.asarray(labels)
-    if shift:
-        hidden, labels = hidden[..., :-1, :], labels[..., 1:]
-    logits = hidden @ jnp.asarray(weight).T
+def materialised_logits(hidden, weight, *, bias=None, softcap=None):
+    """``softcap(hidden @ weight.T + bias)``, all ``[..., V]`` of them."""
+    logits = jnp.einsum("...d,vd->...v", jnp.asarray(hidden), jnp.asarray(weight))
     if bias is not None:
         logits = logits + jnp.reshape(bias, (1,) * (logits.ndim - 1) + (-1,))
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
+    return logits
+
+
+def linear_cross_entropy(
+    hidden, weight, labels, *, bias=None, ignore_index=None, label_smoothing=0.0, z_loss=0.0,
+    softcap=None, shift=0, chunk_size=None, plan=None, reduction="mean",
+):  # fmt: skip
+    """The fused loss materialised: the ``[..., V]`` logits, then the reference loss.
+
+    The reference the tests, the benchmarks and ``jaxce.verify`` compare
+    ``jaxce.linear_cross_entropy`` with. ``shift=k``: position ``t`` predicts
+    label ``t + k``.
+    """
+    del chunk_size, plan
+    hidden, labels = jnp.asarray(hidden), jnp.asarray(labels)
+    if shift:
+        length = labels.shape[-1] - shift
+        hidden, labels = hidden[..., :length, :], labels[..., shift:]
     return softmax_cross_entropy_with_integer_labels(
-        logits,
+        materialised_logits(hidden, weight, bias=bias, softcap=softcap),
         labels,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,

@@ -1,0 +1,269 @@
+"""The public fused loss, its derivative rules, and :func:`gradients`."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxce import _checks, _integer_labels
+from jaxce._linear import chunks
+from jaxce._linear.plan import LinearCrossEntropyPlan
+from jaxce._linear.prepare import Config, Inputs, Prepared, prepare
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _weighted_loss(config: Config, inputs: Inputs) -> jax.Array:
+    """``sum_i row_weight_i * loss_i`` (``"mean"`` and ``"sum"``).
+
+    Its rule computes the gradients with respect to ``hidden``, ``weight`` and
+    ``bias`` in the same pass as the loss: three matrix products in total, the
+    same as the unfused formulation. The tangent is the inner product of those
+    gradients with the input tangents, which is linear, so reverse mode
+    transposes it into "scale the saved gradients by the cotangent" (no
+    logits are saved) and forward mode works too.
+    """
+    return chunks.weighted_loss(config, inputs)
+
+
+@_weighted_loss.defjvp
+def _weighted_loss_jvp(
+    config: Config, primals: tuple[Inputs], tangents: tuple[Inputs]
+) -> tuple[jax.Array, jax.Array]:
+    (inputs,), (t,) = primals, tangents
+    wants = chunks.Wants(
+        hidden=not chunks.is_zero(t.hidden),
+        weight=not chunks.is_zero(t.weight),
+        bias=not chunks.is_zero(t.bias),
+    )
+    totals = chunks.weighted_loss_and_grads(config, inputs, wants)
+    compute = inputs.row_weight.dtype
+    tangent = jnp.zeros((), compute)
+    pairs = (
+        (totals.hidden, t.hidden),
+        (totals.weight, t.weight),
+        (totals.bias, t.bias),
+        (totals.smoothing, t.smoothing),
+        (totals.z_loss, t.z_coefficient),
+    )
+    for derivative, t_input in pairs:
+        t_input = chunks.nonzero_tangent(t_input, compute)
+        if derivative is not None and t_input is not None:
+            tangent = tangent + jnp.sum(derivative * t_input)
+    return totals.total, tangent
+
+
+_weighted_loss.defjvp(_weighted_loss_jvp, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _per_token_loss(config: Config, inputs: Inputs) -> jax.Array:
+    """``[N]`` losses (``"none"``).
+
+    Its rule keeps a log-normaliser per token and a tangent map that reverse
+    mode transposes into a second pass recomputing each chunk once
+    (:func:`chunks.per_token_tangent`): four matrix products, and the largest
+    temporaries those of one chunk plus the weight's float32 cotangent.
+    """
+    return chunks.per_token_forward(config, inputs).loss
+
+
+def _per_token_loss_jvp(
+    config: Config, primals: tuple[Inputs], tangents: tuple[Inputs]
+) -> tuple[jax.Array, jax.Array]:
+    (inputs,), (t,) = primals, tangents
+    forward = chunks.per_token_forward(config, inputs)
+    return forward.loss, chunks.per_token_tangent(config, inputs, forward, t)
+
+
+_per_token_loss.defjvp(_per_token_loss_jvp, symbolic_zeros=True)
+
+# The entry points of the chunk loops, compiled once per configuration. Each
+# call builds fresh loop bodies (closures), so without `jit` here an eager
+# call would trace and compile its loops anew every time; inside a caller's
+# `jit` these are inlined.
+_weighted_loss_jit = jax.jit(_weighted_loss, static_argnums=0)
+_per_token_loss_jit = jax.jit(_per_token_loss, static_argnums=0)
+_weighted_loss_and_grads_jit = jax.jit(chunks.weighted_loss_and_grads, static_argnums=(0, 2))
+
+
+def linear_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    softcap: float | None = None,
+    shift: int = 0,
+    chunk_size: int | None = None,
+    plan: LinearCrossEntropyPlan | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Cross-entropy of ``softcap(hidden @ weight.T + bias)`` without holding the logits.
+
+    Equal to :func:`softmax_cross_entropy_with_integer_labels` on the logits
+
+    .. math::
+        x = c \tanh\bigl((h W^\top + b) / c\bigr)
+
+    (no ``tanh`` when ``softcap`` is None), with the same ``ignore_index``,
+    ``label_smoothing``, ``z_loss`` and reductions, but the ``[N, V]`` logits
+    are never materialised: the ``N`` tokens are processed ``chunk_size`` at a
+    time, and the largest temporary is one ``[chunk_size, V]`` buffer (two
+    or three with ``reduction="none"``) besides the gradients themselves.
+    With ``reduction="mean"`` or ``"sum"`` the gradients are computed during the forward pass (three
+    matrix products in total, like the unfused formulation); with ``"none"``
+    the backward pass recomputes each chunk's logits (four).
+
+    ``shift=1`` is next-token prediction: ``hidden[..., t, :]`` predicts
+    ``labels[..., t + 1]`` and the last position predicts nothing; ``shift=k``
+    predicts ``labels[..., t + k]`` (multi-token prediction) and the last
+    ``k`` positions predict nothing.
+
+    Args:
+      hidden: ``[..., D]`` hidden states (any leading dimensions; with
+        ``shift=1``, ``[..., T, D]``).
+      weight: ``[V, D]`` output embedding (the logits are ``hidden @ weight.T``).
+      labels: ``[...]`` integer labels (``hidden``'s shape without ``D``).
+      bias: optional ``[V]`` output bias.
+      ignore_index: label value of tokens to skip (e.g. ``-100``).
+      label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
+      z_loss: coefficient of PaLM's ``z_loss * logsumexp(x)**2``; may be traced.
+      softcap: Gemma 2's logit soft cap :math:`c > 0`, or None.
+      shift: ``k >= 0``, the offset of the predicted label (1 for next-token
+        prediction); needs ``T > k``.
+      chunk_size: tokens per chunk: a shortcut that overrides the plan's.
+      plan: a :class:`jaxce.LinearCrossEntropyPlan` (chunk size, vocabulary
+        block) from :func:`jaxce.plan_linear_cross_entropy`; None plans for
+        ``jax.default_backend()`` (CPU: chunks tuned for its caches; GPU and
+        TPU: chunks of at least 512 tokens and whole-vocabulary products).
+      reduction: ``"mean"`` (over counted tokens; 0 with zero gradients when
+        none is counted), ``"sum"``, or ``"none"`` (``[...]``, or
+        ``[..., T - k]`` with ``shift=k``).
+
+    Returns:
+      The loss, float32 for half-precision inputs (float64 for float64).
+      Gradients with respect to ``hidden``, ``weight`` and ``bias`` come back
+      in their dtypes, accumulated in float32 (or float64). With bfloat16
+      inputs no float32 copy of ``weight`` is made: the hidden gradient's
+      product takes it as it is, with the float32 gradient of the logits as
+      two bfloat16 parts (relative error about 2^-17).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce
+      >>> h, w = jnp.ones((2, 4)), jnp.zeros((3, 4))
+      >>> print(f"{float(jaxce.linear_cross_entropy(h, w, jnp.array([0, 2]))):.6f}")
+      1.098612
+
+    Reverse mode, ``jit``, ``vmap``, ``jax.checkpoint`` and forward mode
+    (``jvp``, ``hessian``) work; forward mode on ``"mean"`` / ``"sum"``
+    computes all first-order gradients, so it costs three matrix products too.
+    Second order works forward-over-reverse (``jax.hessian``, ``jax.jacfwd`` of
+    ``jax.grad``), not reverse-over-reverse: the chunk loop is a
+    ``lax.while_loop``, which JAX cannot transpose (a ``scan`` would keep a
+    hoisted copy of ``weight``). A label outside ``[0, V)`` that is not ``ignore_index`` makes its loss (and
+    a reduced loss) NaN, with finite gradients; ``jaxce.checked`` raises.
+    Logits of any finite size give finite losses.
+    """
+    prepared = prepare(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        shift=shift,
+        chunk_size=chunk_size,
+        plan=plan,
+        reduction=reduction,
+    )
+    if reduction == "none":
+        return _per_token_losses(prepared, shift)
+    if prepared.config is None:
+        return jnp.zeros((), prepared.compute)
+    total = _weighted_loss_jit(prepared.config, prepared.inputs)
+    return total + _integer_labels.nan_if_invalid(prepared.rule, prepared.compute)
+
+
+def _per_token_losses(prepared: Prepared, shift: int) -> jax.Array:
+    """``[...]`` (``[..., T - k]`` with ``shift=k``): 0 where not counted, NaN where invalid."""
+    labels_shape = prepared.labels_shape
+    if prepared.config is None:
+        loss = jnp.zeros(labels_shape, prepared.compute)
+    else:
+        loss = _per_token_loss_jit(prepared.config, prepared.inputs)
+        loss = jnp.where(prepared.rule.counted, loss, 0)
+        loss = _integer_labels.nan_where_invalid(prepared.rule, loss).reshape(labels_shape)
+    return loss[..., : labels_shape[-1] - shift] if shift else loss
+
+
+def gradients(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    softcap: float | None = None,
+    shift: int = 0,
+    chunk_size: int | None = None,
+    plan: LinearCrossEntropyPlan | None = None,
+    reduction: str = "mean",
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Gradients of :func:`linear_cross_entropy` w.r.t. ``hidden``, ``weight``, ``bias``.
+
+    Computed by the code of the loss's own derivative rule (chunk by chunk,
+    three matrix products, no ``[N, V]`` logits, no autodiff). For
+    ``reduction="none"`` they are the gradients of the summed per-token loss.
+    Arguments as in :func:`linear_cross_entropy`; ``chunk_size`` changes only
+    rounding.
+
+    Returns:
+      ``(d_hidden, d_weight, d_bias)`` in the shapes and dtypes of ``hidden``,
+      ``weight`` and ``bias`` (accumulated in float32, or float64);
+      ``d_bias`` is None without a bias. Tokens that are ignored, that
+      ``shift=1`` leaves out, or whose label is out of range get zero
+      ``hidden`` gradients and contribute nothing.
+    """
+    prepared = prepare(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        shift=shift,
+        chunk_size=chunk_size,
+        plan=plan,
+        reduction="sum" if reduction == "none" else reduction,
+    )
+    # The gradients come back in the (floating) dtypes of the inputs.
+    hidden_dtype = _checks.as_float_array(hidden, "hidden").dtype
+    weight_dtype = _checks.as_float_array(weight, "weight").dtype
+    hidden_shape = jnp.shape(hidden)
+    inputs = prepared.inputs
+    vocab, dim = inputs.weight.shape
+    bias_dtype = None if inputs.bias is None else inputs.bias.dtype
+    if prepared.config is None:
+        d_hidden = jnp.zeros(hidden_shape, hidden_dtype)
+        d_weight = jnp.zeros((vocab, dim), weight_dtype)
+        d_bias = None if bias_dtype is None else jnp.zeros((vocab,), bias_dtype)
+        return d_hidden, d_weight, d_bias
+    wants = chunks.Wants(hidden=True, weight=True, bias=inputs.bias is not None)
+    totals = _weighted_loss_and_grads_jit(prepared.config, inputs, wants)
+    assert totals.hidden is not None and totals.weight is not None
+    d_hidden = totals.hidden.reshape(hidden_shape).astype(hidden_dtype)
+    d_weight = totals.weight.astype(weight_dtype)
+    d_bias = None if totals.bias is None else totals.bias.astype(bias_dtype)
+    return d_hidden, d_weight, d_bias

@@ -1,0 +1,585 @@
+"""The chunk loops: ``N`` tokens ``chunk`` at a time, never the ``[N, V]`` logits.
+
+- :func:`weighted_loss`: ``sum_i r_i loss_i`` (``r`` the row weights of the
+  reduction), one matrix product.
+- :func:`weighted_loss_and_grads`: that sum and its gradients in one pass,
+  three matrix products, by :func:`_gradients_blocked` (float32, float16,
+  float64) or :func:`_gradients_bfloat16`.
+- :func:`per_token_forward` and :func:`per_token_tangent`: the per-token losses
+  (keeping one log-normaliser per token) and the tangent map that reverse mode
+  transposes, recomputing each chunk's logits once.
+
+For one row with ``p = softmax(x)``, ``lse = log sum exp x`` and smoothing
+``eps``, the gradient of ``(1 - eps)(lse - x_y) + (eps / V) sum_c (lse - x_c)
++ z lse^2`` with respect to the logits ``x`` is
+``p (1 + 2 z lse) - eps / V - (1 - eps) onehot(y)``; the soft cap multiplies
+it by ``1 - (x / c)^2``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from jaxce import _closed_form, _integer_labels
+from jaxce._linear import xla_cpu
+from jaxce._linear.prepare import Config, Inputs
+
+_CONTRACT_DIM = (((1,), (1,)), ((), ()))  # [C, D] x [V, D] -> [C, V]
+_CONTRACT_VOCAB = (((1,), (0,)), ((), ()))  # [C, V] x [V, D] -> [C, D]
+_CONTRACT_TOKENS = (((0,), (0,)), ((), ()))  # [C, V] x [C, D] -> [V, D]
+
+
+def is_zero(tangent: Any) -> bool:
+    return tangent is None or isinstance(tangent, SymbolicZero)
+
+
+def nonzero_tangent(tangent: Any, dtype: Any) -> jax.Array | None:
+    """``tangent`` in ``dtype``, or None for a symbolic zero."""
+    return None if is_zero(tangent) else tangent.astype(dtype)
+
+
+def chunk_rows(config: Config, index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Start row of chunk ``index`` and which of its rows no earlier chunk covered.
+
+    The last chunk is moved back to end at the last token (it overlaps the one
+    before it) so that every chunk has the same static shape without padding,
+    which would copy ``hidden``.
+    """
+    start = jnp.minimum(index * config.chunk, config.num_tokens - config.chunk)
+    rows = start + jnp.arange(config.chunk)
+    return start, rows >= index * config.chunk
+
+
+def unchunk(config: Config, stacked: jax.Array) -> jax.Array:
+    """``[num_chunks, chunk]`` per-row values as ``[N]``: the last chunk's new rows only."""
+    tail = config.num_tokens - (config.num_chunks - 1) * config.chunk
+    return jnp.concatenate([stacked[:-1].reshape(-1), stacked[-1, config.chunk - tail :]])
+
+
+def label_mask(target: jax.Array, vocab: int) -> jax.Array:
+    """``[C, V]``: True at each row's label column."""
+    return jnp.arange(vocab)[None, :] == target[:, None]
+
+
+def _cap(config: Config, logits: jax.Array) -> jax.Array:
+    """The soft cap ``c * tanh(logits / c)``, if any."""
+    if config.softcap is None:
+        return logits
+    return config.softcap * jnp.tanh(logits / config.softcap)
+
+
+def _cap_derivative(config: Config, capped: jax.Array) -> jax.Array:
+    """``d cap(x) / dx = 1 - (cap(x) / c)^2``, from the capped value."""
+    assert config.softcap is not None
+    return 1 - jnp.square(capped / config.softcap)
+
+
+def _loop(length: int, body: Any, init: Any) -> Any:
+    """``fori_loop(0, length, body, init)`` as a ``while_loop``.
+
+    A ``fori_loop`` with static bounds is a ``scan``, and when the surrounding
+    computation is differentiated JAX hoists the parts of a scan body that
+    depend only on the loop index and constants out of the loop, stacked over
+    the iterations: here, the weight's vocabulary blocks, a copy of ``W``.
+    A ``while_loop`` is left as written.
+    """
+
+    def step(state: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
+        index, carry = state
+        return index + 1, body(index, carry)
+
+    return jax.lax.while_loop(lambda state: state[0] < length, step, (jnp.int32(0), init))[1]
+
+
+class Chunk(NamedTuple):
+    """One chunk's rows and logits ``softcap(hidden @ weight.T + bias)``."""
+
+    start: jax.Array  # first row
+    fresh: jax.Array  # [C] rows no earlier chunk covered
+    hidden: jax.Array  # [C, D] in the matmul dtype
+    target: jax.Array  # [C]
+    logits: jax.Array  # [C, V] in the compute dtype, capped
+    label_logit: jax.Array  # [C], capped
+    label_rows: jax.Array | None  # [C, D] `weight[target]`; None for bfloat16
+
+
+def chunk_logits(config: Config, inputs: Inputs, index: jax.Array, compute: Any) -> Chunk:
+    """The logits of chunk ``index``, their label column and the label rows of ``weight``.
+
+    The label column is not gathered from the logits: XLA fuses such a gather
+    into the first consumer of the log-sum-exp, after the exponential, so the
+    logits would stay alive beside their exponential instead of being written
+    over by it (two ``[C, V]`` buffers instead of one). It is the dot product
+    of the hidden rows with their label rows of ``weight`` (which the
+    gradient's one-hot term reads too), or for bfloat16 a masked row sum
+    (:func:`xla_cpu.label_column`).
+    """
+    start, fresh = chunk_rows(config, index)
+    hidden = xla_cpu.take_rows(inputs.hidden, start, config.chunk)
+    target = jax.lax.dynamic_slice_in_dim(inputs.target, start, config.chunk)
+    weight, bias = inputs.weight, inputs.bias
+    logits = jax.lax.dot_general(hidden, weight, _CONTRACT_DIM, preferred_element_type=compute)
+    if bias is not None:
+        logits = logits + bias.astype(compute)[None, :]
+    logits = _cap(config, logits)
+    if weight.dtype == jnp.bfloat16:
+        label_logit = xla_cpu.label_column(logits, label_mask(target, logits.shape[-1]))
+        return Chunk(start, fresh, hidden, target, logits, label_logit, None)
+    label_rows = jnp.take(weight, target, axis=0).astype(compute)
+    label_logit = jnp.sum(hidden.astype(compute) * label_rows, axis=-1)
+    if bias is not None:
+        label_logit = label_logit + jnp.take(bias, target).astype(compute)
+    return Chunk(start, fresh, hidden, target, logits, _cap(config, label_logit), label_rows)
+
+
+class RowLoss(NamedTuple):
+    """Per-row cross-entropy (+ z-loss) of a chunk, and the softmax pieces it was made of."""
+
+    loss: jax.Array  # [C]
+    nll: jax.Array  # [C] -log p_label
+    smooth: jax.Array | None  # [C] sum_c -log p_c, with smoothing
+    exps: jax.Array  # [C, V] exp(x - row_max), written over the logits
+    sum_exp: jax.Array  # [C]
+    row_max: jax.Array  # [C, 1]
+    log_partition: jax.Array  # [C] logsumexp(x)
+
+
+def row_loss(config: Config, inputs: Inputs, chunk: Chunk) -> RowLoss:
+    logits = chunk.logits
+    vocab = logits.shape[-1]
+    # lse = m + log sum_j exp(x_j - m) with m the row max: no exp overflows, and
+    # -log p_y = log sum_j exp(x_j - m) - (x_y - m) has no lse - x_y cancellation.
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    # sum_c -log p_c = V log sum_j exp(x_j - m) - sum_c (x_c - m)
+    shifted_sum = jnp.sum(logits - row_max, axis=-1) if config.smoothing else None
+    exps = jnp.exp(logits - row_max)
+    sum_exp = jnp.sum(exps, axis=-1)
+    log_normalizer = jnp.log(sum_exp)
+    nll = log_normalizer - (chunk.label_logit - row_max[:, 0])
+    log_partition = log_normalizer + row_max[:, 0]
+    loss, smooth = nll, None
+    if shifted_sum is not None:
+        smooth = vocab * log_normalizer - shifted_sum
+        loss = _integer_labels.mix(nll, smooth, None, inputs.smoothing, vocab)
+    if config.z_loss:
+        loss = loss + _closed_form.z_loss_term(inputs.z_coefficient, log_partition)
+    return RowLoss(loss, nll, smooth, exps, sum_exp, row_max, log_partition)
+
+
+def _row_weights(config: Config, inputs: Inputs, chunk: Chunk) -> jax.Array:
+    """``[C]`` row weights of the chunk, 0 on rows an earlier chunk covered."""
+    weights = jax.lax.dynamic_slice_in_dim(inputs.row_weight, chunk.start, config.chunk)
+    return jnp.where(chunk.fresh, weights, 0)
+
+
+def _weighted_sum(weights: jax.Array, values: jax.Array) -> jax.Array:
+    """``sum_i w_i v_i`` over the rows with ``w_i != 0`` (the others may be NaN or inf)."""
+    return jnp.sum(jnp.where(weights != 0, weights * values, 0))
+
+
+def weighted_loss(config: Config, inputs: Inputs) -> jax.Array:
+    """``sum_i row_weight_i * loss_i`` without gradients: one matrix product."""
+    compute = inputs.row_weight.dtype
+
+    def body(index: jax.Array, total: jax.Array) -> jax.Array:
+        chunk = chunk_logits(config, inputs, index, compute)
+        losses = row_loss(config, inputs, chunk)
+        return total + _weighted_sum(_row_weights(config, inputs, chunk), losses.loss)
+
+    return jax.lax.fori_loop(0, config.num_chunks, body, jnp.zeros((), compute))
+
+
+class Wants(NamedTuple):
+    """Which gradients to form (those whose tangent is not a symbolic zero)."""
+
+    hidden: bool
+    weight: bool
+    bias: bool
+
+
+class Totals(NamedTuple):
+    """The carry of :func:`weighted_loss_and_grads`: the sum and its derivatives."""
+
+    total: jax.Array
+    smoothing: jax.Array | None  # d total / d label_smoothing
+    z_loss: jax.Array | None  # d total / d z_loss
+    hidden: jax.Array | None  # [N, D]
+    weight: jax.Array | None  # [V, D]
+    bias: jax.Array | None  # [V]
+
+
+class Gradients(NamedTuple):
+    """The gradients a vocabulary-block loop accumulates."""
+
+    hidden: jax.Array | None  # [C, D]: the chunk's rows
+    weight: jax.Array | None  # [V, D]
+    bias: jax.Array | None  # [V]
+
+
+class Coefficients(NamedTuple):
+    """Per-row coefficients of a chunk's logit gradient (rows weighted by the reduction)."""
+
+    row_scale: jax.Array  # [C, 1] weight (1 + 2 z lse) / sum exps: times exps, p's term
+    offset: jax.Array  # [C, 1] weight eps / V: the smoothing term
+    label: jax.Array  # [C] weight (1 - eps) cap'(x_y): the one-hot term
+
+
+def _coefficients(
+    config: Config, inputs: Inputs, chunk: Chunk, losses: RowLoss, weights: jax.Array
+) -> Coefficients:
+    vocab = chunk.logits.shape[-1]
+    scale = weights
+    if config.z_loss:
+        scale = scale * (1 + 2 * inputs.z_coefficient * losses.log_partition)
+    label = weights
+    if config.smoothing:
+        label = (1 - inputs.smoothing) * weights
+    if config.softcap is not None:
+        label = label * _cap_derivative(config, chunk.label_logit)
+    offset = (inputs.smoothing / vocab) * weights[:, None]
+    return Coefficients((scale / losses.sum_exp)[:, None], offset, label)
+
+
+def _dense_gradient(
+    config: Config, exps: jax.Array, logits: jax.Array, coefficients: Coefficients
+) -> jax.Array:
+    """The gradient w.r.t. the logit columns ``logits``, all but the one-hot term."""
+    g = exps * coefficients.row_scale
+    if config.smoothing:
+        g = g - coefficients.offset
+    if config.softcap is not None:
+        g = g * _cap_derivative(config, logits)
+    return g
+
+
+def _add_scalars(
+    config: Config, totals: Totals, inputs: Inputs, losses: RowLoss, weights: jax.Array
+) -> Totals:
+    """The sum and, as cheap by-products, its derivatives by ``label_smoothing`` and ``z_loss``."""
+    total = totals.total + _weighted_sum(weights, losses.loss)
+    smoothing, z_loss = totals.smoothing, totals.z_loss
+    if config.smoothing:
+        assert smoothing is not None and losses.smooth is not None
+        vocab = losses.exps.shape[-1]
+        smoothing = smoothing + _weighted_sum(weights, losses.smooth / vocab - losses.nll)
+    if config.z_loss:
+        assert z_loss is not None
+        z_loss = z_loss + _weighted_sum(weights, jnp.square(losses.log_partition))
+    return totals._replace(total=total, smoothing=smoothing, z_loss=z_loss)
+
+
+def _store_hidden(config: Config, totals: Totals, chunk: Chunk, d_hidden: jax.Array) -> Totals:
+    """Writes the chunk's fresh rows of the hidden gradient."""
+    assert totals.hidden is not None
+    old = jax.lax.dynamic_slice_in_dim(totals.hidden, chunk.start, config.chunk)
+    rows = jnp.where(chunk.fresh[:, None], d_hidden, old)
+    return totals._replace(
+        hidden=jax.lax.dynamic_update_slice_in_dim(totals.hidden, rows, chunk.start, axis=0)
+    )
+
+
+def _add_rows(accumulator: jax.Array, start: jax.Array, update: jax.Array) -> jax.Array:
+    """``accumulator[start:start + len(update)] += update``, in place."""
+    old = jax.lax.dynamic_slice_in_dim(accumulator, start, update.shape[0])
+    return jax.lax.dynamic_update_slice_in_dim(accumulator, old + update, start, axis=0)
+
+
+def weighted_loss_and_grads(config: Config, inputs: Inputs, wants: Wants) -> Totals:
+    """The weighted loss and its gradients, chunk by chunk, in one pass.
+
+    One ``[chunk, V]`` buffer is held per chunk (two for bfloat16): the logits,
+    then their exponentials ``exp(x - row_max)`` written over them.
+    Accumulation is in the compute dtype.
+    """
+    compute = inputs.row_weight.dtype
+    vocab, dim = inputs.weight.shape
+
+    def zeros(wanted: bool, shape: tuple[int, ...]) -> jax.Array | None:
+        return jnp.zeros(shape, compute) if wanted else None
+
+    init = Totals(
+        total=jnp.zeros((), compute),
+        smoothing=zeros(config.smoothing, ()),
+        z_loss=zeros(config.z_loss, ()),
+        hidden=zeros(wants.hidden, (config.num_tokens, dim)),
+        weight=zeros(wants.weight, (vocab, dim)),
+        bias=zeros(wants.bias, (vocab,)),
+    )
+    if inputs.weight.dtype == jnp.bfloat16:
+        body = functools.partial(_gradients_bfloat16, config, inputs, wants, compute)
+    else:
+        body = functools.partial(_gradients_blocked, config, inputs, wants, compute)
+    return _loop(config.num_chunks, body, init)
+
+
+def _gradients_blocked(
+    config: Config, inputs: Inputs, wants: Wants, compute: Any, index: jax.Array, totals: Totals
+) -> Totals:
+    """One chunk (float32, float16, float64): the gradient formed a vocabulary block at a time.
+
+    The dense part of the logit gradient (all but the one-hot term) is formed
+    ``vocab_block`` columns at a time from the exponentials and pushed through
+    the linear layer at once: the chunk's hidden gradient accumulates
+    ``g_block @ W_block`` and the weight gradient's block of rows
+    ``g_block.T @ h_chunk``, in place. With a soft cap the logits stay (the
+    cap's derivative reads them) and the exponentials are recomputed block by
+    block, so one ``[chunk, V]`` buffer is still all the chunk holds. The
+    one-hot term is a gather of ``chunk`` rows of ``W`` and a scatter-add into
+    ``chunk`` rows of the weight gradient.
+    """
+    weight = inputs.weight
+    vocab, dim = weight.shape
+    block = config.vocab_block
+    chunk = chunk_logits(config, inputs, index, compute)
+    losses = row_loss(config, inputs, chunk)
+    weights = _row_weights(config, inputs, chunk)
+    totals = _add_scalars(config, totals, inputs, losses, weights)
+    coefficients = _coefficients(config, inputs, chunk, losses, weights)
+    hidden_up = chunk.hidden.astype(compute)
+
+    def block_step(v_index: jax.Array, carry: Gradients) -> Gradients:
+        # The last block ends at the last column; columns an earlier block
+        # covered are zeroed so that they are not added twice.
+        v_start = jnp.minimum(v_index * block, vocab - block)
+        x = jax.lax.dynamic_slice_in_dim(chunk.logits, v_start, block, axis=1)
+        if config.softcap is None:
+            exps = jax.lax.dynamic_slice_in_dim(losses.exps, v_start, block, axis=1)
+        else:
+            exps = jnp.exp(x - losses.row_max)
+        g = _dense_gradient(config, exps, x, coefficients)
+        if vocab % block:
+            g = jnp.where((v_start + jnp.arange(block) >= v_index * block)[None, :], g, 0)
+        hidden, weight_grad, bias = carry.hidden, carry.weight, carry.bias
+        if hidden is not None:
+            w_block = jax.lax.dynamic_slice_in_dim(weight, v_start, block).astype(compute)
+            hidden = hidden + jax.lax.dot_general(
+                g, w_block, _CONTRACT_VOCAB, preferred_element_type=compute
+            )
+        if weight_grad is not None:
+            update = jax.lax.dot_general(
+                g, hidden_up, _CONTRACT_TOKENS, preferred_element_type=compute
+            )
+            weight_grad = _add_rows(weight_grad, v_start, update)
+        if bias is not None:
+            bias = _add_rows(bias, v_start, jnp.sum(g, axis=0))
+        return carry._replace(hidden=hidden, weight=weight_grad, bias=bias)
+
+    blocks = Gradients(
+        hidden=jnp.zeros((config.chunk, dim), compute) if wants.hidden else None,
+        weight=totals.weight,
+        bias=totals.bias,
+    )
+    if wants.hidden or wants.weight or wants.bias:
+        blocks = _loop(-(-vocab // block), block_step, blocks)
+    # The one-hot term, -coefficients.label at (row, label).
+    label = coefficients.label
+    if wants.hidden:
+        assert blocks.hidden is not None and chunk.label_rows is not None
+        totals = _store_hidden(
+            config, totals, chunk, blocks.hidden - label[:, None] * chunk.label_rows
+        )
+    if wants.weight:
+        assert blocks.weight is not None
+        totals = totals._replace(
+            weight=blocks.weight.at[chunk.target].add(-label[:, None] * hidden_up)
+        )
+    if wants.bias:
+        assert blocks.bias is not None
+        totals = totals._replace(bias=blocks.bias.at[chunk.target].add(-label))
+    return totals
+
+
+def _gradients_bfloat16(
+    config: Config, inputs: Inputs, wants: Wants, compute: Any, index: jax.Array, totals: Totals
+) -> Totals:
+    """One chunk (bfloat16): the whole logit gradient at once, then its vocabulary blocks.
+
+    The chunk's logit gradient, one-hot term included, is formed once in
+    float32 (over the exponentials, which it replaces in memory); the hidden
+    gradient is one product over the whole vocabulary by
+    :func:`split_product` (no float32 copy of ``weight``, and no block of it
+    sliced, which XLA:CPU would do through a float32 copy of the whole array),
+    and the weight and bias gradients take its columns a block at a time.
+    """
+    weight = inputs.weight
+    vocab = weight.shape[0]
+    block = config.vocab_block
+    chunk = chunk_logits(config, inputs, index, compute)
+    losses = row_loss(config, inputs, chunk)
+    weights = _row_weights(config, inputs, chunk)
+    totals = _add_scalars(config, totals, inputs, losses, weights)
+    coefficients = _coefficients(config, inputs, chunk, losses, weights)
+    one_hot = jnp.where(label_mask(chunk.target, vocab), coefficients.label[:, None], 0)
+    g = _dense_gradient(config, losses.exps, chunk.logits, coefficients) - one_hot
+    if wants.hidden:
+        totals = _store_hidden(config, totals, chunk, split_product(g, weight))
+    hidden_up = chunk.hidden.astype(compute)
+
+    def block_step(v_index: jax.Array, carry: Gradients) -> Gradients:
+        v_start = jnp.minimum(v_index * block, vocab - block)
+        g_block = jax.lax.dynamic_slice_in_dim(g, v_start, block, axis=1)
+        if vocab % block:
+            fresh = v_start + jnp.arange(block) >= v_index * block
+            g_block = jnp.where(fresh[None, :], g_block, 0)
+        weight_grad, bias = carry.weight, carry.bias
+        if weight_grad is not None:
+            update = jax.lax.dot_general(
+                g_block, hidden_up, _CONTRACT_TOKENS, preferred_element_type=compute
+            )
+            weight_grad = _add_rows(weight_grad, v_start, update)
+        if bias is not None:
+            bias = _add_rows(bias, v_start, jnp.sum(g_block, axis=0))
+        return carry._replace(weight=weight_grad, bias=bias)
+
+    if wants.weight or wants.bias:
+        blocks = _loop(-(-vocab // block), block_step, Gradients(None, totals.weight, totals.bias))
+        totals = totals._replace(weight=blocks.weight, bias=blocks.bias)
+    return totals
+
+
+@jax.custom_jvp
+def split_product(g: jax.Array, weight: jax.Array) -> jax.Array:
+    """``g @ weight`` for float32 ``g`` and bfloat16 ``weight``, accumulated in float32.
+
+    ``g`` is split into two bfloat16 parts, ``hi = bf16(g)`` and ``lo = bf16(g
+    - hi)``, each multiplied by ``weight`` as it is:
+    ``hi + lo`` carries 16 of float32's 24 significant bits (relative error
+    about 2^-17, far below bfloat16's 2^-9), and a float32 copy of ``weight``
+    (twice its size) is never made. Its derivative is that of the float32
+    product.
+    """
+    hi = g.astype(weight.dtype)
+    lo = (g - hi.astype(g.dtype)).astype(weight.dtype)
+    product = functools.partial(
+        jax.lax.dot_general,
+        rhs=weight,
+        dimension_numbers=_CONTRACT_VOCAB,
+        preferred_element_type=g.dtype,
+    )
+    return product(hi) + product(lo)
+
+
+@split_product.defjvp
+def _split_product_jvp(
+    primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    g, weight = primals
+    t_g, t_weight = tangents
+    tangent = t_g @ weight.astype(g.dtype) + g @ t_weight.astype(g.dtype)
+    return split_product(g, weight), tangent
+
+
+def _times_weight(g: jax.Array, weight: jax.Array) -> jax.Array:
+    """``g @ weight`` in ``g``'s dtype (the compute dtype)."""
+    if weight.dtype == jnp.bfloat16:
+        return split_product(g, weight)
+    return jax.lax.dot_general(g, weight.astype(g.dtype), _CONTRACT_VOCAB)
+
+
+class PerToken(NamedTuple):
+    """What the per-token forward pass keeps: a few floats per token."""
+
+    loss: jax.Array  # [N]
+    log_partition: jax.Array  # [N] logsumexp of each token's logits
+    d_smoothing: jax.Array | None  # [N] d loss_i / d label_smoothing, with smoothing
+
+
+def per_token_forward(config: Config, inputs: Inputs) -> PerToken:
+    """``[N]`` losses and log-normalisers: one matrix product."""
+    compute = inputs.row_weight.dtype
+
+    def body(index: jax.Array, out: PerToken) -> PerToken:
+        chunk = chunk_logits(config, inputs, index, compute)
+        losses = row_loss(config, inputs, chunk)
+
+        def put(values: jax.Array, chunk_values: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_update_slice_in_dim(values, chunk_values, chunk.start, 0)
+
+        d_smoothing = out.d_smoothing
+        if d_smoothing is not None:
+            assert losses.smooth is not None
+            vocab = chunk.logits.shape[-1]
+            d_smoothing = put(d_smoothing, losses.smooth / vocab - losses.nll)
+        return PerToken(
+            put(out.loss, losses.loss), put(out.log_partition, losses.log_partition), d_smoothing
+        )
+
+    empty = jnp.zeros((config.num_tokens,), compute)
+    init = PerToken(empty, empty, empty if config.smoothing else None)
+    return jax.lax.fori_loop(0, config.num_chunks, body, init)
+
+
+def _per_token_logit_gradient(
+    config: Config, inputs: Inputs, chunk: Chunk, log_partition: jax.Array
+) -> jax.Array:
+    """``[C, V]``: each row's loss differentiated by its logits before the cap.
+
+    ``p = exp(x - lse)`` from the log-normaliser the forward pass kept, so no
+    row maximum or sum is recomputed.
+    """
+    vocab = chunk.logits.shape[-1]
+    p = jnp.exp(chunk.logits - log_partition[:, None])
+    if config.z_loss:
+        p = p * (1 + 2 * inputs.z_coefficient * log_partition)[:, None]
+    label = 1 - inputs.smoothing if config.smoothing else 1
+    g = p - jnp.where(label_mask(chunk.target, vocab), label, 0)
+    if config.smoothing:
+        g = g - inputs.smoothing / vocab
+    if config.softcap is not None:
+        g = g * _cap_derivative(config, chunk.logits)
+    return g
+
+
+def per_token_tangent(
+    config: Config, inputs: Inputs, forward: PerToken, tangents: Inputs
+) -> jax.Array:
+    """``[N]``: the tangent of each token's loss, ``<d loss_i / d inputs, tangents>``.
+
+    Linear in the tangents, chunk by chunk: with ``G`` a chunk's logit
+    gradient, ``t_i = <t_h_i, (G W)_i> + <G_i, h_i t_W^T + t_b>``. Reverse mode
+    transposes it into ``d_h = c G W``, ``d_W += (c G)^T h`` and ``d_b += c G``
+    for the per-token cotangent ``c``: with the forward pass, four matrix
+    products. The body is rematerialised, so the backward pass recomputes each
+    chunk's logits from the kept log-normaliser and saves nothing per chunk.
+    ``t_W`` is cast to the compute dtype outside the loop, so that the
+    weight's cotangent accumulates in float32 for bfloat16 inputs.
+    """
+    compute = forward.loss.dtype
+    t_hidden = nonzero_tangent(tangents.hidden, compute)
+    t_weight = nonzero_tangent(tangents.weight, compute)
+    t_bias = nonzero_tangent(tangents.bias, compute)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_tangent(index: jax.Array) -> jax.Array:
+        chunk = chunk_logits(config, inputs, index, compute)
+        log_partition = jax.lax.dynamic_slice_in_dim(
+            forward.log_partition, chunk.start, config.chunk
+        )
+        g = _per_token_logit_gradient(config, inputs, chunk, log_partition)
+        tangent = jnp.zeros((config.chunk,), compute)
+        if t_hidden is not None:
+            t_rows = jax.lax.dynamic_slice_in_dim(t_hidden, chunk.start, config.chunk)
+            tangent = tangent + jnp.sum(t_rows * _times_weight(g, inputs.weight), axis=-1)
+        if t_weight is not None:
+            t_logits = jax.lax.dot_general(chunk.hidden.astype(compute), t_weight, _CONTRACT_DIM)
+            tangent = tangent + jnp.sum(g * t_logits, axis=-1)
+        if t_bias is not None:
+            tangent = tangent + g @ t_bias
+        return tangent
+
+    tangent = jnp.zeros((config.num_tokens,), compute)
+    if t_hidden is not None or t_weight is not None or t_bias is not None:
+        tangent = unchunk(config, jax.lax.map(chunk_tangent, jnp.arange(config.num_chunks)))
+    t_smoothing = nonzero_tangent(tangents.smoothing, compute)
+    if config.smoothing and t_smoothing is not None:
+        assert forward.d_smoothing is not None
+        tangent = tangent + forward.d_smoothing * t_smoothing
+    t_z = nonzero_tangent(tangents.z_coefficient, compute)
+    if config.z_loss and t_z is not None:
+        tangent = tangent + jnp.square(forward.log_partition) * t_z
+    return tangent

@@ -1,0 +1,203 @@
+"""The plan: how many tokens per chunk and vocabulary rows per block, per platform."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxce import _checks
+
+# Default chunk. Each chunk costs weight-sized memory traffic besides its
+# products (the vocabulary blocks of `weight` are copied for the hidden
+# gradient, and the weight gradient is read and written once), a share of the
+# time that shrinks as 1 / chunk: at N = 2048, D = 512, V = 65536 on a 2-core
+# CPU, 128 rows took 1.07-1.09x the three bare matrix products and 205 rows
+# 1.01-1.03x. So a chunk takes `_CHUNK_ROWS` rows where their `[chunk, V]`
+# float32 buffer (the largest thing "mean" / "sum" hold) fits in
+# `_CHUNK_BYTES_MAX`, as many rows as fit in it otherwise, and more rows, up
+# to `_CHUNK_BYTES` in all, for small vocabularies; within [_MIN_CHUNK,
+# _MAX_CHUNK] rows.
+_CHUNK_ROWS = 256
+_CHUNK_BYTES = 32 * 2**20
+_CHUNK_BYTES_MAX = 56 * 2**20
+_MIN_CHUNK = 16
+_MAX_CHUNK = 1024
+# The weight gradient is accumulated in row blocks of about this many bytes,
+# and at least this many rows (small blocks cost loop overhead).
+_WEIGHT_BLOCK_BYTES = 2**20
+_MIN_WEIGHT_BLOCK_ROWS = 256
+
+
+def default_chunk_size(
+    num_tokens: int, vocab_size: int, *, per_token: bool = False, bfloat16: bool = False
+) -> int:
+    """The chunk size ``chunk_size=None`` picks.
+
+    ``rows`` is 256 if a float32 ``[256, V]`` buffer fits in 56 MiB, else as
+    many rows as fit in 56 MiB, and more if more fit in 32 MiB (small
+    vocabularies); clipped to ``[16, 1024]``. Both budgets are halved for
+    ``per_token`` (``"none"``, whose backward pass holds two or three such
+    buffers) and for ``bfloat16`` inputs (whose gradient holds the logits'
+    bytes twice). The tokens are then split into ``ceil(num_tokens / rows)``
+    equal chunks (rounded up), so that the last one overlaps the one before it
+    by as few rows as possible.
+    """
+    halve = 2 if per_token or bfloat16 else 1
+    row_bytes = 4 * max(vocab_size, 1)
+    rows = max(
+        _CHUNK_BYTES // halve // row_bytes,
+        min(_CHUNK_ROWS, _CHUNK_BYTES_MAX // halve // row_bytes),
+    )
+    rows = max(_MIN_CHUNK, min(_MAX_CHUNK, rows))
+    num_chunks = -(-num_tokens // rows)
+    return max(1, -(-num_tokens // max(num_chunks, 1)))
+
+
+_PLATFORMS = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+# Accelerators: token chunks of at least this many rows, in multiples of
+# `_ACCELERATOR_ROW_MULTIPLE`, and products over the whole vocabulary, so that a
+# call is tens of loop iterations of large products, not thousands of small ones.
+_ACCELERATOR_MIN_CHUNK = 512
+_ACCELERATOR_ROW_MULTIPLE = 256
+# By default the largest temporary, one [chunk, V] float32 buffer, is at most
+# this fraction of the materialised [N, V] float32 logits.
+_ACCELERATOR_LOGITS_FRACTION = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCrossEntropyPlan:
+    """How :func:`jaxce.linear_cross_entropy` splits its work, for one platform.
+
+    Made by :func:`jaxce.plan_linear_cross_entropy`; pass it as ``plan=`` to
+    override the plan chosen for the default backend.
+
+    Attributes:
+      platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``: whose plan this is.
+      chunk_size: tokens per chunk (one ``[chunk_size, V]`` logits buffer at a time).
+      vocab_block: vocabulary rows of ``weight`` per gradient product
+        (``V``: one product over the whole vocabulary per chunk).
+      accumulation_dtype: the dtype the logits and gradients are accumulated in.
+      estimated_temporaries: bytes of temporary memory of the loss and its
+        gradients (XLA's ``memory_analysis().temp_size_in_bytes`` on CPU, within
+        about 15%), gradient accumulators included.
+    """
+
+    platform: str
+    chunk_size: int
+    vocab_block: int
+    accumulation_dtype: str
+    estimated_temporaries: int
+
+    def __str__(self) -> str:
+        return (
+            f"LinearCrossEntropyPlan({self.platform}: {self.chunk_size}-token chunks, "
+            f"{self.vocab_block}-row vocabulary blocks, {self.accumulation_dtype} "
+            f"accumulation, ~{self.estimated_temporaries / 2**20:.1f} MiB of temporaries)"
+        )
+
+
+def _estimated_temporaries(
+    num_tokens: int, dim: int, vocab: int, chunk: int, *, bfloat16: bool
+) -> int:
+    """Temporaries of the value and gradients, as XLA:CPU allocates them.
+
+    One float32 ``[chunk, V]`` buffer (the logits, then their exponentials, and
+    for float32 the gradient formed over them), a second one for bfloat16
+    (where the chunk's whole logit gradient is formed); plus the float32
+    gradient accumulators of ``weight`` and ``hidden``.
+    """
+    chunk_buffers = 2 if bfloat16 else 1
+    return 4 * (chunk_buffers * chunk * vocab + vocab * dim + num_tokens * dim)
+
+
+def plan_linear_cross_entropy(
+    num_tokens: int,
+    dim: int,
+    vocab: int,
+    dtype: Any,
+    *,
+    platform: str | None = None,
+    reduction: str = "mean",
+    memory_budget: int | None = None,
+) -> LinearCrossEntropyPlan:
+    """The plan :func:`jaxce.linear_cross_entropy` uses for these shapes on ``platform``.
+
+    - CPU (tuned for its caches): 256-token chunks where a float32
+      ``[256, V]`` buffer fits in 56 MiB (fewer rows where it does not, more
+      for small vocabularies), halved for ``reduction="none"`` and bfloat16,
+      and vocabulary blocks of about 1 MiB of ``weight``.
+    - GPU and TPU: chunks of at least 512 tokens, in multiples of 256, as
+      large as keeps the largest temporary (one float32 ``[chunk, V]``
+      buffer) within 1/8 of the materialised float32 logits, and products
+      over the whole vocabulary: tens of loop iterations, not thousands.
+
+    Args:
+      num_tokens: ``N``, the tokens of one call (``hidden``'s leading dimensions).
+      dim: ``D``, the hidden size.
+      vocab: ``V``, the vocabulary size (rows of ``weight``).
+      dtype: the inputs' dtype (bfloat16 plans for its extra buffer).
+      platform: ``"cpu"``, ``"gpu"`` (``"cuda"``, ``"rocm"``) or ``"tpu"``;
+        None for ``jax.default_backend()``.
+      reduction: the reduction the plan is for (``"none"`` holds more per chunk).
+      memory_budget: bytes the temporaries may take; the chunk is the largest
+        the platform's rule allows within it (more memory, fewer chunks), or
+        the smallest it allows (16 tokens on CPU, 512 on accelerators) when
+        even the gradient accumulators exceed the budget.
+
+    Returns:
+      A frozen, printable :class:`LinearCrossEntropyPlan`.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce
+      >>> plan = jaxce.plan_linear_cross_entropy(8192, 2304, 256000, jnp.bfloat16, platform="gpu")
+      >>> plan.chunk_size, plan.vocab_block
+      (1024, 256000)
+    """
+    for name, value, minimum in (
+        ("num_tokens", num_tokens, 0),
+        ("dim", dim, 1),
+        ("vocab", vocab, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    _checks.check_reduction(reduction)
+    key = jax.default_backend() if platform is None else platform
+    if key not in _PLATFORMS:
+        raise ValueError(f"`platform` must be one of {sorted(_PLATFORMS)} or None, got {key!r}.")
+    resolved = _PLATFORMS[key]
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"`dtype` must be a floating dtype, got {dtype}.")
+    bfloat16 = dtype == jnp.bfloat16
+    per_token = reduction == "none"
+    tokens = max(num_tokens, 1)
+    # The chunks the platform's rule allows, largest (the default) first.
+    if resolved == "cpu":
+        vocab_block = min(
+            vocab, max(_MIN_WEIGHT_BLOCK_ROWS, _WEIGHT_BLOCK_BYTES // (4 * max(dim, 1)))
+        )
+        default = default_chunk_size(tokens, vocab, per_token=per_token, bfloat16=bfloat16)
+        allowed = range(default, min(_MIN_CHUNK, default) - 1, -1)
+    else:
+        vocab_block = vocab
+        multiple, smallest = _ACCELERATOR_ROW_MULTIPLE, _ACCELERATOR_MIN_CHUNK
+        # Without a budget, N / 8 rows; with one, as many as it allows.
+        rows = tokens if memory_budget is not None else tokens // _ACCELERATOR_LOGITS_FRACTION
+        rows = min(max(rows // multiple * multiple, smallest), -(-tokens // multiple) * multiple)
+        allowed = range(rows, smallest - 1, -multiple)
+    chunk = allowed[0]
+    if memory_budget is not None:
+        fitting = (
+            c
+            for c in allowed
+            if _estimated_temporaries(num_tokens, dim, vocab, min(c, tokens), bfloat16=bfloat16)
+            <= memory_budget
+        )
+        chunk = next(fitting, allowed[-1])
+    chunk = min(chunk, tokens)
+    accumulation = "float64" if dtype == jnp.float64 else "float32"
+    estimate = _estimated_temporaries(num_tokens, dim, vocab, chunk, bfloat16=bfloat16)
+    return LinearCrossEntropyPlan(resolved, chunk, vocab_block, accumulation, estimate)

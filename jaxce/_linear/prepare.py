@@ -1,0 +1,204 @@
+"""Arguments checked, flattened and bundled once: what the chunk loops read."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxce import _checks, _integer_labels
+from jaxce._linear.plan import LinearCrossEntropyPlan, plan_linear_cross_entropy
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Trace-time configuration of one call (hashable: a static argument)."""
+
+    num_tokens: int
+    chunk: int
+    vocab_block: int
+    softcap: float | None
+    smoothing: bool
+    z_loss: bool
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_tokens // self.chunk)
+
+
+class Inputs(NamedTuple):
+    """The arrays the chunk loops read (a pytree, differentiated as one argument)."""
+
+    hidden: jax.Array  # [N, D] in the matmul dtype
+    weight: jax.Array  # [V, D] in the matmul dtype
+    bias: jax.Array | None  # [V]
+    target: jax.Array  # [N] int32 labels clipped to [0, V)
+    row_weight: jax.Array  # [N] weight of each token's loss for the reduction
+    smoothing: jax.Array  # label smoothing, in the compute dtype
+    z_coefficient: jax.Array  # z-loss coefficient, in the compute dtype
+
+
+class Prepared(NamedTuple):
+    """One call, checked: its configuration (None without tokens), inputs and label rule."""
+
+    config: Config | None
+    inputs: Inputs
+    rule: _integer_labels.LabelRule  # [N]: which tokens count, which are invalid
+    compute: Any  # the dtype of the logits and of every accumulation
+    labels_shape: tuple[int, ...]
+
+
+def prepare(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None,
+    ignore_index: int | None,
+    label_smoothing: ArrayLike,
+    z_loss: ArrayLike,
+    softcap: float | None,
+    shift: int,
+    chunk_size: int | None,
+    plan: LinearCrossEntropyPlan | None,
+    reduction: str,
+) -> Prepared:
+    """Checks the arguments and flattens the tokens; no work on the logits."""
+    hidden = _checks.as_float_array(hidden, "hidden")
+    weight = _checks.as_float_array(weight, "weight")
+    labels = _checks.as_integer_labels(labels)
+    bias = _checks.optional_float(bias, "bias")
+    _integer_labels.check_options(reduction, label_smoothing, z_loss, ignore_index)
+    _check_arguments(hidden, weight, labels, bias, softcap, shift, chunk_size)
+    if plan is not None and not isinstance(plan, LinearCrossEntropyPlan):
+        raise TypeError(
+            "`plan` must be a LinearCrossEntropyPlan from "
+            f"`jaxce.plan_linear_cross_entropy`, got {type(plan).__name__}."
+        )
+    if plan is not None and chunk_size is not None:
+        raise ValueError(
+            "Pass `chunk_size` or `plan`, not both (`chunk_size` is a shortcut for a "
+            "plan's chunk size)."
+        )
+
+    compute = jnp.result_type(_checks.compute_dtype(hidden), _checks.compute_dtype(weight))
+    matmul_dtype = jnp.result_type(hidden.dtype, weight.dtype)
+    hidden, weight = hidden.astype(matmul_dtype), weight.astype(matmul_dtype)
+    vocab, dim = weight.shape
+    labels_shape = labels.shape
+
+    position_counts = None
+    if shift:
+        # Shift the labels, not `hidden` (which slicing would copy): position t
+        # takes label t + k, and the last k positions (padded with the valid
+        # label 0) are left out.
+        labels = jnp.concatenate(
+            [labels[..., shift:], jnp.zeros_like(labels[..., :shift])], axis=-1
+        )
+        position_counts = jnp.arange(labels.shape[-1]) < labels.shape[-1] - shift
+        position_counts = jnp.broadcast_to(position_counts, labels.shape).reshape(-1)
+    labels = labels.reshape(-1)
+    rule = _integer_labels.label_rule(
+        labels,
+        vocab,
+        class_weight=None,
+        ignore_index=ignore_index,
+        row_included=position_counts,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
+    target = jnp.clip(labels, 0, vocab - 1).astype(jnp.int32)
+    flat_hidden = hidden.reshape(-1, dim)
+    num_tokens = flat_hidden.shape[0]
+    # Without class weights the cross-entropy and z-loss terms of a token are
+    # scaled alike: 1 for a counted token, or 1 / (number counted) for "mean".
+    row_weight = _integer_labels.gradient_scales(rule, reduction, compute).cross_entropy
+
+    config = None
+    if num_tokens:
+        if plan is None:
+            plan = plan_linear_cross_entropy(
+                num_tokens, dim, vocab, matmul_dtype, reduction=reduction
+            )
+        config = Config(
+            num_tokens=num_tokens,
+            chunk=min(plan.chunk_size if chunk_size is None else chunk_size, num_tokens),
+            vocab_block=min(plan.vocab_block, vocab),
+            softcap=None if softcap is None else float(softcap),
+            smoothing=not _checks.is_concrete_zero(label_smoothing),
+            z_loss=not _checks.is_concrete_zero(z_loss),
+        )
+    inputs = Inputs(
+        hidden=flat_hidden,
+        weight=weight,
+        bias=bias,
+        target=target,
+        row_weight=row_weight,
+        smoothing=jnp.asarray(label_smoothing, compute),
+        z_coefficient=jnp.asarray(z_loss, compute),
+    )
+    return Prepared(config, inputs, rule, compute, labels_shape)
+
+
+def _check_arguments(
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    bias: jax.Array | None,
+    softcap: Any,
+    shift: Any,
+    chunk_size: Any,
+) -> None:
+    if hidden.ndim < 1:
+        raise ValueError("`hidden` must have shape [..., D], got a scalar.")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"`weight` must have shape [V, D] with D = {hidden.shape[-1]} (the last "
+            f"axis of `hidden`), got {weight.shape}. The logits are `hidden @ weight.T`; "
+            "pass the transpose if your weight is [D, V]."
+        )
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(
+            f"`weight` has shape {weight.shape}: the vocabulary V and the hidden size D "
+            "must both be at least 1."
+        )
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"`labels` must have shape {hidden.shape[:-1]} (`hidden`'s shape without "
+            f"its last axis), got {labels.shape}."
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"`bias` must have shape ({weight.shape[0]},), got {bias.shape}.")
+    check_softcap(softcap)
+    check_shift(shift, labels.shape)
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
+
+
+def check_softcap(softcap: Any) -> None:
+    if softcap is not None and (
+        isinstance(softcap, (jax.core.Tracer, bool))
+        or not isinstance(softcap, (int, float))
+        or not softcap > 0
+        or softcap == float("inf")
+    ):
+        raise ValueError(
+            f"`softcap` must be a positive, finite Python float or None, got {softcap!r}."
+        )
+
+
+def check_shift(shift: Any, labels_shape: tuple[int, ...]) -> None:
+    """``shift = k >= 0``: position ``t`` predicts label ``t + k``, so ``T > k``."""
+    if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
+        raise ValueError(f"`shift` must be a non-negative int, got {shift!r}.")
+    if shift and (not labels_shape or labels_shape[-1] <= shift):
+        raise ValueError(
+            f"`shift={shift}` needs `hidden` of shape [..., T, D] and `labels` [..., T] "
+            f"with T > {shift} (position t predicts label t + {shift}); got `labels` of "
+            f"shape {labels_shape}."
+        )

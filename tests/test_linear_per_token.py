@@ -1,0 +1,149 @@
+"""linear_cross_entropy(reduction="none"): what its derivative rule keeps, computes and holds.
+
+Per-token losses (RL advantages, per-token weighting) are differentiated with
+one cotangent per token. The rule keeps a few floats per token, and the
+backward pass recomputes each chunk once: four matrix products in all, and
+temporaries of one chunk plus the weight's cotangent.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.ad_checkpoint import saved_residuals
+
+import jaxce
+from jaxce import _references
+
+OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0, "ignore_index": -100}
+
+
+def _inputs(seed, num_tokens, dim, vocab, dtype):
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.normal(size=(num_tokens, dim)), dtype)
+    weight = jnp.asarray(rng.normal(size=(vocab, dim)) / np.sqrt(dim) * 3, dtype)
+    labels = rng.integers(0, vocab, size=num_tokens)
+    labels = jnp.asarray(np.where(rng.random(num_tokens) < 0.2, -100, labels))
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("options", [{}, OPTIONS], ids=["plain", "all-options"])
+def test_backward_keeps_a_few_floats_per_token(dtype, options):
+    """Besides the inputs themselves, every saved residual has at most N elements."""
+    num_tokens, dim, vocab = 40, 8, 300
+    hidden, weight, labels = _inputs(0, num_tokens, dim, vocab, dtype)
+
+    def loss(h, w):
+        return jaxce.linear_cross_entropy(h, w, labels, reduction="none", chunk_size=16, **options)
+
+    residuals = saved_residuals(loss, hidden, weight)
+    kept = [r for r, why in residuals if not why.startswith("from the argument")]
+    assert kept, residuals
+    for residual in kept:
+        assert residual.size <= num_tokens, (residual.shape, residuals)
+    # One float per token at least: the log-normaliser the backward pass reads.
+    assert any(r.shape == (num_tokens,) and r.dtype == jnp.float32 for r in kept)
+
+
+def _products(compiled_text: str) -> list[str]:
+    return re.findall(r"= f32\[([\d,]+)\]\{[\d,]+\} dot\(", compiled_text)
+
+
+@pytest.mark.parametrize(
+    ("reduction", "expected"), [("mean", 3), ("none", 4)], ids=["mean-3", "none-4"]
+)
+def test_number_of_matrix_products(reduction, expected):
+    """Value and gradients: 3 products for "mean" (gradients in the forward pass), 4 for "none".
+
+    Counted in the compiled float32 program (one chunk per loop body), each of
+    ``[chunk, V]`` or ``[chunk, D]`` or ``[V, D]`` shape: the forward logits,
+    then for "none" the recomputed logits, ``G W`` and ``(c G)^T h``.
+    """
+    num_tokens, dim, vocab = 2048, 64, 4096
+    args = (
+        jax.ShapeDtypeStruct((num_tokens, dim), jnp.float32),
+        jax.ShapeDtypeStruct((vocab, dim), jnp.float32),
+        jax.ShapeDtypeStruct((num_tokens,), jnp.int32),
+    )
+    plan = jaxce.plan_linear_cross_entropy(
+        num_tokens, dim, vocab, jnp.float32, platform="gpu", reduction=reduction
+    )
+    weights = jnp.linspace(0.5, 1.5, num_tokens)
+
+    def loss(h, w, y):
+        value = jaxce.linear_cross_entropy(h, w, y, reduction=reduction, plan=plan)
+        return jnp.sum(value * weights) if reduction == "none" else value
+
+    text = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*args).compile().as_text()
+    products = _products(text)
+    assert len(products) == expected, products
+    chunk = plan.chunk_size
+    allowed = {f"{chunk},{vocab}", f"{chunk},{dim}", f"{vocab},{dim}"}
+    assert set(products) <= allowed, products
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_temporaries_like_mean_plus_the_weight_cotangent(dtype):
+    """Lowered and compiled, never run: "none" holds what "mean" does, plus the
+    weight's float32 cotangent and the recomputed chunk's extra buffer."""
+    num_tokens, dim, vocab = 8192, 512, 32768
+    args = (
+        jax.ShapeDtypeStruct((num_tokens, dim), dtype),
+        jax.ShapeDtypeStruct((vocab, dim), dtype),
+        jax.ShapeDtypeStruct((num_tokens,), jnp.int32),
+    )
+    weights = jnp.linspace(0.5, 1.5, num_tokens)
+    plan = jaxce.plan_linear_cross_entropy(num_tokens, dim, vocab, dtype, platform="gpu")
+
+    def temporaries(reduction):
+        def loss(h, w, y):
+            value = jaxce.linear_cross_entropy(h, w, y, reduction=reduction, plan=plan)
+            return jnp.sum(value * weights) if reduction == "none" else value
+
+        compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    weight_f32 = vocab * dim * 4
+    chunk_f32 = plan.chunk_size * vocab * 4
+    mean, none = temporaries("mean"), temporaries("none")
+    # XLA:CPU forms the transposed weight product before adding it to its
+    # accumulator: a second weight-sized float32 buffer on this backend.
+    assert none <= mean + 2 * weight_f32 + 2 * chunk_f32, (none, mean)
+    # Nothing of size tokens x vocabulary (the materialised float32 logits).
+    assert none < num_tokens * vocab * 4 / 2, none
+
+
+def test_traced_smoothing_and_z_loss_gradients_per_token():
+    """d/d eps and d/d z of sum_i c_i loss_i, against the float64 materialised reference."""
+    hidden, weight, labels = _inputs(3, 30, 6, 50, jnp.float64)
+    cotangent = np.random.default_rng(4).uniform(0.5, 1.5, 30)
+
+    with jax.enable_x64(True):
+        hidden, weight = jnp.asarray(hidden, jnp.float64), jnp.asarray(weight, jnp.float64)
+
+        def fused(eps, z, h, w):
+            loss = jaxce.linear_cross_entropy(
+                h, w, labels, label_smoothing=eps, z_loss=z, softcap=5.0,
+                ignore_index=-100, reduction="none", chunk_size=7,
+            )  # fmt: skip
+            return jnp.sum(loss * cotangent)
+
+        def reference(eps, z, h, w):
+            loss = _references.linear_cross_entropy(
+                h, w, labels, label_smoothing=eps, z_loss=z, softcap=5.0,
+                ignore_index=-100, reduction="none",
+            )  # fmt: skip
+            return jnp.sum(loss * cotangent)
+
+        arguments = (jnp.float64(0.15), jnp.float64(2e-3), hidden, weight)
+        got = jax.grad(fused, argnums=(0, 1, 2, 3))(*arguments)
+        want = jax.grad(reference, argnums=(0, 1, 2, 3))(*arguments)
+        tangents = (jnp.float64(0.3), jnp.float64(-1e-3), hidden * 0.1, weight * -0.2)
+        got_tangent = jax.jvp(fused, arguments, tangents)[1]
+        want_tangent = jax.jvp(reference, arguments, tangents)[1]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(float(got_tangent), float(want_tangent), rtol=1e-10)
