@@ -118,11 +118,10 @@ def test_temporaries_like_mean_plus_the_weight_cotangent(dtype):
 
 def test_traced_smoothing_and_z_loss_gradients_per_token():
     """d/d eps and d/d z of sum_i c_i loss_i, against the float64 materialised reference."""
-    hidden, weight, labels = _inputs(3, 30, 6, 50, jnp.float64)
     cotangent = np.random.default_rng(4).uniform(0.5, 1.5, 30)
 
     with jax.enable_x64(True):
-        hidden, weight = jnp.asarray(hidden, jnp.float64), jnp.asarray(weight, jnp.float64)
+        hidden, weight, labels = _inputs(3, 30, 6, 50, jnp.float64)
 
         def fused(eps, z, h, w):
             loss = jaxce.linear_cross_entropy(
