@@ -289,6 +289,37 @@ def _add_rows(accumulator: jax.Array, start: jax.Array, update: jax.Array) -> ja
     return jax.lax.dynamic_update_slice_in_dim(accumulator, old + update, start, axis=0)
 
 
+def _without_covered_columns(
+    g_block: jax.Array, v_index: jax.Array, v_start: jax.Array, vocab: int
+) -> jax.Array:
+    """Block ``v_index`` of the logit gradient, its columns an earlier block covered zeroed.
+
+    The last block ends at the last column (so that every block has the same
+    static shape); where it overlaps the one before it, those columns must not
+    be added twice.
+    """
+    block = g_block.shape[-1]
+    if vocab % block == 0:
+        return g_block
+    fresh = v_start + jnp.arange(block) >= v_index * block
+    return jnp.where(fresh[None, :], g_block, 0)
+
+
+def _add_weight_and_bias(
+    carry: Gradients, g_block: jax.Array, hidden: jax.Array, v_start: jax.Array
+) -> Gradients:
+    """Adds ``g_block.T @ hidden`` and ``sum(g_block)`` to the block's rows of the gradients."""
+    weight, bias = carry.weight, carry.bias
+    if weight is not None:
+        update = jax.lax.dot_general(
+            g_block, hidden, _CONTRACT_TOKENS, preferred_element_type=hidden.dtype
+        )
+        weight = _add_rows(weight, v_start, update)
+    if bias is not None:
+        bias = _add_rows(bias, v_start, jnp.sum(g_block, axis=0))
+    return carry._replace(weight=weight, bias=bias)
+
+
 def weighted_loss_and_grads(config: Config, inputs: Inputs, wants: Wants) -> Totals:
     """The weighted loss and its gradients, chunk by chunk, in one pass.
 
@@ -343,8 +374,6 @@ def _gradients_blocked(
     hidden_up = chunk.hidden.astype(compute)
 
     def block_step(v_index: jax.Array, carry: Gradients) -> Gradients:
-        # The last block ends at the last column; columns an earlier block
-        # covered are zeroed so that they are not added twice.
         v_start = jnp.minimum(v_index * block, vocab - block)
         x = jax.lax.dynamic_slice_in_dim(chunk.logits, v_start, block, axis=1)
         if config.softcap is None:
@@ -352,22 +381,14 @@ def _gradients_blocked(
         else:
             exps = jnp.exp(x - losses.row_max)
         g = _dense_gradient(config, exps, x, coefficients)
-        if vocab % block:
-            g = jnp.where((v_start + jnp.arange(block) >= v_index * block)[None, :], g, 0)
-        hidden, weight_grad, bias = carry.hidden, carry.weight, carry.bias
+        g = _without_covered_columns(g, v_index, v_start, vocab)
+        hidden = carry.hidden
         if hidden is not None:
             w_block = jax.lax.dynamic_slice_in_dim(weight, v_start, block).astype(compute)
             hidden = hidden + jax.lax.dot_general(
                 g, w_block, _CONTRACT_VOCAB, preferred_element_type=compute
             )
-        if weight_grad is not None:
-            update = jax.lax.dot_general(
-                g, hidden_up, _CONTRACT_TOKENS, preferred_element_type=compute
-            )
-            weight_grad = _add_rows(weight_grad, v_start, update)
-        if bias is not None:
-            bias = _add_rows(bias, v_start, jnp.sum(g, axis=0))
-        return carry._replace(hidden=hidden, weight=weight_grad, bias=bias)
+        return _add_weight_and_bias(carry._replace(hidden=hidden), g, hidden_up, v_start)
 
     blocks = Gradients(
         hidden=jnp.zeros((config.chunk, dim), compute) if wants.hidden else None,
@@ -423,18 +444,8 @@ def _gradients_bfloat16(
     def block_step(v_index: jax.Array, carry: Gradients) -> Gradients:
         v_start = jnp.minimum(v_index * block, vocab - block)
         g_block = jax.lax.dynamic_slice_in_dim(g, v_start, block, axis=1)
-        if vocab % block:
-            fresh = v_start + jnp.arange(block) >= v_index * block
-            g_block = jnp.where(fresh[None, :], g_block, 0)
-        weight_grad, bias = carry.weight, carry.bias
-        if weight_grad is not None:
-            update = jax.lax.dot_general(
-                g_block, hidden_up, _CONTRACT_TOKENS, preferred_element_type=compute
-            )
-            weight_grad = _add_rows(weight_grad, v_start, update)
-        if bias is not None:
-            bias = _add_rows(bias, v_start, jnp.sum(g_block, axis=0))
-        return carry._replace(weight=weight_grad, bias=bias)
+        g_block = _without_covered_columns(g_block, v_index, v_start, vocab)
+        return _add_weight_and_bias(carry, g_block, hidden_up, v_start)
 
     if wants.weight or wants.bias:
         blocks = _loop(-(-vocab // block), block_step, Gradients(None, totals.weight, totals.bias))
