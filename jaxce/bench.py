@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -466,13 +467,11 @@ def run(options: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``jaxce bench [options]``; see ``jaxce bench --help``."""
-    parser = argparse.ArgumentParser(
-        prog="jaxce bench",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    options = parser.parse_args(list(argv) if argv is not None else None)
-    return int(options.run(options))
+    """``jaxce bench [options]`` (see ``jaxce bench --help``): the ``jaxce`` command's parser.
+
+    ``argv`` defaults to ``sys.argv[1:]``. Returns the exit status; a missing optional package
+    is one line on stderr naming the extra, and status 1.
+    """
+    from jaxce import __main__ as command
+
+    return command.main(["bench", *(sys.argv[1:] if argv is None else argv)])

@@ -46,6 +46,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
@@ -704,20 +705,15 @@ def run(options: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``jaxce verify [--json] [--dtype D ...] [--loss NAME ...] [--wide] [-v]``.
 
-    Returns 0 when every check passes and 1 otherwise (also when nothing ran); with
-    ``--json`` the printed ``"passed"`` is true exactly when it returns 0. Bad arguments
-    (an unknown ``--loss`` or ``--dtype``) exit with status 2 and a message on stderr
-    naming the valid values, as argparse does.
+    The ``jaxce`` command's parser; ``argv`` defaults to ``sys.argv[1:]``. Returns 0 when
+    every check passes and 1 otherwise (also when nothing ran); with ``--json`` the printed
+    ``"passed"`` is true exactly when it returns 0. Bad arguments (an unknown ``--loss`` or
+    ``--dtype``) exit with status 2 and a message on stderr naming the valid values, as
+    argparse does.
     """
-    parser = argparse.ArgumentParser(
-        prog="jaxce verify",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    options = parser.parse_args(list(argv) if argv is not None else None)
-    return int(options.run(options))
+    from jaxce import __main__ as command
+
+    return command.main(["verify", *(sys.argv[1:] if argv is None else argv)])
 
 
 # The checks run once each: XLA's slow optimisation passes cost more than they save.
