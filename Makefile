@@ -5,9 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
+DOCS_STAMP := $(VENV)/.docs-installed
 SOURCES := jaxce tests benchmarks examples notebooks/execute.py
 
-.PHONY: test demo lint typecheck bench bench-quick notebooks clean
+.PHONY: test demo docs lint typecheck bench bench-quick notebooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 $(DEMO_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[demo]'
 	touch $(DEMO_STAMP)
+
+# The documentation site: Sphinx only (the docs extra), warnings are errors; open
+# docs/_build/html/index.html. The notebooks are rendered from their committed outputs.
+$(DOCS_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(SOURCES)

@@ -52,7 +52,7 @@ __all__ = [
 Runner = Callable[[], Any]
 Mode = Literal["value_and_grad", "forward"]
 
-# The most rounds `interleaved_times` grows to when asked for a minimum duration.
+#: The most rounds :func:`interleaved_times` grows to when asked for a minimum duration.
 MAX_RUNS = 1000
 
 
@@ -207,6 +207,7 @@ def _competitors(loss: str) -> _Competitors:
     )
 
 
+#: The losses ``jaxce bench`` and :func:`compare` time (``--loss``), the first by default.
 LOSSES = (
     "softmax_cross_entropy_with_integer_labels",
     "softmax_cross_entropy",

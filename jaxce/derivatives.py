@@ -627,9 +627,9 @@ def softmax_cross_entropy_with_integer_labels(
     Ignored examples, and examples whose classes are all excluded, get 0.
 
     Args:
-      logits, labels, axis, weight, ignore_index, label_smoothing, z_loss,
-        where, reduction: as in
+      logits, labels, axis, where, weight, ignore_index: as in
         :func:`jaxce.softmax_cross_entropy_with_integer_labels`.
+      label_smoothing, z_loss, reduction: as there.
 
     Returns:
       ``logits``' shape and dtype.
@@ -701,10 +701,10 @@ def linear_cross_entropy(
     The default ``reduction="mean"`` divides by the number of counted tokens.
 
     Args:
-      hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss,
-        softcap, shift, chunk_size, plan, reduction: as in
-        :func:`jaxce.linear_cross_entropy` (``chunk_size`` and ``plan`` do not
-        change the result).
+      hidden, weight, labels, bias, ignore_index, label_smoothing: as in
+        :func:`jaxce.linear_cross_entropy`.
+      z_loss, softcap, shift, reduction: as there.
+      chunk_size, plan: as there; they do not change the result.
 
     Returns:
       ``(d_hidden, d_weight, d_bias)`` in the shapes and dtypes of ``hidden``,

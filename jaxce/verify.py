@@ -69,6 +69,7 @@ class Tolerance:
     finite_differences: float
 
 
+#: Per input dtype: the tolerance between analytic forms and against finite differences.
 TOLERANCES: dict[str, Tolerance] = {
     "float64": Tolerance(analytic=1e-12, finite_differences=1e-7),
     "float32": Tolerance(analytic=1e-6, finite_differences=1e-6),
