@@ -132,6 +132,13 @@ def sigmoid_binary_cross_entropy(
     (then it has no effect, on the loss or on any gradient); a traced
     ``label_smoothing`` outside ``[0, 1)`` makes the loss NaN (``jaxce.checked``
     raises).
+
+    References:
+      - PyTorch, ``torch.nn.BCEWithLogitsLoss`` (``weight``, ``pos_weight``,
+        reductions).
+        https://pytorch.org/docs/stable/generated/torch.nn.BCEWithLogitsLoss.html
+      - Keras, ``keras.losses.BinaryCrossentropy`` (``label_smoothing``).
+        https://keras.io/api/losses/probabilistic_losses/
     """
     x, y, mask, _ = elementwise_inputs(logits, labels, where, reduction)
     _checks.check_unit_interval(label_smoothing, "label_smoothing")
@@ -194,6 +201,12 @@ def sigmoid_focal_loss(
       [0.1732868]
 
     Finite, with finite gradients, for all finite logits.
+
+    References:
+      - T.-Y. Lin, P. Goyal, R. Girshick, K. He and P. Dollár, "Focal Loss for
+        Dense Object Detection", ICCV 2017. https://arxiv.org/abs/1708.02002
+      - optax, ``optax.losses.sigmoid_focal_loss`` (same arguments and values).
+        https://optax.readthedocs.io/en/latest/api/losses.html
     """
     x, y, mask, _ = elementwise_inputs(logits, labels, where, reduction)
     _checks.check_scalar(gamma, "gamma")

@@ -120,6 +120,11 @@ def logsumexp(
 
     A row with every entry excluded or ``-inf`` gives ``-inf`` with a zero
     gradient (not NaN); ``+inf`` entries give ``+inf``.
+
+    References:
+      - P. Blanchard, D. J. Higham and N. J. Higham, "Accurately computing the
+        log-sum-exp and softmax functions", IMA Journal of Numerical Analysis
+        41(4), 2021. https://doi.org/10.1093/imanum/draa038
     """
     x = _checks.as_float_array(x, "x")
     axes = _float_axes(x, axis)
@@ -152,6 +157,11 @@ def log_softmax(
 
     Logits of ``+-1e30`` give finite log-probabilities (``0`` and ``-2e30``);
     an excluded or ``-inf`` entry gives ``-inf`` and no NaN in any gradient.
+
+    References:
+      - P. Blanchard, D. J. Higham and N. J. Higham, "Accurately computing the
+        log-sum-exp and softmax functions", IMA Journal of Numerical Analysis
+        41(4), 2021. https://doi.org/10.1093/imanum/draa038
     """
     x = _checks.as_float_array(x, "x")
     axes = _checks.normalize_axes(axis, x.ndim, "x")

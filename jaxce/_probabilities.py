@@ -66,6 +66,10 @@ def binary_cross_entropy(
 
     A probability outside ``[0, 1]`` gives that element a NaN loss
     (``jaxce.checked`` raises instead).
+
+    References:
+      - PyTorch, ``torch.nn.BCELoss`` (the log clamp at -100, ``weight``,
+        reductions). https://pytorch.org/docs/stable/generated/torch.nn.BCELoss.html
     """
     p, y, mask, _ = _binary.elementwise_inputs(probs, labels, where, reduction, "probs")
     weight = _binary.elementwise_weight(weight, p.shape, "weight")
@@ -149,6 +153,13 @@ def categorical_cross_entropy(
     A class with label 0 contributes 0 even at ``p = 0``; a probability outside
     ``[0, 1]`` (NaN included) that ``where`` does not exclude makes that
     example's loss NaN (``jaxce.checked`` raises).
+
+    References:
+      - I. Goodfellow, Y. Bengio and A. Courville, *Deep Learning*, MIT Press,
+        2016, section 6.2 (cross-entropy as maximum likelihood).
+        https://www.deeplearningbook.org/contents/mlp.html
+      - PyTorch, ``torch.nn.NLLLoss`` applied to ``log(probs)`` (class
+        ``weight``). https://pytorch.org/docs/stable/generated/torch.nn.NLLLoss.html
     """
     inputs = categorical_inputs(probs, labels, axis, weight, where, reduction)
     p, targets, mask = inputs.p, inputs.targets, inputs.mask

@@ -135,6 +135,16 @@ def softmax_cross_entropy_with_integer_labels(
     included) gives that example a NaN loss, and so does a NaN logit of a class
     that takes part; a traced ``label_smoothing`` outside ``[0, 1)`` or a
     negative ``z_loss`` makes every loss NaN. ``jaxce.checked`` raises instead.
+
+    References:
+      - PyTorch, ``torch.nn.CrossEntropyLoss`` with class indices (``weight``,
+        ``ignore_index``, ``label_smoothing``, the weighted mean).
+        https://pytorch.org/docs/stable/generated/torch.nn.CrossEntropyLoss.html
+      - C. Szegedy, V. Vanhoucke, S. Ioffe, J. Shlens and Z. Wojna, "Rethinking the
+        Inception Architecture for Computer Vision", CVPR 2016 (label smoothing).
+        https://arxiv.org/abs/1512.00567
+      - A. Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways", 2022
+        (the auxiliary z-loss). https://arxiv.org/abs/2204.02311
     """
     logits = _checks.as_float_array(logits, "logits")
     labels = _checks.as_integer_labels(labels)
@@ -204,6 +214,13 @@ def softmax_cross_entropy(
     ``-inf`` logit gives ``+inf`` (``-inf`` for a negative class weight). A NaN
     logit of a class that takes part makes the example's loss NaN; so does a
     traced ``label_smoothing`` outside ``[0, 1)`` (``jaxce.checked`` raises).
+
+    References:
+      - PyTorch, ``torch.nn.CrossEntropyLoss`` with class probabilities.
+        https://pytorch.org/docs/stable/generated/torch.nn.CrossEntropyLoss.html
+      - C. Szegedy, V. Vanhoucke, S. Ioffe, J. Shlens and Z. Wojna, "Rethinking the
+        Inception Architecture for Computer Vision", CVPR 2016 (label smoothing).
+        https://arxiv.org/abs/1512.00567
     """
     logits = _checks.as_float_array(logits, "logits")
     labels = _checks.as_float_array(labels, "labels")
