@@ -239,6 +239,14 @@ def softmax_cross_entropy_with_integer_labels(
     gradients, a ``-inf`` logit or an excluded class gets probability 0 and a
     zero gradient, and a label outside ``[0, V)`` that is not ``ignore_index``
     gives that example a NaN loss (``jaxce.checked`` raises instead).
+
+    References:
+      - M. Shoeybi, M. Patwary, R. Puri, P. LeGresley, J. Casper and B. Catanzaro,
+        "Megatron-LM: Training Multi-Billion Parameter Language Models Using Model
+        Parallelism", 2019 (vocabulary-parallel cross-entropy).
+        https://arxiv.org/abs/1909.08053
+      - A. Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways", 2022
+        (the auxiliary z-loss). https://arxiv.org/abs/2204.02311
     """
     logits_shard = _checks.as_float_array(logits_shard, "logits_shard")
     labels = _checks.as_integer_labels(labels)
@@ -330,6 +338,17 @@ def linear_cross_entropy(
       1.098612
 
     Non-finite behaviour is that of the sharded integer-label loss.
+
+    References:
+      - M. Shoeybi, M. Patwary, R. Puri, P. LeGresley, J. Casper and B. Catanzaro,
+        "Megatron-LM: Training Multi-Billion Parameter Language Models Using Model
+        Parallelism", 2019 (vocabulary-parallel cross-entropy).
+        https://arxiv.org/abs/1909.08053
+      - E. Wijmans, B. Huval, A. Hertzberg, V. Koltun and P. Krähenbühl, "Cut Your
+        Losses in Large-Vocabulary Language Models", ICLR 2025 (Cut Cross-Entropy:
+        the loss without the logits in memory). https://arxiv.org/abs/2411.09009
+      - Gemma Team, "Gemma 2: Improving Open Language Models at a Practical Size",
+        2024 (the logit soft cap). https://arxiv.org/abs/2408.00118
     """
     del chunk_size
     hidden = _checks.as_float_array(hidden, "hidden")

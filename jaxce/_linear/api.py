@@ -169,6 +169,18 @@ def linear_cross_entropy(
     hoisted copy of ``weight``). A label outside ``[0, V)`` that is not ``ignore_index`` makes its loss (and
     a reduced loss) NaN, with finite gradients; ``jaxce.checked`` raises.
     Logits of any finite size give finite losses.
+
+    References:
+      - E. Wijmans, B. Huval, A. Hertzberg, V. Koltun and P. Krähenbühl, "Cut Your
+        Losses in Large-Vocabulary Language Models", ICLR 2025 (Cut Cross-Entropy:
+        the loss without the logits in memory). https://arxiv.org/abs/2411.09009
+      - Gemma Team, "Gemma 2: Improving Open Language Models at a Practical Size",
+        2024 (the logit soft cap). https://arxiv.org/abs/2408.00118
+      - A. Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways", 2022
+        (the auxiliary z-loss). https://arxiv.org/abs/2204.02311
+      - F. Gloeckle, B. Youbi Idrissi, B. Rozière, D. Lopez-Paz and G. Synnaeve,
+        "Better & Faster Large Language Models via Multi-token Prediction", ICML
+        2024 (``shift=k``). https://arxiv.org/abs/2404.19737
     """
     prepared = prepare(
         hidden,
