@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxce import _checks, _closed_form, _integer_labels, _layout, _reduce
+
+Implementation = Literal["xla", "pallas"]
+IMPLEMENTATIONS = (None, "xla", "pallas")
+
+
+def check_implementation(implementation: object) -> None:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}."
+        )
 
 
 def _trailing(class_weight: jax.Array, ndim: int) -> jax.Array:
@@ -86,6 +97,7 @@ def softmax_cross_entropy_with_integer_labels(
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
     reduction: str = "none",
+    implementation: Implementation | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy with integer class labels (PyTorch's ``cross_entropy``).
 
@@ -119,6 +131,19 @@ def softmax_cross_entropy_with_integer_labels(
       z_loss: coefficient :math:`z \ge 0` of PaLM's auxiliary loss; may be
         traced.
       reduction: ``"none"`` (``[...]``), ``"sum"`` or ``"mean"`` (scalars).
+      implementation: ``"xla"`` (plain JAX), ``"pallas"`` (a kernel) or
+        ``None`` (the platform's default: ``"xla"`` everywhere until a GPU
+        measurement says otherwise). ``"pallas"`` reads each row of logits once
+        in the forward pass, keeping two float32 per row, and once more in the
+        backward pass, which writes the gradient in the logits' dtype; it
+        computes in float32 whatever the logits' dtype. On CUDA GPUs the kernel
+        is compiled with Pallas' Triton backend; on every other platform it
+        runs in Pallas interpret mode (correct, slow: for tests). It supports
+        reverse-mode differentiation only (``grad``, ``vjp``; not ``jvp``
+        or ``hessian``: use ``"xla"`` there). float64 logits, a per-class
+        ``where`` mask and empty batches take the XLA path; a per-example
+        ``where`` and tuple ``axis`` run the kernel (a tuple ``axis`` after a
+        transpose).
 
     Returns:
       The loss, float32 for half-precision logits (float64 for float64).
@@ -149,12 +174,29 @@ def softmax_cross_entropy_with_integer_labels(
     logits = _checks.as_float_array(logits, "logits")
     labels = _checks.as_integer_labels(labels)
     _integer_labels.check_options(reduction, label_smoothing, z_loss, ignore_index)
+    check_implementation(implementation)
     layout = _layout.ClassLayout.of(logits.shape, axis)
     _layout.require_classes(layout)
     labels = _layout.batch_labels(labels, layout)
     mask = layout.mask(where)
     class_weight = layout.class_weight(weight)
     compute = _checks.compute_dtype(logits)
+    if implementation == "pallas":
+        # Imported here: `import jaxce` does not load Pallas.
+        from jaxce import _pallas
+
+        classes_last = layout.classes_last(logits)
+        if _pallas.runs_kernel(classes_last, mask):
+            return _pallas.integer_label_loss(
+                classes_last,
+                labels,
+                row_included=None if mask is None else mask[..., 0],
+                class_weight=None if class_weight is None else class_weight.astype(compute),
+                ignore_index=ignore_index,
+                label_smoothing=label_smoothing,
+                z_loss=z_loss,
+                reduction=reduction,
+            )
     return integer_label_loss(
         layout.classes_last(logits).astype(compute),
         labels,

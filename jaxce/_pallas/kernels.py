@@ -1,0 +1,342 @@
+"""The two row kernels of the integer-label softmax cross-entropy, and their launch.
+
+One program per row of ``[N, C]`` logits. Each program walks its row in
+blocks of ``block_classes`` logits (a row of 128k or 256k classes does not fit
+one program's registers or shared memory), upcasting each block to float32:
+
+- forward: one read of the row. An online log-sum-exp keeps the running
+  maximum ``M`` and ``S = sum_c exp(x_c - m)`` for the finite shift ``m``
+  (``M``, or 0 where ``M`` is infinite, as in `jaxce._closed_form`); when the
+  shift grows from ``m`` to ``m'``, ``S <- S exp(m - m') + sum_block exp(x - m')``.
+  With label smoothing it also keeps ``T = sum_c w_c (x_c - m)`` and the
+  weight seen so far ``W``: ``T <- T - (m' - m) W + sum_block w (x - m')``,
+  every term of one sign for ``w >= 0``, so nothing cancels. It writes four
+  float32 scalars per row: ``m``, ``L = log S``, ``-log p_y = L - (x_y - m)``
+  and ``sum_c w_c (-log p_c) = W L - T`` (``L`` taken as 0 when ``W = 0``).
+- backward: one read of the row and one write of its gradient,
+  ``a p - b onehot(y) - c w`` with ``p = exp((x - m) - L)`` and per-row
+  coefficients ``a, b, c`` (`jaxce._pallas.terms` derives them from the
+  cotangents); a row whose coefficients are all 0 gets an exact 0.
+
+Padding columns past ``C`` in the last block load as ``-inf`` (probability 0,
+no contribution) and are never stored. On CUDA the kernels are compiled by
+Pallas' Triton backend; everywhere else they run in Pallas interpret mode
+(the same kernel body, evaluated with XLA operations), which is how the tests
+check them on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+# Logits read by one program per loop step: 4096 float32 or 8192 bfloat16 /
+# float16, so 16 bytes per thread per load at 8 warps. A guess for Hopper until
+# a GPU measurement tunes it.
+_BLOCK_BYTES = 16 * 1024
+# Smallest block: Triton wants power-of-two blocks, and narrow rows (C = 1)
+# still run a whole block, mostly padding.
+_MIN_BLOCK = 128
+
+Smoothing = Literal["uniform", "weighted"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """How a program walks its row: block width and Triton's launch settings."""
+
+    block_classes: int
+    num_warps: int
+    num_stages: int
+
+
+def kernel_config(dtype: Any, num_classes: int) -> KernelConfig:
+    """The block for ``num_classes``-wide rows of ``dtype`` logits."""
+    widest = _BLOCK_BYTES // jnp.dtype(dtype).itemsize
+    block = min(widest, pl.next_power_of_2(max(num_classes, _MIN_BLOCK)))
+    return KernelConfig(block, num_warps=max(1, min(8, block // 512)), num_stages=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """The static shape of one launch.
+
+    ``smoothing``: None (no smoothing term), ``"uniform"`` (every class weight
+    1) or ``"weighted"`` (a ``[C]`` class-weight input). ``zero_times_inf``: a
+    zero class weight on a ``-inf`` logit contributes 0 to the smoothing term
+    (the rule of rows under a ``where`` mask), else NaN (PyTorch's product).
+    """
+
+    num_classes: int
+    config: KernelConfig
+    smoothing: Smoothing | None
+    zero_times_inf: bool
+
+    @property
+    def num_blocks(self) -> int:
+        return pl.cdiv(self.num_classes, self.config.block_classes)
+
+
+def finite_shift(row_max: jax.Array) -> jax.Array:
+    """The running maximum as a shift: 0 while it is infinite, so ``x - shift`` is never ``inf - inf``."""
+    return jnp.where(jnp.isinf(row_max), jnp.zeros_like(row_max), row_max)
+
+
+class _Block(NamedTuple):
+    """One block of a row: where it starts, its class indices, which exist, its float32 logits."""
+
+    start: jax.Array
+    classes: jax.Array
+    valid: jax.Array
+    x: jax.Array
+
+    @classmethod
+    def load(cls, x_ref: Any, index: jax.Array, spec: RowSpec) -> _Block:
+        width = spec.config.block_classes
+        start = index * width
+        classes = start + jax.lax.broadcasted_iota(jnp.int32, (width,), 0)
+        valid = classes < spec.num_classes
+        x = pl_triton.load(x_ref.at[pl.ds(start, width)], mask=valid, other=-jnp.inf)
+        return cls(start, classes, valid, x.astype(jnp.float32))
+
+    def weights(self, weight_ref: Any | None, spec: RowSpec) -> jax.Array | None:
+        """The block's class weights (0 past the row), None for uniform smoothing."""
+        if weight_ref is None:
+            return None
+        width = spec.config.block_classes
+        return pl_triton.load(weight_ref.at[pl.ds(self.start, width)], mask=self.valid, other=0.0)
+
+
+class _Running(NamedTuple):
+    """The forward pass's per-row state after the blocks seen so far."""
+
+    max: jax.Array  # M, the largest logit
+    total: jax.Array  # S = sum_c exp(x_c - finite_shift(M))
+    shifted: jax.Array  # T = sum_c w_c (x_c - finite_shift(M)); 0 without smoothing
+    weight: jax.Array  # W = sum_c w_c over the classes seen; 0 without smoothing
+
+
+def _smoothing_sums(
+    block: _Block, weights: jax.Array | None, shift: jax.Array, spec: RowSpec
+) -> tuple[jax.Array, jax.Array]:
+    """``(sum_block w (x - shift), sum_block w)`` over the block's existing classes."""
+    if weights is None:
+        return (
+            jnp.sum(jnp.where(block.valid, block.x - shift, 0.0)),
+            jnp.sum(block.valid.astype(jnp.float32)),
+        )
+    # Padding has weight 0 and a -inf logit: kept out of the product either way.
+    keep = weights != 0 if spec.zero_times_inf else block.valid
+    return jnp.sum(jnp.where(keep, weights * (block.x - shift), 0.0)), jnp.sum(weights)
+
+
+def _forward_step(
+    x_ref: Any, weight_ref: Any | None, spec: RowSpec, index: jax.Array, run: _Running
+) -> _Running:
+    block = _Block.load(x_ref, index, spec)
+    new_max = jnp.maximum(run.max, jnp.max(block.x))
+    shift, new_shift = finite_shift(run.max), finite_shift(new_max)
+    # Every exp(x - new_shift) is at most 1 (no overflow), and the rescaling
+    # factor exp(shift - new_shift) is at most 1 while the shift only grows.
+    total = run.total * jnp.exp(shift - new_shift) + jnp.sum(jnp.exp(block.x - new_shift))
+    if spec.smoothing is None:
+        return _Running(new_max, total, run.shifted, run.weight)
+    block_shifted, block_weight = _smoothing_sums(
+        block, block.weights(weight_ref, spec), new_shift, spec
+    )
+    shifted = run.shifted - (new_shift - shift) * run.weight + block_shifted
+    return _Running(new_max, total, shifted, run.weight + block_weight)
+
+
+def _forward_kernel(x_ref: Any, label_ref: Any, *refs: Any, spec: RowSpec) -> None:
+    weight_ref = refs[0] if spec.smoothing == "weighted" else None
+    outputs = refs[1:] if spec.smoothing == "weighted" else refs
+    zero = jnp.float32(0)
+    run = jax.lax.fori_loop(
+        0,
+        spec.num_blocks,
+        functools.partial(_forward_step, x_ref, weight_ref, spec),
+        _Running(jnp.float32(-jnp.inf), zero, zero, zero),
+    )
+    shift = finite_shift(run.max)
+    # log(0) = -inf for a row of -inf logits, as `_closed_form.log_of_total`.
+    log_normalizer = jnp.log(run.total)
+    label_logit = x_ref[label_ref[...]].astype(jnp.float32)
+    outputs[0][...] = shift
+    outputs[1][...] = log_normalizer
+    outputs[2][...] = log_normalizer - (label_logit - shift)
+    if spec.smoothing is not None:
+        # sum_c w_c (-log p_c) = W L - sum_c w_c (x_c - m); no weight, no L
+        # (which may be -inf).
+        outputs[3][...] = jnp.where(run.weight != 0, log_normalizer, 0.0) * run.weight - run.shifted
+
+
+def _backward_kernel(
+    x_ref: Any,
+    label_ref: Any,
+    shift_ref: Any,
+    log_normalizer_ref: Any,
+    probability_ref: Any,
+    label_coefficient_ref: Any,
+    *refs: Any,
+    spec: RowSpec,
+) -> None:
+    weight_ref = refs[1] if spec.smoothing == "weighted" else None
+    weight_coefficient_ref = refs[0] if spec.smoothing is not None else None
+    dx_ref = refs[-1]
+    label = label_ref[...]
+    shift = shift_ref[...]
+    # p = exp((x - m) - L); a row of -inf logits (L = -inf) has p = 0.
+    log_normalizer = log_normalizer_ref[...]
+    log_normalizer = jnp.where(log_normalizer == -jnp.inf, jnp.inf, log_normalizer)
+    a = probability_ref[...]
+    b = label_coefficient_ref[...]
+    c = zero = jnp.float32(0)
+    if weight_coefficient_ref is not None:
+        c = weight_coefficient_ref[...]
+    # A row that takes no part (masked, ignored, an empty mean) gets an exact
+    # 0, whatever its logits hold.
+    skip = (a == 0) & (b == 0) & (c == 0)
+
+    @pl.loop(0, spec.num_blocks)
+    def _(index: jax.Array) -> None:
+        block = _Block.load(x_ref, index, spec)
+        p = jnp.exp((block.x - shift) - log_normalizer)
+        dx = a * p - jnp.where(block.classes == label, b, zero)
+        if spec.smoothing is not None:
+            weights = block.weights(weight_ref, spec)
+            dx = dx - (c if weights is None else c * weights)
+        dx = jnp.where(skip, zero, dx)
+        width = spec.config.block_classes
+        pl_triton.store(
+            dx_ref.at[pl.ds(block.start, width)], dx.astype(dx_ref.dtype), mask=block.valid
+        )
+
+
+def _row_block(num_classes: int) -> pl.BlockSpec:
+    return pl.BlockSpec((pl.squeezed, num_classes), lambda row: (row, 0))
+
+
+def _scalar_block() -> pl.BlockSpec:
+    return pl.BlockSpec((pl.squeezed,), lambda row: (row,))
+
+
+def _shared_block(num_classes: int) -> pl.BlockSpec:
+    return pl.BlockSpec((num_classes,), lambda row: (0,))
+
+
+def _launch(
+    kernel: Callable[..., None],
+    name: str,
+    in_specs: list[pl.BlockSpec],
+    out_specs: list[pl.BlockSpec],
+    out_shape: list[jax.ShapeDtypeStruct],
+    spec: RowSpec,
+    num_rows: int,
+) -> Callable[..., Any]:
+    """The kernel compiled by Triton on CUDA, interpreted on every other platform."""
+
+    def call(*args: jax.Array, interpret: bool) -> Any:
+        config = spec.config
+        return pl.pallas_call(
+            functools.partial(kernel, spec=spec),
+            grid=(num_rows,),
+            in_specs=in_specs,
+            out_specs=out_specs,
+            out_shape=out_shape,
+            interpret=interpret,
+            compiler_params=None
+            if interpret
+            else pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+            name=name,
+        )(*args)
+
+    def on_platform(*args: jax.Array) -> Any:
+        return jax.lax.platform_dependent(
+            *args,
+            cuda=functools.partial(call, interpret=False),
+            default=functools.partial(call, interpret=True),
+        )
+
+    return on_platform
+
+
+def forward(
+    logits: jax.Array, labels: jax.Array, class_weight: jax.Array | None, spec: RowSpec
+) -> list[jax.Array]:
+    """``[shift, log_normalizer, nll, smooth?]`` per row of ``[N, C]`` logits (float32 ``[N]``).
+
+    ``labels`` are int32 class indices in range (clipped by the caller);
+    ``class_weight`` is the float32 ``[C]`` vector for weighted smoothing.
+    """
+    num_rows, num_classes = logits.shape
+    in_specs = [_row_block(num_classes), _scalar_block()]
+    args: list[Any] = [logits, labels]
+    if spec.smoothing == "weighted":
+        in_specs.append(_shared_block(num_classes))
+        args.append(class_weight)
+    num_outputs = 3 if spec.smoothing is None else 4
+    scalar = jax.ShapeDtypeStruct((num_rows,), jnp.float32)
+    launch = _launch(
+        _forward_kernel,
+        "jaxce_softmax_ce_forward",
+        in_specs,
+        [_scalar_block()] * num_outputs,
+        [scalar] * num_outputs,
+        spec,
+        num_rows,
+    )
+    return list(launch(*args))
+
+
+class Coefficients(NamedTuple):
+    """Per row, float32 ``[N]``: the gradient is ``probability p - label onehot(y) - weight w``."""
+
+    probability: jax.Array
+    label: jax.Array
+    weight: jax.Array | None  # None without smoothing
+
+
+def backward(
+    logits: jax.Array,
+    labels: jax.Array,
+    shift: jax.Array,
+    log_normalizer: jax.Array,
+    coefficients: Coefficients,
+    class_weight: jax.Array | None,
+    spec: RowSpec,
+) -> jax.Array:
+    """The ``[N, C]`` gradient, in the logits' dtype, from the forward pass's per-row residuals."""
+    num_rows, num_classes = logits.shape
+    args: list[Any] = [
+        logits,
+        labels,
+        shift,
+        log_normalizer,
+        coefficients.probability,
+        coefficients.label,
+    ]
+    in_specs = [_row_block(num_classes)] + [_scalar_block()] * 5
+    if spec.smoothing is not None:
+        args.append(coefficients.weight)
+        in_specs.append(_scalar_block())
+    if spec.smoothing == "weighted":
+        args.append(class_weight)
+        in_specs.append(_shared_block(num_classes))
+    launch = _launch(
+        _backward_kernel,
+        "jaxce_softmax_ce_backward",
+        in_specs,
+        [_row_block(num_classes)],
+        [jax.ShapeDtypeStruct(logits.shape, logits.dtype)],
+        spec,
+        num_rows,
+    )
+    return launch(*args)[0]
