@@ -38,6 +38,10 @@ Tolerances (:data:`TOLERANCES`) are per input dtype:
 
 ``jaxce verify`` (or ``python -m jaxce verify``) runs the check for every loss of the library
 under its main option sets in float32, float64 and bfloat16.
+
+References:
+  - J. Nocedal and S. J. Wright, *Numerical Optimization*, 2nd ed., Springer, 2006,
+    section 8.1 (finite-difference derivative approximations and their step).
 """
 
 from __future__ import annotations
