@@ -6,7 +6,7 @@ that loss with respect to its first argument: of ``loss(...).sum()`` for
 :func:`linear_cross_entropy` returns the gradients with respect to ``hidden``,
 ``weight`` and ``bias``.
 
-The reference documents state the per-sample derivatives,
+Textbooks state the per-sample derivatives,
 :math:`\sigma(x) - y` and :math:`\operatorname{softmax}(x) - y` with respect to
 logits and :math:`-y/p + (1-y)/(1-p)` and :math:`-y/p` with respect to
 probabilities. They are the gradients of ``reduction="sum"``; ``"mean"``
@@ -239,7 +239,7 @@ def sigmoid_binary_cross_entropy(
           = w\left[(1 - \tilde y)\,\sigma(x) - p_w \tilde y\,(1 - \sigma(x))\right]
           = w\left[(1 + (p_w - 1)\tilde y)\,\sigma(x) - p_w \tilde y\right],
 
-    which is the documents' :math:`\sigma(x) - y` when :math:`w = p_w = 1`
+    which is the textbook :math:`\sigma(x) - y` when :math:`w = p_w = 1`
     and there is no smoothing (:math:`\tilde y = (1-\varepsilon) y + \varepsilon/2`).
     That is the per-element gradient of ``"none"`` (of its sum) and of
     ``"sum"``; ``"mean"`` divides it by the number :math:`n` of included
@@ -361,7 +361,7 @@ def binary_cross_entropy(
 ) -> jax.Array:
     r"""Gradient of :func:`jaxce.binary_cross_entropy` with respect to ``probs``.
 
-    The documents' form: :math:`\ell = -w[y \log p + (1-y)\log(1-p)]` gives
+    The textbook form :math:`\ell = -w[y \log p + (1-y)\log(1-p)]` gives
 
     .. math::
         \frac{\partial \ell}{\partial p} = w\left[-\frac{y}{p} + \frac{1-y}{1-p}\right]
@@ -420,7 +420,7 @@ def categorical_cross_entropy(
 ) -> jax.Array:
     r"""Gradient of :func:`jaxce.categorical_cross_entropy` with respect to ``probs``.
 
-    The documents' form: :math:`\ell = -\sum_c w_c y_c \log p_c` gives
+    The textbook form :math:`\ell = -\sum_c w_c y_c \log p_c` gives
 
     .. math::
         \frac{\partial \ell}{\partial p_c} = -\frac{w_c\, y_c}{p_c},
@@ -489,7 +489,7 @@ def softmax_cross_entropy(
         \frac{\partial \ell}{\partial x_j} = -\sum_c a_c (\delta_{cj} - p_j)
           = p_j \sum_c a_c - a_j,
 
-    the documents' :math:`\operatorname{softmax}(x) - y` when the labels sum to
+    the textbook :math:`\operatorname{softmax}(x) - y` when the labels sum to
     1, there are no class weights and no smoothing. Classes excluded by
     ``where`` have :math:`p_j = 0` and take no part (gradient 0). Per example
     for ``"none"``/``"sum"``; ``"mean"`` divides by the number :math:`n` of
@@ -618,7 +618,7 @@ def softmax_cross_entropy_with_integer_labels(
           + 2 z \log Z\, p_j,
         \qquad \log Z = \log \textstyle\sum_c e^{x_c},
 
-    the documents' :math:`\operatorname{softmax}(x) - \text{onehot}(y)` when
+    the textbook :math:`\operatorname{softmax}(x) - \text{onehot}(y)` when
     :math:`w = 1`, :math:`\varepsilon = z = 0`. The sums run over the classes
     ``where`` includes; excluded classes get 0. Per example for
     ``"none"``/``"sum"``; under ``"mean"`` the cross-entropy terms are divided
