@@ -288,6 +288,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     shift: int = 0,
     chunk_size: int | None = None,
+    plan: _linear.LinearCrossEntropyPlan | None = None,
     reduction: str = "mean",
     batch_axis_name: AxisName | None = None,
 ) -> jax.Array:
@@ -305,10 +306,16 @@ def linear_cross_entropy(
     on every device of ``axis_name``, values and gradients (the gradient of
     ``hidden`` is summed over the shards by ``shard_map``'s transpose).
 
-    This version materialises this device's ``[..., V / n]`` logit slice and
-    calls :func:`softmax_cross_entropy_with_integer_labels`; ``chunk_size`` is
-    accepted for signature parity and not used. Communication per device is
-    that of the sharded loss, ``O(N)`` words for ``N`` tokens.
+    Like :func:`jaxce.linear_cross_entropy` it never holds the logits, not
+    even this device's ``[..., V / n]`` slice of them: the tokens go through
+    the device's rows of ``W`` ``chunk_size`` at a time (the plan of
+    :func:`jaxce.plan_linear_cross_entropy` for ``V / n`` classes), and each
+    chunk's per-token maximum and sums over the classes are completed over
+    the shards by one ``pmax`` and a few ``psum`` of ``chunk_size`` words.
+    Communication per device: ``O(N)`` words for ``N`` tokens, whatever ``V``.
+    With ``"mean"`` or ``"sum"`` the gradients are formed in the same pass
+    (three matrix products per shard); with ``"none"`` the backward pass
+    recomputes each chunk (four).
 
     Args:
       hidden: ``[..., D]`` hidden states, replicated over ``axis_name``.
@@ -321,7 +328,8 @@ def linear_cross_entropy(
       softcap: Gemma 2's logit soft cap :math:`c > 0`, or None.
       shift: ``k >= 0``: ``hidden[..., t, :]`` predicts ``labels[..., t + k]``
         (1 for next-token prediction; needs ``T > k``).
-      chunk_size: ignored (see above).
+      chunk_size, plan: as in :func:`jaxce.linear_cross_entropy`, for this
+        device's ``V / n`` classes.
 
     Returns:
       The loss (float32 for half-precision inputs).
@@ -337,7 +345,7 @@ def linear_cross_entropy(
       >>> print(f"{float(loss(h, w, jnp.array([0, 2]))):.6f}")
       1.098612
 
-    Non-finite behaviour is that of the sharded integer-label loss.
+    Non-finite behaviour is that of :func:`jaxce.linear_cross_entropy`.
 
     References:
       - M. Shoeybi, M. Patwary, R. Puri, P. LeGresley, J. Casper and B. Catanzaro,
@@ -350,40 +358,42 @@ def linear_cross_entropy(
       - Gemma Team, "Gemma 2: Improving Open Language Models at a Practical Size",
         2024 (the logit soft cap). https://arxiv.org/abs/2408.00118
     """
-    del chunk_size
     hidden = _checks.as_float_array(hidden, "hidden")
     weight_shard = _checks.as_float_array(weight_shard, "weight_shard")
-    labels = _checks.as_integer_labels(labels)
-    _integer_labels.check_options(reduction, label_smoothing, z_loss, ignore_index)
-    _linear.check_softcap(softcap)
-    _linear.check_shift(shift, labels.shape)
     if weight_shard.ndim != 2 or hidden.ndim == 0 or weight_shard.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"`weight_shard` must have shape [V / n, D] with D = hidden.shape[-1]; got "
             f"`weight_shard` {weight_shard.shape} and `hidden` {hidden.shape}."
         )
-    if shift:
-        length = labels.shape[-1] - shift
-        hidden, labels = hidden[..., :length, :], labels[..., shift:]
-    compute = _checks.compute_dtype(hidden)
-    logits = jnp.einsum("...d,vd->...v", hidden, weight_shard, preferred_element_type=compute)
     if bias_shard is not None:
-        bias = _checks.as_float_array(bias_shard, "bias_shard")
-        if bias.shape != (weight_shard.shape[0],):
+        bias_shard = _checks.as_float_array(bias_shard, "bias_shard")
+        if bias_shard.shape != (weight_shard.shape[0],):
             raise ValueError(
                 f"`bias_shard` must have shape ({weight_shard.shape[0]},), one bias per "
-                f"row of `weight_shard`, got {bias.shape}."
+                f"row of `weight_shard`, got {bias_shard.shape}."
             )
-        logits = logits + jnp.broadcast_to(bias.astype(compute), logits.shape)
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
-    return softmax_cross_entropy_with_integer_labels(
-        logits,
+    _shard_layout(axis_name, weight_shard.shape[0])  # a clear error outside shard_map
+    if isinstance(axis_name, list):
+        axis_name = tuple(axis_name)
+
+    def batch_total(x: jax.Array) -> jax.Array:
+        x = jnp.sum(x)
+        return x if batch_axis_name is None else jax.lax.psum(x, batch_axis_name)
+
+    prepared = _linear.prepare(
+        hidden,
+        weight_shard,
         labels,
-        axis_name=axis_name,
+        bias=bias_shard,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
+        softcap=softcap,
+        shift=shift,
+        chunk_size=chunk_size,
+        plan=plan,
         reduction=reduction,
-        batch_axis_name=batch_axis_name,
+        axis_name=axis_name,
+        total=batch_total,
     )
+    return _linear.reduce(prepared, reduction, shift, batch_total)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,18 +41,24 @@ def _weighted_loss_jvp(
     )
     totals = chunks.weighted_loss_and_grads(config, inputs, wants)
     compute = inputs.row_weight.dtype
+
+    def inner(pairs: tuple[tuple[jax.Array | None, jax.Array | None], ...]) -> jax.Array | None:
+        terms = []
+        for derivative, t_input in pairs:
+            t_input = chunks.nonzero_tangent(t_input, compute)
+            if derivative is not None and t_input is not None:
+                terms.append(jnp.sum(derivative * t_input))
+        return sum(terms[1:], terms[0]) if terms else None
+
+    # On a vocabulary shard the linear layer's gradients are this shard's
+    # share: their part of the tangent is summed over the shards.
+    linear = inner(((totals.hidden, t.hidden), (totals.weight, t.weight), (totals.bias, t.bias)))
+    options = inner(((totals.smoothing, t.smoothing), (totals.z_loss, t.z_coefficient)))
     tangent = jnp.zeros((), compute)
-    pairs = (
-        (totals.hidden, t.hidden),
-        (totals.weight, t.weight),
-        (totals.bias, t.bias),
-        (totals.smoothing, t.smoothing),
-        (totals.z_loss, t.z_coefficient),
-    )
-    for derivative, t_input in pairs:
-        t_input = chunks.nonzero_tangent(t_input, compute)
-        if derivative is not None and t_input is not None:
-            tangent = tangent + jnp.sum(derivative * t_input)
+    if linear is not None:
+        tangent = tangent + chunks.vocab_sum(config, linear)
+    if options is not None:
+        tangent = tangent + options
     return totals.total, tangent
 
 
@@ -196,12 +203,22 @@ def linear_cross_entropy(
         plan=plan,
         reduction=reduction,
     )
+    return reduce(prepared, reduction, shift)
+
+
+def reduce(
+    prepared: Prepared,
+    reduction: str,
+    shift: int,
+    total: Callable[[jax.Array], jax.Array] = jnp.sum,
+) -> jax.Array:
+    """The loss of a prepared call; ``total`` adds the sums over a batch axis, if any."""
     if reduction == "none":
         return _per_token_losses(prepared, shift)
     if prepared.config is None:
         return jnp.zeros((), prepared.compute)
-    total = _weighted_loss_jit(prepared.config, prepared.inputs)
-    return total + _integer_labels.nan_if_invalid(prepared.rule, prepared.compute)
+    loss = total(_weighted_loss_jit(prepared.config, prepared.inputs))
+    return loss + _integer_labels.nan_if_invalid(prepared.rule, prepared.compute, total)
 
 
 def _per_token_losses(prepared: Prepared, shift: int) -> jax.Array:

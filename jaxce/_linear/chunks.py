@@ -9,6 +9,13 @@
   (keeping one log-normaliser per token) and the tangent map that reverse mode
   transposes, recomputing each chunk's logits once.
 
+Vocabulary-parallel (``config.axis_name``, inside ``shard_map``): ``weight``
+holds this device's slice of the classes, and each chunk's per-row maximum and
+sums over the classes are completed over the shards (:func:`vocab_max`,
+:func:`vocab_sum`: ``O(chunk)`` words per chunk). The losses are then the same
+on every shard; each shard's gradients are those of its own classes, and its
+hidden gradient is its share of the sum over the shards.
+
 For one row with ``p = softmax(x)``, ``lse = log sum exp x`` and smoothing
 ``eps``, the gradient of ``(1 - eps)(lse - x_y) + (eps / V) sum_c (lse - x_c)
 + z lse^2`` with respect to the logits ``x`` is
@@ -41,6 +48,48 @@ def is_zero(tangent: Any) -> bool:
 def nonzero_tangent(tangent: Any, dtype: Any) -> jax.Array | None:
     """``tangent`` in ``dtype``, or None for a symbolic zero."""
     return None if is_zero(tangent) else tangent.astype(dtype)
+
+
+def vocab_sum(config: Config, partial: jax.Array) -> jax.Array:
+    """Per-row sums over this device's classes completed over all of them."""
+    return partial if config.axis_name is None else jax.lax.psum(partial, config.axis_name)
+
+
+def vocab_max(config: Config, partial: jax.Array) -> jax.Array:
+    """Per-row maxima over this device's classes completed over all of them."""
+    return partial if config.axis_name is None else jax.lax.pmax(partial, config.axis_name)
+
+
+def _varying_like(init: Any, *references: Any) -> Any:
+    """``init`` (a loop's initial carry) typed as varying over every mesh axis the references vary over.
+
+    Inside ``shard_map`` a loop's carry must keep its type: an accumulator
+    that starts as replicated zeros and takes values that differ per device
+    (inputs sharded over a batch axis; a slice of the classes) is declared
+    varying from the start. Outside ``shard_map`` nothing varies.
+    """
+    axes = frozenset().union(*map(_vma, jax.tree_util.tree_leaves(references)))
+
+    def cast(leaf: jax.Array) -> jax.Array:
+        missing = tuple(axis for axis in axes if axis not in _vma(leaf))
+        return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree_util.tree_map(cast, init)
+
+
+def _vma(value: Any) -> frozenset[Any]:
+    """The mesh axes ``value`` varies over (none outside ``shard_map``).
+
+    JAX spells it ``aval.mat.varying`` (0.10) or ``aval.vma`` (earlier).
+    """
+    aval = jax.typeof(value)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _token_side(inputs: Inputs) -> tuple[Any, ...]:
+    """The inputs per-token values depend on (not ``weight``, which vocabulary shards split)."""
+    return (inputs.hidden, inputs.target, inputs.row_weight, inputs.smoothing, inputs.z_coefficient)
 
 
 def chunk_rows(config: Config, index: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -102,10 +151,10 @@ class Chunk(NamedTuple):
     start: jax.Array  # first row
     fresh: jax.Array  # [C] rows no earlier chunk covered
     hidden: jax.Array  # [C, D] in the matmul dtype
-    target: jax.Array  # [C]
+    target: jax.Array  # [C] label columns among this device's classes
     logits: jax.Array  # [C, V] in the compute dtype, capped
     label_logit: jax.Array  # [C], capped
-    label_rows: jax.Array | None  # [C, D] `weight[target]`; None for bfloat16
+    label_rows: jax.Array | None  # [C, D] `weight[target]`; None for bfloat16 or vocab shards
 
 
 def chunk_logits(config: Config, inputs: Inputs, index: jax.Array, compute: Any) -> Chunk:
@@ -123,13 +172,17 @@ def chunk_logits(config: Config, inputs: Inputs, index: jax.Array, compute: Any)
     hidden = xla_cpu.take_rows(inputs.hidden, start, config.chunk)
     target = jax.lax.dynamic_slice_in_dim(inputs.target, start, config.chunk)
     weight, bias = inputs.weight, inputs.bias
+    if config.axis_name is not None:
+        # The label's column among this device's classes (outside [0, V / n)
+        # when another device holds it).
+        target = target - jax.lax.axis_index(config.axis_name) * weight.shape[0]
     logits = jax.lax.dot_general(hidden, weight, _CONTRACT_DIM, preferred_element_type=compute)
     if bias is not None:
         logits = logits + bias.astype(compute)[None, :]
     logits = _cap(config, logits)
-    if weight.dtype == jnp.bfloat16:
+    if weight.dtype == jnp.bfloat16 or config.axis_name is not None:
         label_logit = xla_cpu.label_column(logits, label_mask(target, logits.shape[-1]))
-        return Chunk(start, fresh, hidden, target, logits, label_logit, None)
+        return Chunk(start, fresh, hidden, target, logits, vocab_sum(config, label_logit), None)
     label_rows = jnp.take(weight, target, axis=0).astype(compute)
     label_logit = jnp.sum(hidden.astype(compute) * label_rows, axis=-1)
     if bias is not None:
@@ -151,14 +204,16 @@ class RowLoss(NamedTuple):
 
 def row_loss(config: Config, inputs: Inputs, chunk: Chunk) -> RowLoss:
     logits = chunk.logits
-    vocab = logits.shape[-1]
+    vocab = config.num_classes(logits.shape[-1])
     # lse = m + log sum_j exp(x_j - m) with m the row max: no exp overflows, and
     # -log p_y = log sum_j exp(x_j - m) - (x_y - m) has no lse - x_y cancellation.
-    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    row_max = vocab_max(config, jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
     # sum_c -log p_c = V log sum_j exp(x_j - m) - sum_c (x_c - m)
-    shifted_sum = jnp.sum(logits - row_max, axis=-1) if config.smoothing else None
+    shifted_sum = None
+    if config.smoothing:
+        shifted_sum = vocab_sum(config, jnp.sum(logits - row_max, axis=-1))
     exps = jnp.exp(logits - row_max)
-    sum_exp = jnp.sum(exps, axis=-1)
+    sum_exp = vocab_sum(config, jnp.sum(exps, axis=-1))
     log_normalizer = jnp.log(sum_exp)
     nll = log_normalizer - (chunk.label_logit - row_max[:, 0])
     log_partition = log_normalizer + row_max[:, 0]
@@ -191,7 +246,8 @@ def weighted_loss(config: Config, inputs: Inputs) -> jax.Array:
         losses = row_loss(config, inputs, chunk)
         return total + _weighted_sum(_row_weights(config, inputs, chunk), losses.loss)
 
-    return jax.lax.fori_loop(0, config.num_chunks, body, jnp.zeros((), compute))
+    init = _varying_like(jnp.zeros((), compute), _token_side(inputs))
+    return jax.lax.fori_loop(0, config.num_chunks, body, init)
 
 
 class Wants(NamedTuple):
@@ -232,7 +288,7 @@ class Coefficients(NamedTuple):
 def _coefficients(
     config: Config, inputs: Inputs, chunk: Chunk, losses: RowLoss, weights: jax.Array
 ) -> Coefficients:
-    vocab = chunk.logits.shape[-1]
+    vocab = config.num_classes(chunk.logits.shape[-1])
     scale = weights
     if config.z_loss:
         scale = scale * (1 + 2 * inputs.z_coefficient * losses.log_partition)
@@ -265,7 +321,7 @@ def _add_scalars(
     smoothing, z_loss = totals.smoothing, totals.z_loss
     if config.smoothing:
         assert smoothing is not None and losses.smooth is not None
-        vocab = losses.exps.shape[-1]
+        vocab = config.num_classes(losses.exps.shape[-1])
         smoothing = smoothing + _weighted_sum(weights, losses.smooth / vocab - losses.nll)
     if config.z_loss:
         assert z_loss is not None
@@ -333,16 +389,23 @@ def weighted_loss_and_grads(config: Config, inputs: Inputs, wants: Wants) -> Tot
     def zeros(wanted: bool, shape: tuple[int, ...]) -> jax.Array | None:
         return jnp.zeros(shape, compute) if wanted else None
 
-    init = Totals(
-        total=jnp.zeros((), compute),
-        smoothing=zeros(config.smoothing, ()),
-        z_loss=zeros(config.z_loss, ()),
-        hidden=zeros(wants.hidden, (config.num_tokens, dim)),
-        weight=zeros(wants.weight, (vocab, dim)),
-        bias=zeros(wants.bias, (vocab,)),
+    # The sums are per token (the same on every vocabulary shard); the
+    # gradients are each shard's own.
+    scalars = _varying_like(
+        (jnp.zeros((), compute), zeros(config.smoothing, ()), zeros(config.z_loss, ())),
+        _token_side(inputs),
     )
-    if inputs.weight.dtype == jnp.bfloat16:
-        body = functools.partial(_gradients_bfloat16, config, inputs, wants, compute)
+    gradients = _varying_like(
+        (
+            zeros(wants.hidden, (config.num_tokens, dim)),
+            zeros(wants.weight, (vocab, dim)),
+            zeros(wants.bias, (vocab,)),
+        ),
+        inputs,
+    )
+    init = Totals(*scalars, *gradients)
+    if inputs.weight.dtype == jnp.bfloat16 or config.axis_name is not None:
+        body = functools.partial(_gradients_whole, config, inputs, wants, compute)
     else:
         body = functools.partial(_gradients_blocked, config, inputs, wants, compute)
     return _loop(config.num_chunks, body, init)
@@ -391,7 +454,9 @@ def _gradients_blocked(
         return _add_weight_and_bias(carry._replace(hidden=hidden), g, hidden_up, v_start)
 
     blocks = Gradients(
-        hidden=jnp.zeros((config.chunk, dim), compute) if wants.hidden else None,
+        hidden=_varying_like(jnp.zeros((config.chunk, dim), compute), inputs)
+        if wants.hidden
+        else None,
         weight=totals.weight,
         bias=totals.bias,
     )
@@ -415,17 +480,19 @@ def _gradients_blocked(
     return totals
 
 
-def _gradients_bfloat16(
+def _gradients_whole(
     config: Config, inputs: Inputs, wants: Wants, compute: Any, index: jax.Array, totals: Totals
 ) -> Totals:
-    """One chunk (bfloat16): the whole logit gradient at once, then its vocabulary blocks.
+    """One chunk (bfloat16, or a vocabulary shard): the whole logit gradient, then its blocks.
 
     The chunk's logit gradient, one-hot term included, is formed once in
     float32 (over the exponentials, which it replaces in memory); the hidden
-    gradient is one product over the whole vocabulary by
-    :func:`split_product` (no float32 copy of ``weight``, and no block of it
+    gradient is one product over the whole vocabulary (for bfloat16 by
+    :func:`split_product`: no float32 copy of ``weight``, and no block of it
     sliced, which XLA:CPU would do through a float32 copy of the whole array),
-    and the weight and bias gradients take its columns a block at a time.
+    and the weight and bias gradients take its columns a block at a time. On a
+    vocabulary shard the one-hot term is there only on the shard that holds
+    the label, with no gather of label rows.
     """
     weight = inputs.weight
     vocab = weight.shape[0]
@@ -438,7 +505,7 @@ def _gradients_bfloat16(
     one_hot = jnp.where(label_mask(chunk.target, vocab), coefficients.label[:, None], 0)
     g = _dense_gradient(config, losses.exps, chunk.logits, coefficients) - one_hot
     if wants.hidden:
-        totals = _store_hidden(config, totals, chunk, split_product(g, weight))
+        totals = _store_hidden(config, totals, chunk, _times_weight(g, weight))
     hidden_up = chunk.hidden.astype(compute)
 
     def block_step(v_index: jax.Array, carry: Gradients) -> Gradients:
@@ -514,13 +581,13 @@ def per_token_forward(config: Config, inputs: Inputs) -> PerToken:
         d_smoothing = out.d_smoothing
         if d_smoothing is not None:
             assert losses.smooth is not None
-            vocab = chunk.logits.shape[-1]
+            vocab = config.num_classes(chunk.logits.shape[-1])
             d_smoothing = put(d_smoothing, losses.smooth / vocab - losses.nll)
         return PerToken(
             put(out.loss, losses.loss), put(out.log_partition, losses.log_partition), d_smoothing
         )
 
-    empty = jnp.zeros((config.num_tokens,), compute)
+    empty = _varying_like(jnp.zeros((config.num_tokens,), compute), _token_side(inputs))
     init = PerToken(empty, empty, empty if config.smoothing else None)
     return jax.lax.fori_loop(0, config.num_chunks, body, init)
 
@@ -540,7 +607,7 @@ def _per_token_logit_gradient(
     label = 1 - inputs.smoothing if config.smoothing else 1
     g = p - jnp.where(label_mask(chunk.target, vocab), label, 0)
     if config.smoothing:
-        g = g - inputs.smoothing / vocab
+        g = g - inputs.smoothing / config.num_classes(vocab)
     if config.softcap is not None:
         g = g * _cap_derivative(config, chunk.logits)
     return g
@@ -581,7 +648,7 @@ def per_token_tangent(
             tangent = tangent + jnp.sum(g * t_logits, axis=-1)
         if t_bias is not None:
             tangent = tangent + g @ t_bias
-        return tangent
+        return vocab_sum(config, tangent)
 
     tangent = jnp.zeros((config.num_tokens,), compute)
     if t_hidden is not None or t_weight is not None or t_bias is not None:

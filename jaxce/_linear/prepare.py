@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
@@ -23,10 +24,18 @@ class Config:
     softcap: float | None
     smoothing: bool
     z_loss: bool
+    # Vocabulary parallelism (`jaxce.sharded`): `weight` holds this device's
+    # contiguous slice of the classes, one of `num_shards` along `axis_name`.
+    axis_name: Hashable | None = None
+    num_shards: int = 1
 
     @property
     def num_chunks(self) -> int:
         return -(-self.num_tokens // self.chunk)
+
+    def num_classes(self, local_vocab: int) -> int:
+        """All the classes, from the number this device holds."""
+        return local_vocab * self.num_shards
 
 
 class Inputs(NamedTuple):
@@ -65,8 +74,16 @@ def prepare(
     chunk_size: int | None,
     plan: LinearCrossEntropyPlan | None,
     reduction: str,
+    axis_name: Hashable | None = None,
+    total: Callable[[jax.Array], jax.Array] = jnp.sum,
 ) -> Prepared:
-    """Checks the arguments and flattens the tokens; no work on the logits."""
+    """Checks the arguments and flattens the tokens; no work on the logits.
+
+    With ``axis_name`` (inside ``shard_map``), ``weight`` is this device's
+    slice of the classes along that mesh axis and ``labels`` are global;
+    ``total`` sums over all the tokens (a ``psum`` over a batch axis too), for
+    the mean's denominator.
+    """
     hidden = _checks.as_float_array(hidden, "hidden")
     weight = _checks.as_float_array(weight, "weight")
     labels = _checks.as_integer_labels(labels)
@@ -87,7 +104,9 @@ def prepare(
     compute = jnp.result_type(_checks.compute_dtype(hidden), _checks.compute_dtype(weight))
     matmul_dtype = jnp.result_type(hidden.dtype, weight.dtype)
     hidden, weight = hidden.astype(matmul_dtype), weight.astype(matmul_dtype)
-    vocab, dim = weight.shape
+    vocab, dim = weight.shape  # this device's classes
+    num_shards = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+    num_classes = vocab * num_shards
     labels_shape = labels.shape
 
     position_counts = None
@@ -103,19 +122,19 @@ def prepare(
     labels = labels.reshape(-1)
     rule = _integer_labels.label_rule(
         labels,
-        vocab,
+        num_classes,
         class_weight=None,
         ignore_index=ignore_index,
         row_included=position_counts,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
     )
-    target = jnp.clip(labels, 0, vocab - 1).astype(jnp.int32)
+    target = jnp.clip(labels, 0, num_classes - 1).astype(jnp.int32)
     flat_hidden = hidden.reshape(-1, dim)
     num_tokens = flat_hidden.shape[0]
     # Without class weights the cross-entropy and z-loss terms of a token are
     # scaled alike: 1 for a counted token, or 1 / (number counted) for "mean".
-    row_weight = _integer_labels.gradient_scales(rule, reduction, compute).cross_entropy
+    row_weight = _integer_labels.gradient_scales(rule, reduction, compute, total).cross_entropy
 
     config = None
     if num_tokens:
@@ -130,6 +149,8 @@ def prepare(
             softcap=None if softcap is None else float(softcap),
             smoothing=not _checks.is_concrete_zero(label_smoothing),
             z_loss=not _checks.is_concrete_zero(z_loss),
+            axis_name=axis_name,
+            num_shards=num_shards,
         )
     inputs = Inputs(
         hidden=flat_hidden,

@@ -1,0 +1,254 @@
+"""The fused loss on many devices: the vocabulary-parallel chunk loop, and data parallelism.
+
+Like ``tests/test_sharded.py``, the cases need 8 devices: the parent run holds
+one test that runs this file again in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+
+The single-device :func:`jaxce.linear_cross_entropy` is the reference here
+(``tests/test_linear.py`` compares it with the float64 materialised formula
+over every option); the sharded loss runs a different program (per-chunk
+``pmax``/``psum`` over the shards, each shard's slice of the classes), so
+what can go wrong is the exchange, the class offsets and the reductions over
+the shards, which these cases check. Tolerances: both sides accumulate the
+same float32 sums in a different order (over shards, then chunks), so values
+and gradients agree to a few float32 ulps of the largest term (``rtol=1e-5``,
+``atol=1e-6``); bfloat16 inputs give both sides the same bfloat16 products,
+with float32 accumulation, so the same tolerances hold.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHILD_FLAG = "JAXCE_EIGHT_DEVICES"
+DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
+
+if os.environ.get(CHILD_FLAG) != "1":
+
+    def test_sharded_linear_cases_on_eight_host_devices() -> None:
+        env = dict(os.environ)
+        env[CHILD_FLAG] = "1"
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {DEVICE_FLAG}".strip()
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, (
+            f"8-device cases failed (rerun: {CHILD_FLAG}=1 XLA_FLAGS={DEVICE_FLAG} "
+            f"pytest {__file__}):\n{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
+        )
+
+else:
+    import re
+    from typing import Any
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    import jaxce
+    import jaxce.sharded
+
+    if jax.device_count() != 8:
+        raise RuntimeError(f"these cases need 8 devices, found {jax.device_count()}")
+
+    RTOL, ATOL = 1e-5, 1e-6
+    VOCAB, DIM = 48, 16
+
+    def make_mesh(shape: tuple[int, int]) -> Mesh:
+        return Mesh(np.array(jax.devices()).reshape(shape), ("data", "model"))
+
+    def inputs(dtype: Any, batch: int = 4, steps: int = 7) -> dict[str, Any]:
+        rng = np.random.default_rng(3)
+        labels = rng.integers(0, VOCAB, (batch, steps)).astype(np.int32)
+        labels[1, 2] = -100
+        return {
+            "hidden": jnp.asarray(rng.normal(size=(batch, steps, DIM)), dtype),
+            "weight": jnp.asarray(rng.normal(0, 0.5, (VOCAB, DIM)), dtype),
+            "bias": jnp.asarray(rng.normal(size=VOCAB), dtype),
+            "labels": jnp.asarray(labels),
+        }
+
+    def assert_close(actual: Any, expected: Any, what: str) -> None:
+        np.testing.assert_allclose(
+            np.asarray(actual, np.float64),
+            np.asarray(expected, np.float64),
+            rtol=RTOL,
+            atol=ATOL,
+            err_msg=what,
+        )
+
+    CASES = {
+        # name: (mesh shape, dtype, options)
+        "none-all-options-chunked": (
+            (2, 4),
+            jnp.float32,
+            dict(
+                reduction="none",
+                ignore_index=-100,
+                label_smoothing=0.1,
+                z_loss=1e-3,
+                softcap=4.0,
+                shift=1,
+                chunk_size=3,
+            ),
+        ),
+        "mean-bfloat16-chunked": ((1, 8), jnp.bfloat16, dict(ignore_index=-100, chunk_size=5)),
+        "sum-smoothing-z-batch": (
+            (4, 2),
+            jnp.float32,
+            dict(reduction="sum", ignore_index=-100, label_smoothing=0.2, z_loss=1e-2, shift=2),
+        ),
+    }
+
+    @pytest.mark.parametrize("case", list(CASES))
+    def test_values_and_gradients_match_the_single_device_loss(case: str) -> None:
+        mesh_shape, dtype, options = CASES[case]
+        data = inputs(dtype)
+        mesh = make_mesh(mesh_shape)
+        batch_axis = "data" if mesh_shape[0] > 1 else None
+        per_token = options.get("reduction") == "none"
+        out_spec = P(batch_axis) if per_token else P()
+        rng = np.random.default_rng(0)
+        steps = data["labels"].shape[1] - options.get("shift", 0)
+        cotangent = jnp.asarray(rng.normal(size=(4, steps)), jnp.float32) if per_token else 1.0
+
+        def sharded(hidden, weight, bias):
+            loss = jax.shard_map(
+                lambda h, w, b, y: jaxce.sharded.linear_cross_entropy(
+                    h,
+                    w,
+                    y,
+                    axis_name="model",
+                    bias_shard=b,
+                    batch_axis_name=None if per_token else batch_axis,
+                    **options,
+                ),
+                mesh=mesh,
+                in_specs=(P(batch_axis), P("model"), P("model"), P(batch_axis)),
+                out_specs=out_spec,
+            )(hidden, weight, bias, data["labels"])
+            return jnp.sum(loss * cotangent), loss
+
+        def single(hidden, weight, bias):
+            loss = jaxce.linear_cross_entropy(hidden, weight, data["labels"], bias=bias, **options)
+            return jnp.sum(loss * cotangent), loss
+
+        arguments = (data["hidden"], data["weight"], data["bias"])
+        grad = jax.value_and_grad
+        (_, expected), expected_grads = jax.jit(grad(single, (0, 1, 2), has_aux=True))(*arguments)
+        (_, actual), actual_grads = jax.jit(grad(sharded, (0, 1, 2), has_aux=True))(*arguments)
+        assert_close(actual, expected, "loss")
+        assert np.isfinite(np.asarray(expected)).all()
+        for name, a, e in zip(
+            ("hidden", "weight", "bias"), actual_grads, expected_grads, strict=True
+        ):
+            assert a.dtype == e.dtype == dtype, name
+            assert_close(a, e, f"grad of {name}")
+            assert np.abs(np.asarray(e, np.float32)).max() > 0, name
+
+    def test_every_shard_gets_the_same_hidden_gradient_inside_the_body() -> None:
+        data = inputs(jnp.float32)
+        mesh = make_mesh((1, 8))
+        options = dict(label_smoothing=0.1, softcap=3.0, chunk_size=4)
+
+        def body(h, w, y):
+            def loss(h):
+                return jaxce.sharded.linear_cross_entropy(h, w, y, axis_name="model", **options)
+
+            return jax.grad(loss)(h)[None]
+
+        per_shard = jax.jit(
+            jax.shard_map(body, mesh=mesh, in_specs=(P(), P("model"), P()), out_specs=P("model"))
+        )(data["hidden"], data["weight"], data["labels"])
+        expected = jax.grad(
+            lambda h: jaxce.linear_cross_entropy(h, data["weight"], data["labels"], **options)
+        )(data["hidden"])
+        assert per_shard.shape == (8, *data["hidden"].shape)
+        for shard in per_shard:
+            np.testing.assert_array_equal(np.asarray(shard), np.asarray(per_shard[0]))
+        assert_close(per_shard[0], expected, "hidden gradient")
+
+    def test_invalid_label_makes_the_loss_nan_on_every_shard() -> None:
+        data = inputs(jnp.float32)
+        labels = data["labels"].at[0, 0].set(VOCAB)  # one past the last class
+        mesh = make_mesh((2, 4))
+        loss = jax.jit(
+            jax.shard_map(
+                lambda h, w, y: jaxce.sharded.linear_cross_entropy(
+                    h, w, y, axis_name="model", batch_axis_name="data", ignore_index=-100
+                ),
+                mesh=mesh,
+                in_specs=(P("data"), P("model"), P("data")),
+                out_specs=P(),
+            )
+        )(data["hidden"], data["weight"], labels)
+        assert np.isnan(float(loss))
+
+    def tensor_shapes(module: str) -> list[tuple[int, ...]]:
+        """The shapes of the tensors in StableHLO text."""
+        return [
+            tuple(int(d) for d in dims.rstrip("x").split("x"))
+            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", module)
+        ]
+
+    def test_no_shard_holds_its_slice_of_the_logits() -> None:
+        # N = 2048 tokens, V / n = 4096 classes per shard, chunks of 128: the
+        # largest tensor is one chunk's logits (or the weight's gradient), a
+        # sixteenth of the [N, V / n] slice the materialising version held.
+        tokens, shard_vocab, dim, chunk = 2048, 4096, 64, 128
+        mesh = make_mesh((1, 8))
+
+        def loss(h, w, y):
+            return jax.shard_map(
+                lambda h, w, y: jaxce.sharded.linear_cross_entropy(
+                    h, w, y, axis_name="model", chunk_size=chunk
+                ),
+                mesh=mesh,
+                in_specs=(P(), P("model"), P()),
+                out_specs=P(),
+            )(h, w, y)
+
+        shapes = (
+            jax.ShapeDtypeStruct((tokens, dim), jnp.float32),
+            jax.ShapeDtypeStruct((8 * shard_vocab, dim), jnp.float32),
+            jax.ShapeDtypeStruct((tokens,), jnp.int32),
+        )
+        module = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(*shapes).lower().as_text()
+        shapes_seen = tensor_shapes(module)
+        # Besides [*, D] arrays (hidden, weight and their gradients):
+        others = [int(np.prod(shape)) for shape in shapes_seen if shape[-1] != dim]
+        assert (chunk, shard_vocab) in shapes_seen  # the chunk's logits
+        assert max(others) == chunk * shard_vocab < tokens * shard_vocab // 8
+
+    def test_the_single_device_loss_runs_data_parallel_inside_shard_map() -> None:
+        # Tokens split over "data": the loop's carries vary per device.
+        data = inputs(jnp.float32, batch=8)
+        mesh = make_mesh((8, 1))
+
+        def sharded(h, w):
+            return jax.shard_map(
+                lambda h, w, y: jax.lax.psum(
+                    jaxce.linear_cross_entropy(h, w, y, reduction="sum", ignore_index=-100),
+                    "data",
+                ),
+                mesh=mesh,
+                in_specs=(P("data"), P(), P("data")),
+                out_specs=P(),
+            )(h, w, data["labels"])
+
+        def single(h, w):
+            return jaxce.linear_cross_entropy(
+                h, w, data["labels"], reduction="sum", ignore_index=-100
+            )
+
+        arguments = (data["hidden"], data["weight"])
+        expected = jax.value_and_grad(single, (0, 1))(*arguments)
+        actual = jax.jit(jax.value_and_grad(sharded, (0, 1)))(*arguments)
+        assert_close(actual[0], expected[0], "loss")
+        for a, e in zip(actual[1], expected[1], strict=True):
+            assert_close(a, e, "gradient")
