@@ -1,9 +1,13 @@
-"""`python -m benchmarks [--quick] [--only PATTERN] [--out DIR]`.
+"""`python -m benchmarks [--quick] [--only PATTERN] [--out DIR]`, or `--suite gpu`.
 
 Runs the cases of `benchmarks.cases` (all of them, or the `--quick` subset with
 fewer runs), prints progress, and writes `results.json`, `results.md`,
 `results.png` and `readme_section.md` under `DIR/<device>/` (default
 `benchmarks/results/<device>/`).
+
+`--suite gpu` runs `benchmarks.gpu` instead (made for an H200: the fused loss at
+shapes A and B and plain cross-entropy at 8192 x 128256 against their peers) and
+writes `gpu_results.json` and `gpu_results.md` under `DIR/<device>/`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--only", metavar="PATTERN", help="cases whose name matches this regex")
     parser.add_argument("--out", metavar="DIR", type=pathlib.Path, default=RESULTS)
     parser.add_argument("--runs", type=int, help="timed runs per competitor (>= 10)")
+    parser.add_argument(
+        "--suite",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: the cases above (default); gpu: benchmarks.gpu (needs a GPU)",
+    )
+    parser.add_argument(
+        "--shapes",
+        choices=("full", "tiny"),
+        default="full",
+        help="--suite gpu only: tiny runs the GPU suite's cases small, anywhere (the tests)",
+    )
+    parser.add_argument(
+        "--no-torch-peers",
+        action="store_true",
+        help="--suite gpu only: skip the PyTorch peers' process (their rows say so)",
+    )
     return parser.parse_args(argv)
 
 
@@ -115,6 +136,16 @@ def linear_measurements(
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.suite == "gpu":
+        from benchmarks import gpu
+
+        gpu.run_suite(
+            args.shapes,
+            args.out,
+            torch_peers=not args.no_torch_peers,
+            argv=["benchmarks", *argv],
+        )
+        return 0
     runs = args.runs or (10 if args.quick else 20)
     if runs < 10:
         raise SystemExit("--runs must be at least 10")
