@@ -22,12 +22,16 @@ extensions = [
 
 # `notebooks` is a link to the repository's notebooks/; only the .ipynb files are pages.
 exclude_patterns = ["_build", "jupyter_execute", "notebooks/README.md"]
+# A class page: its docstring (fields under Attributes), without a bare list of the fields.
+templates_path = ["_templates"]
 
 # API pages: one per public name, generated from the docstrings at build time.
 autosummary_generate = True
 autosummary_ignore_module_all = False
 autodoc_default_options = {"members": True, "undoc-members": True, "member-order": "bysource"}
-autodoc_typehints = "signature"
+# Signatures show names and defaults; the Args sections give types and shapes (autodoc would
+# expand `jax.typing.ArrayLike` into a union of a dozen types).
+autodoc_typehints = "none"
 autodoc_preserve_defaults = True
 add_module_names = False
 
