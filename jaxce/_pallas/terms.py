@@ -110,7 +110,7 @@ def _class_weight_gradient(
     terms = d_smooth[:, None] * neg_log_p
     if zero_times_inf:
         # 0 log 0 = 0: a zero weight on a -inf logit, as in the value.
-        terms = jnp.where((class_weight != 0) | jnp.isfinite(neg_log_p), terms, 0)
+        terms = jnp.where((class_weight[None, :] != 0) | jnp.isfinite(neg_log_p), terms, 0)
     return jnp.sum(terms, axis=0)
 
 
