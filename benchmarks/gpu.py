@@ -209,13 +209,25 @@ def copy_floor(logits: jax.Array) -> jax.Array:
     return logits * 2
 
 
+def rounded_to(x: jax.Array, dtype: Any) -> jax.Array:
+    """`x` rounded to `dtype`'s precision, kept in `x`'s dtype.
+
+    `lax.reduce_precision`, not `x.astype(dtype).astype(x.dtype)`: XLA may drop such a round
+    trip (it allows excess precision by default).
+    """
+    info = jnp.finfo(dtype)
+    if info.bits >= jnp.finfo(x.dtype).bits:
+        return x
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
 @jax.jit
 def _relative_errors(got: jax.Array, want: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`got`'s relative error against `want`, and `want`'s own once rounded to `got`'s dtype."""
     want32 = want.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(want32 * want32))
     diff = got.astype(jnp.float32) - want32
-    rounded = want.astype(got.dtype).astype(jnp.float32) - want32
+    rounded = rounded_to(want32, got.dtype) - want32
     return jnp.sqrt(jnp.sum(diff * diff)) / norm, jnp.sqrt(jnp.sum(rounded * rounded)) / norm
 
 
@@ -296,7 +308,7 @@ def float64_reference(
         want = pieces(x, y)[1]
         norm = jnp.sqrt(jnp.sum(want * want))
         diff = got.astype(jnp.float64) - want
-        rounded = want.astype(got.dtype).astype(jnp.float64) - want
+        rounded = rounded_to(want, got.dtype) - want
         return jnp.sqrt(jnp.sum(diff * diff)) / norm, jnp.sqrt(jnp.sum(rounded**2)) / norm
 
     with _enable_x64():
