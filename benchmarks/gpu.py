@@ -95,7 +95,7 @@ SHAPES = {
         plain_min_seconds=1.5,
         case_budget_s=60.0,
         torch_timeout_s=210.0,
-        deadline_s=450.0,
+        deadline_s=390.0,
         tokamax_blocks=(1024, 2048),
     ),
     "tiny": Shapes(
