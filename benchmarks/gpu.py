@@ -94,8 +94,8 @@ SHAPES = {
         warmup=2,
         plain_min_seconds=1.5,
         case_budget_s=60.0,
-        torch_timeout_s=210.0,
-        deadline_s=390.0,
+        torch_timeout_s=200.0,
+        deadline_s=420.0,
         tokamax_blocks=(1024, 2048),
     ),
     "tiny": Shapes(

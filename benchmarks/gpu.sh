@@ -8,14 +8,14 @@
 # puts the working tree first on PYTHONPATH (jaxce is not installed there), runs
 # `python -m benchmarks --suite gpu --out $OUT`, then the tests that need a GPU (`-m gpu` once
 # pyproject.toml registers that marker; until then the Pallas and fused-loss tests), and prints
-# the results table last. Everything ends within GPU_BUDGET_S seconds (default 540).
+# the results table last. Everything ends within GPU_BUDGET_S seconds (default 570).
 # Files in $OUT: env.txt, suite.log, tests.log, nvidia-h200/gpu_results.{json,md}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-BUDGET=${GPU_BUDGET_S:-540}
-SUITE_LIMIT=${GPU_SUITE_S:-450}
+BUDGET=${GPU_BUDGET_S:-570}
+SUITE_LIMIT=${GPU_SUITE_S:-480}
 left() { echo $((BUDGET - SECONDS)); }
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
