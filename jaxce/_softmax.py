@@ -16,7 +16,10 @@ IMPLEMENTATIONS = (None, "xla", "pallas")
 
 
 def check_implementation(implementation: object) -> None:
-    if implementation not in IMPLEMENTATIONS:
+    known = implementation is None or (
+        isinstance(implementation, str) and implementation in IMPLEMENTATIONS
+    )
+    if not known:
         raise ValueError(
             f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}."
         )

@@ -128,10 +128,9 @@ def _smoothing_sums(
 ) -> tuple[jax.Array, jax.Array]:
     """``(sum_block w (x - shift), sum_block w)`` over the block's existing classes."""
     if weights is None:
-        return (
-            jnp.sum(jnp.where(block.valid, block.x - shift, 0.0)),
-            jnp.sum(block.valid.astype(jnp.float32)),
-        )
+        width = spec.config.block_classes
+        existing = jnp.clip(spec.num_classes - block.start, 0, width).astype(jnp.float32)
+        return jnp.sum(jnp.where(block.valid, block.x - shift, 0.0)), existing
     # Padding has weight 0 and a -inf logit: kept out of the product either way.
     keep = weights != 0 if spec.zero_times_inf else block.valid
     return jnp.sum(jnp.where(keep, weights * (block.x - shift), 0.0)), jnp.sum(weights)
