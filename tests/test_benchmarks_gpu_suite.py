@@ -165,6 +165,12 @@ def test_tiny_end_to_end_run_writes_json_and_markdown(tmp_path, monkeypatch):
         row = rows[(plain_case, name)]
         assert row["median_ms"] > 0 and row["loss_rel_error"] < 1e-2
     assert rows[(plain_case, gpu.JAXCE_XLA)]["loss_rel_error"] < 1e-6
+    # The float64 reference (on the device) agrees with the host's fallback.
+    logits, labels = gpu.plain_inputs(16, 256, "bfloat16")
+    host = gpu._float64_loss_on_host(logits, labels, rows=5)
+    assert results["cases"][plain_case]["reference_loss"] == pytest.approx(host, rel=1e-12)
+    grad = rows[(plain_case, gpu.OPTAX)]
+    assert 0 < grad["grad_rounding"] < 1e-2 and grad["grad_rel_error"] < 1e-2
     assert rows[(plain_case, gpu.JAXCE_PALLAS)]["error"].startswith("not available: this")
     for (_, name), row in rows.items():
         if row.get("source") == "torch":
