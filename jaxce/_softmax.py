@@ -146,7 +146,8 @@ def softmax_cross_entropy_with_integer_labels(
         or ``hessian``: use ``"xla"`` there). float64 logits, a per-class
         ``where`` mask and empty batches take the XLA path; a per-example
         ``where`` and tuple ``axis`` run the kernel (a tuple ``axis`` after a
-        transpose).
+        transpose). XLA does not partition the kernel: with batch-sharded
+        logits, call the loss inside ``jax.shard_map``.
 
     Returns:
       The loss, float32 for half-precision logits (float64 for float64).
