@@ -261,8 +261,9 @@ def test_backward_keeps_two_floats_per_row_and_the_logits() -> None:
     )
     wide = [r for r, _ in residuals if r.size > 24]
     assert [(r.shape, r.dtype) for r in wide] == [((24, 300), jnp.bfloat16)], residuals
-    from_kernel = [r for r, why in residuals if "on_platform" in why]
-    assert [(r.shape, r.dtype) for r in from_kernel] == [((24,), jnp.float32)] * 2, residuals
+    # The kernel's rows are the flattened batch (24); the loss's own per-example terms are [4, 6].
+    per_kernel_row = [r.dtype for r, _ in residuals if r.shape == (24,)]
+    assert sorted(map(str, per_kernel_row)) == ["float32", "float32", "int32"], residuals
 
 
 def test_fallbacks_and_bad_implementation() -> None:
