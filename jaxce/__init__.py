@@ -9,6 +9,7 @@ from jaxce import verify as verify
 from jaxce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jaxce._binary import sigmoid_focal_loss as sigmoid_focal_loss
 from jaxce._checked import checked as checked
+from jaxce._linear import LinearCrossEntropyAux as LinearCrossEntropyAux
 from jaxce._linear import LinearCrossEntropyPlan as LinearCrossEntropyPlan
 from jaxce._linear import linear_cross_entropy as linear_cross_entropy
 from jaxce._linear import plan_linear_cross_entropy as plan_linear_cross_entropy

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxce import _checks, _closed_form, _integer_labels, _layout, _linear
+from jaxce._linear.prepare import prepare as _prepare_linear
 
 AxisName = Hashable | Sequence[Hashable]
 
@@ -291,7 +292,11 @@ def linear_cross_entropy(
     plan: _linear.LinearCrossEntropyPlan | None = None,
     reduction: str = "mean",
     batch_axis_name: AxisName | None = None,
-) -> jax.Array:
+    temperature: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    vocab_size: int | None = None,
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, _linear.LinearCrossEntropyAux]:
     r"""Cross-entropy of ``softcap(hidden @ W.T + b)`` with ``W``'s rows sharded over ``axis_name``.
 
     Call it inside :func:`jax.shard_map`: each of the ``n`` devices along
@@ -330,9 +335,16 @@ def linear_cross_entropy(
         (1 for next-token prediction; needs ``T > k``).
       chunk_size, plan: as in :func:`jaxce.linear_cross_entropy`, for this
         device's ``V / n`` classes.
+      temperature, token_weights, return_aux: as in
+        :func:`jaxce.linear_cross_entropy` (``token_weights`` like
+        ``labels``; the aux is the same on every device of ``axis_name``).
+      vocab_size: the number of real classes, all shards counted, when the
+        embedding's rows are padded to a multiple of ``n`` (or of 128 per
+        shard): the padding rows are the last ones, on the last shards; they
+        get probability 0 and zero gradients.
 
     Returns:
-      The loss (float32 for half-precision inputs).
+      The loss (float32 for half-precision inputs), or ``(loss, aux)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxce.sharded
@@ -380,7 +392,7 @@ def linear_cross_entropy(
         x = jnp.sum(x)
         return x if batch_axis_name is None else jax.lax.psum(x, batch_axis_name)
 
-    prepared = _linear.prepare(
+    prepared = _prepare_linear(
         hidden,
         weight_shard,
         labels,
@@ -393,6 +405,10 @@ def linear_cross_entropy(
         chunk_size=chunk_size,
         plan=plan,
         reduction=reduction,
+        temperature=temperature,
+        token_weights=token_weights,
+        vocab_size=vocab_size,
+        return_aux=return_aux,
         axis_name=axis_name,
         total=batch_total,
     )

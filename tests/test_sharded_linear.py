@@ -98,6 +98,18 @@ else:
             ),
         ),
         "mean-bfloat16-chunked": ((1, 8), jnp.bfloat16, dict(ignore_index=-100, chunk_size=5)),
+        "lm-rl-options-padding-on-the-last-shard": (
+            (2, 4),
+            jnp.float32,
+            dict(
+                ignore_index=-100,
+                temperature=0.8,
+                softcap=3.0,
+                token_weights=True,
+                vocab_size=VOCAB - 5,
+                chunk_size=4,
+            ),
+        ),
         "sum-smoothing-z-batch": (
             (4, 2),
             jnp.float32,
@@ -109,6 +121,13 @@ else:
     def test_values_and_gradients_match_the_single_device_loss(case: str) -> None:
         mesh_shape, dtype, options = CASES[case]
         data = inputs(dtype)
+        options = dict(options)
+        token_weights = None
+        if options.pop("token_weights", False):
+            weights = np.random.default_rng(5).uniform(0, 2, data["labels"].shape)
+            token_weights = jnp.asarray(weights, jnp.float32)
+        if "vocab_size" in options:
+            data["labels"] = jnp.minimum(data["labels"], options["vocab_size"] - 1)
         mesh = make_mesh(mesh_shape)
         batch_axis = "data" if mesh_shape[0] > 1 else None
         per_token = options.get("reduction") == "none"
@@ -119,23 +138,26 @@ else:
 
         def sharded(hidden, weight, bias):
             loss = jax.shard_map(
-                lambda h, w, b, y: jaxce.sharded.linear_cross_entropy(
+                lambda h, w, b, y, tw: jaxce.sharded.linear_cross_entropy(
                     h,
                     w,
                     y,
                     axis_name="model",
                     bias_shard=b,
                     batch_axis_name=None if per_token else batch_axis,
+                    token_weights=tw,
                     **options,
                 ),
                 mesh=mesh,
-                in_specs=(P(batch_axis), P("model"), P("model"), P(batch_axis)),
+                in_specs=(P(batch_axis), P("model"), P("model"), P(batch_axis), P(batch_axis)),
                 out_specs=out_spec,
-            )(hidden, weight, bias, data["labels"])
+            )(hidden, weight, bias, data["labels"], token_weights)
             return jnp.sum(loss * cotangent), loss
 
         def single(hidden, weight, bias):
-            loss = jaxce.linear_cross_entropy(hidden, weight, data["labels"], bias=bias, **options)
+            loss = jaxce.linear_cross_entropy(
+                hidden, weight, data["labels"], bias=bias, token_weights=token_weights, **options
+            )
             return jnp.sum(loss * cotangent), loss
 
         arguments = (data["hidden"], data["weight"], data["bias"])
@@ -252,3 +274,30 @@ else:
         assert_close(actual[0], expected[0], "loss")
         for a, e in zip(actual[1], expected[1], strict=True):
             assert_close(a, e, "gradient")
+
+    def test_aux_is_that_of_one_device_on_every_shard() -> None:
+        data = inputs(jnp.float32)
+        mesh = make_mesh((1, 8))
+        options = dict(temperature=1.5, softcap=3.0, vocab_size=VOCAB - 5, chunk_size=4, shift=1)
+        labels = jnp.minimum(data["labels"], VOCAB - 6)
+
+        def body(h, w, y):
+            _, aux = jaxce.sharded.linear_cross_entropy(
+                h, w, y, axis_name="model", return_aux=True, **options
+            )
+            return jax.tree_util.tree_map(lambda a: a[None], aux)
+
+        per_shard = jax.jit(
+            jax.shard_map(body, mesh=mesh, in_specs=(P(), P("model"), P()), out_specs=P("model"))
+        )(data["hidden"], data["weight"], labels)
+        _, expected = jaxce.linear_cross_entropy(
+            data["hidden"], data["weight"], labels, return_aux=True, **options
+        )
+        for name, values, want in zip(expected._fields, per_shard, expected, strict=True):
+            for shard in values:
+                np.testing.assert_array_equal(np.asarray(shard), np.asarray(values[0]))
+            if name == "argmax":
+                np.testing.assert_array_equal(values[0], want)
+                assert np.all(np.asarray(want) < VOCAB - 5)
+            else:
+                assert_close(values[0], want, name)

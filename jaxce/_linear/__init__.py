@@ -18,9 +18,9 @@ compare with is ``jaxce._references.linear_cross_entropy``.
 from jaxce._linear.api import gradients as gradients
 from jaxce._linear.api import linear_cross_entropy as linear_cross_entropy
 from jaxce._linear.api import reduce as reduce
+from jaxce._linear.chunks import LinearCrossEntropyAux as LinearCrossEntropyAux
 from jaxce._linear.plan import LinearCrossEntropyPlan as LinearCrossEntropyPlan
 from jaxce._linear.plan import default_chunk_size as default_chunk_size
 from jaxce._linear.plan import plan_linear_cross_entropy as plan_linear_cross_entropy
 from jaxce._linear.prepare import check_shift as check_shift
 from jaxce._linear.prepare import check_softcap as check_softcap
-from jaxce._linear.prepare import prepare as prepare

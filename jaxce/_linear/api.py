@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxce import _checks, _integer_labels
@@ -14,10 +16,23 @@ from jaxce._linear import chunks
 from jaxce._linear.plan import LinearCrossEntropyPlan
 from jaxce._linear.prepare import Config, Inputs, Prepared, prepare
 
+Aux = chunks.LinearCrossEntropyAux
+
+
+def _zero_tangents(aux: Aux | None) -> Aux | None:
+    """The aux's tangents: zeros (float0 for the integer argmax)."""
+    if aux is None:
+        return None
+    return Aux(
+        jnp.zeros_like(aux.logsumexp),
+        jnp.zeros_like(aux.entropy),
+        cast(jax.Array, np.zeros(aux.argmax.shape, jax.dtypes.float0)),
+    )
+
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _weighted_loss(config: Config, inputs: Inputs) -> jax.Array:
-    """``sum_i row_weight_i * loss_i`` (``"mean"`` and ``"sum"``).
+def _weighted_loss(config: Config, inputs: Inputs) -> tuple[jax.Array, Aux | None]:
+    """``sum_i row_weight_i * loss_i`` (``"mean"`` and ``"sum"``), and the aux if asked for.
 
     Its rule computes the gradients with respect to ``hidden``, ``weight`` and
     ``bias`` in the same pass as the loss: three matrix products in total, the
@@ -32,12 +47,14 @@ def _weighted_loss(config: Config, inputs: Inputs) -> jax.Array:
 @_weighted_loss.defjvp
 def _weighted_loss_jvp(
     config: Config, primals: tuple[Inputs], tangents: tuple[Inputs]
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[tuple[jax.Array, Aux | None], tuple[jax.Array, Aux | None]]:
     (inputs,), (t,) = primals, tangents
     wants = chunks.Wants(
         hidden=not chunks.is_zero(t.hidden),
         weight=not chunks.is_zero(t.weight),
         bias=not chunks.is_zero(t.bias),
+        temperature=not chunks.is_zero(t.temperature),
+        row_weight=not chunks.is_zero(t.row_weight),
     )
     totals = chunks.weighted_loss_and_grads(config, inputs, wants)
     compute = inputs.row_weight.dtype
@@ -53,36 +70,47 @@ def _weighted_loss_jvp(
     # On a vocabulary shard the linear layer's gradients are this shard's
     # share: their part of the tangent is summed over the shards.
     linear = inner(((totals.hidden, t.hidden), (totals.weight, t.weight), (totals.bias, t.bias)))
-    options = inner(((totals.smoothing, t.smoothing), (totals.z_loss, t.z_coefficient)))
+    options = inner(
+        (
+            (totals.smoothing, t.smoothing),
+            (totals.z_loss, t.z_coefficient),
+            (totals.temperature, t.temperature),
+            (totals.token_losses, t.row_weight),
+        )
+    )
     tangent = jnp.zeros((), compute)
     if linear is not None:
         tangent = tangent + chunks.vocab_sum(config, linear)
     if options is not None:
         tangent = tangent + options
-    return totals.total, tangent
+    return (totals.total, totals.aux), (tangent, _zero_tangents(totals.aux))
 
 
 _weighted_loss.defjvp(_weighted_loss_jvp, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _per_token_loss(config: Config, inputs: Inputs) -> jax.Array:
-    """``[N]`` losses (``"none"``).
+def _per_token_loss(config: Config, inputs: Inputs) -> tuple[jax.Array, Aux | None]:
+    """``[N]`` losses (``"none"``), and the aux if asked for.
 
     Its rule keeps a log-normaliser per token and a tangent map that reverse
     mode transposes into a second pass recomputing each chunk once
     (:func:`chunks.per_token_tangent`): four matrix products, and the largest
     temporaries those of one chunk plus the weight's float32 cotangent.
     """
-    return chunks.per_token_forward(config, inputs).loss
+    forward = chunks.per_token_forward(config, inputs)
+    return forward.loss, forward.aux
 
 
 def _per_token_loss_jvp(
     config: Config, primals: tuple[Inputs], tangents: tuple[Inputs]
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[tuple[jax.Array, Aux | None], tuple[jax.Array, Aux | None]]:
     (inputs,), (t,) = primals, tangents
-    forward = chunks.per_token_forward(config, inputs)
-    return forward.loss, chunks.per_token_tangent(config, inputs, forward, t)
+    forward = chunks.per_token_forward(
+        config, inputs, temperature=not chunks.is_zero(t.temperature)
+    )
+    tangent = chunks.per_token_tangent(config, inputs, forward, t)
+    return (forward.loss, forward.aux), (tangent, _zero_tangents(forward.aux))
 
 
 _per_token_loss.defjvp(_per_token_loss_jvp, symbolic_zeros=True)
@@ -110,15 +138,20 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     plan: LinearCrossEntropyPlan | None = None,
     reduction: str = "mean",
-) -> jax.Array:
+    temperature: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    vocab_size: int | None = None,
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, chunks.LinearCrossEntropyAux]:
     r"""Cross-entropy of ``softcap(hidden @ weight.T + bias)`` without holding the logits.
 
     Equal to :func:`softmax_cross_entropy_with_integer_labels` on the logits
 
     .. math::
-        x = c \tanh\bigl((h W^\top + b) / c\bigr)
+        x = c \tanh\bigl((h W^\top + b) / c\bigr) / T
 
-    (no ``tanh`` when ``softcap`` is None), with the same ``ignore_index``,
+    (no ``tanh`` when ``softcap`` is None, ``T = 1`` without a
+    ``temperature``), with the same ``ignore_index``,
     ``label_smoothing``, ``z_loss`` and reductions, but the ``[N, V]`` logits
     are never materialised: the ``N`` tokens are processed ``chunk_size`` at a
     time, and the largest temporary is one ``[chunk_size, V]`` buffer (two
@@ -152,9 +185,32 @@ def linear_cross_entropy(
       reduction: ``"mean"`` (over counted tokens; 0 with zero gradients when
         none is counted), ``"sum"``, or ``"none"`` (``[...]``, or
         ``[..., T - k]`` with ``shift=k``).
+      temperature: :math:`T > 0` dividing the logits after the soft cap
+        (the cap bounds the model's logits; the temperature then sharpens
+        or flattens their softmax), or None; may be traced, and its gradient
+        is exact. ``z_loss`` applies to the log-normaliser of ``x``.
+      token_weights: ``[...]`` (``labels``' shape, aligned with the labels:
+        with ``shift=k`` the weight of label ``t + k`` scales the prediction
+        at ``t``), multiplying each token's loss (its z-loss term too): a
+        loss mask, or RL advantages. ``"mean"`` then divides by the sum of
+        the weights of the counted tokens (as class weights do in
+        :func:`softmax_cross_entropy_with_integer_labels`; with signed
+        weights prefer ``"sum"``). May be traced; gradients with respect to
+        it are exact.
+      vocab_size: the number of real classes when ``weight``'s rows are
+        padded (embedding tables padded to a multiple of 128): rows at or
+        past it get probability 0 and exactly zero gradients, also under the
+        soft cap, and a label at or past it is invalid. None: every row of
+        ``weight`` is a class.
+      return_aux: also return a :class:`jaxce.LinearCrossEntropyAux` of
+        per-token diagnostics (log-normaliser, entropy, argmax: accuracy is
+        ``aux.argmax == labels``), formed in the same pass over the chunks
+        with no extra matrix product. No gradient flows through them, and
+        asking for them changes neither the loss nor its gradients.
 
     Returns:
-      The loss, float32 for half-precision inputs (float64 for float64).
+      The loss, float32 for half-precision inputs (float64 for float64), or
+      ``(loss, aux)`` with ``return_aux=True``.
       Gradients with respect to ``hidden``, ``weight`` and ``bias`` come back
       in their dtypes, accumulated in float32 (or float64). With bfloat16
       inputs no float32 copy of ``weight`` is made: the hidden gradient's
@@ -202,6 +258,10 @@ def linear_cross_entropy(
         chunk_size=chunk_size,
         plan=plan,
         reduction=reduction,
+        temperature=temperature,
+        token_weights=token_weights,
+        vocab_size=vocab_size,
+        return_aux=return_aux,
     )
     return reduce(prepared, reduction, shift)
 
@@ -211,26 +271,52 @@ def reduce(
     reduction: str,
     shift: int,
     total: Callable[[jax.Array], jax.Array] = jnp.sum,
-) -> jax.Array:
-    """The loss of a prepared call; ``total`` adds the sums over a batch axis, if any."""
+) -> jax.Array | tuple[jax.Array, Aux]:
+    """The loss of a prepared call (and its aux, if asked for).
+
+    ``total`` adds the sums over a batch axis, if any.
+    """
+    aux = None
     if reduction == "none":
-        return _per_token_losses(prepared, shift)
-    if prepared.config is None:
-        return jnp.zeros((), prepared.compute)
-    loss = total(_weighted_loss_jit(prepared.config, prepared.inputs))
-    return loss + _integer_labels.nan_if_invalid(prepared.rule, prepared.compute, total)
-
-
-def _per_token_losses(prepared: Prepared, shift: int) -> jax.Array:
-    """``[...]`` (``[..., T - k]`` with ``shift=k``): 0 where not counted, NaN where invalid."""
-    labels_shape = prepared.labels_shape
-    if prepared.config is None:
-        loss = jnp.zeros(labels_shape, prepared.compute)
+        loss, aux = _per_token_losses(prepared, shift)
+    elif prepared.config is None:
+        loss = jnp.zeros((), prepared.compute)
     else:
-        loss = _per_token_loss_jit(prepared.config, prepared.inputs)
-        loss = jnp.where(prepared.rule.counted, loss, 0)
-        loss = _integer_labels.nan_where_invalid(prepared.rule, loss).reshape(labels_shape)
-    return loss[..., : labels_shape[-1] - shift] if shift else loss
+        loss, aux = _weighted_loss_jit(prepared.config, prepared.inputs)
+        loss = total(loss)
+        loss = loss + _integer_labels.nan_if_invalid(prepared.rule, prepared.compute, total)
+    if not prepared.return_aux:
+        return loss
+    return loss, _per_token_aux(prepared, aux, shift)
+
+
+def _per_token(prepared: Prepared, values: jax.Array, shift: int) -> jax.Array:
+    """``[N]`` per-token values as ``[...]`` (``[..., T - k]`` with ``shift=k``)."""
+    labels_shape = prepared.labels_shape
+    values = values.reshape(labels_shape)
+    return values[..., : labels_shape[-1] - shift] if shift else values
+
+
+def _per_token_aux(prepared: Prepared, aux: Aux | None, shift: int) -> Aux:
+    """The aux in the shape of the per-token losses, cut off from the gradients."""
+    if aux is None:  # no tokens
+        empty = jnp.zeros(prepared.labels_shape, prepared.compute)
+        aux = Aux(empty, empty, jnp.zeros(prepared.labels_shape, jnp.int32))
+    else:
+        aux = Aux(*(_per_token(prepared, values, shift) for values in aux))
+    return jax.lax.stop_gradient(aux)
+
+
+def _per_token_losses(prepared: Prepared, shift: int) -> tuple[jax.Array, Aux | None]:
+    """``[...]`` (``[..., T - k]`` with ``shift=k``): 0 where not counted, NaN where invalid."""
+    if prepared.config is None:
+        return jnp.zeros(prepared.labels_shape, prepared.compute), None
+    loss, aux = _per_token_loss_jit(prepared.config, prepared.inputs)
+    if prepared.token_weights is not None:
+        loss = loss * prepared.token_weights
+    loss = jnp.where(prepared.rule.counted, loss, 0)
+    loss = _integer_labels.nan_where_invalid(prepared.rule, loss)
+    return _per_token(prepared, loss, shift), aux
 
 
 def gradients(
@@ -247,6 +333,9 @@ def gradients(
     chunk_size: int | None = None,
     plan: LinearCrossEntropyPlan | None = None,
     reduction: str = "mean",
+    temperature: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Gradients of :func:`linear_cross_entropy` w.r.t. ``hidden``, ``weight``, ``bias``.
 
@@ -276,6 +365,9 @@ def gradients(
         chunk_size=chunk_size,
         plan=plan,
         reduction="sum" if reduction == "none" else reduction,
+        temperature=temperature,
+        token_weights=token_weights,
+        vocab_size=vocab_size,
     )
     # The gradients come back in the (floating) dtypes of the inputs.
     hidden_dtype = _checks.as_float_array(hidden, "hidden").dtype

@@ -122,10 +122,31 @@ def _cap(config: Config, logits: jax.Array) -> jax.Array:
     return config.softcap * jnp.tanh(logits / config.softcap)
 
 
-def _cap_derivative(config: Config, capped: jax.Array) -> jax.Array:
-    """``d cap(x) / dx = 1 - (cap(x) / c)^2``, from the capped value."""
-    assert config.softcap is not None
-    return 1 - jnp.square(capped / config.softcap)
+def _logit_chain(config: Config, inputs: Inputs, x: jax.Array) -> jax.Array | None:
+    """``dx / dz`` for the logits ``x = cap(z) / T`` (None when ``x = z``), from ``x``.
+
+    ``d cap(z) / dz = 1 - (cap(z) / c)^2``, and the temperature divides.
+    """
+    chain = None
+    if config.softcap is not None:
+        capped = x * inputs.temperature if config.temperature else x
+        chain = 1 - jnp.square(capped / config.softcap)
+    if config.temperature:
+        chain = 1 / inputs.temperature if chain is None else chain / inputs.temperature
+    return chain
+
+
+def _real_classes(config: Config, local_vocab: int, start: Any, width: int) -> jax.Array | None:
+    """``[width]``: True at this device's columns ``start ..`` that are real classes.
+
+    None without padding (``vocab_size``): every column is.
+    """
+    if config.vocab_size is None:
+        return None
+    first = start
+    if config.axis_name is not None:
+        first = first + jax.lax.axis_index(config.axis_name) * local_vocab
+    return first + jnp.arange(width) < config.vocab_size
 
 
 def _loop(length: int, body: Any, init: Any) -> Any:
@@ -152,8 +173,8 @@ class Chunk(NamedTuple):
     fresh: jax.Array  # [C] rows no earlier chunk covered
     hidden: jax.Array  # [C, D] in the matmul dtype
     target: jax.Array  # [C] label columns among this device's classes
-    logits: jax.Array  # [C, V] in the compute dtype, capped
-    label_logit: jax.Array  # [C], capped
+    logits: jax.Array  # [C, V] in the compute dtype, capped, tempered, -inf at padding
+    label_logit: jax.Array  # [C], capped and tempered
     label_rows: jax.Array | None  # [C, D] `weight[target]`; None for bfloat16 or vocab shards
 
 
@@ -179,7 +200,10 @@ def chunk_logits(config: Config, inputs: Inputs, index: jax.Array, compute: Any)
     logits = jax.lax.dot_general(hidden, weight, _CONTRACT_DIM, preferred_element_type=compute)
     if bias is not None:
         logits = logits + bias.astype(compute)[None, :]
-    logits = _cap(config, logits)
+    logits = _temper(config, inputs, _cap(config, logits))
+    real = _real_classes(config, weight.shape[0], 0, weight.shape[0])
+    if real is not None:
+        logits = jnp.where(real[None, :], logits, -jnp.inf)
     if weight.dtype == jnp.bfloat16 or config.axis_name is not None:
         label_logit = xla_cpu.label_column(logits, label_mask(target, logits.shape[-1]))
         return Chunk(start, fresh, hidden, target, logits, vocab_sum(config, label_logit), None)
@@ -187,7 +211,13 @@ def chunk_logits(config: Config, inputs: Inputs, index: jax.Array, compute: Any)
     label_logit = jnp.sum(hidden.astype(compute) * label_rows, axis=-1)
     if bias is not None:
         label_logit = label_logit + jnp.take(bias, target).astype(compute)
-    return Chunk(start, fresh, hidden, target, logits, _cap(config, label_logit), label_rows)
+    label_logit = _temper(config, inputs, _cap(config, label_logit))
+    return Chunk(start, fresh, hidden, target, logits, label_logit, label_rows)
+
+
+def _temper(config: Config, inputs: Inputs, x: jax.Array) -> jax.Array:
+    """The logits divided by the temperature, if any."""
+    return x / inputs.temperature if config.temperature else x
 
 
 class RowLoss(NamedTuple):
@@ -200,18 +230,30 @@ class RowLoss(NamedTuple):
     sum_exp: jax.Array  # [C]
     row_max: jax.Array  # [C, 1]
     log_partition: jax.Array  # [C] logsumexp(x)
+    shifted_sum: jax.Array | None  # [C] sum_c (x_c - m) over the classes, with smoothing
+    mean_shifted: jax.Array | None  # [C] sum_c p_c (x_c - m), for the entropy and d/dT
+    argmax: jax.Array | None  # [C] the class of the largest logit (the first), with aux
 
 
-def row_loss(config: Config, inputs: Inputs, chunk: Chunk) -> RowLoss:
+def row_loss(
+    config: Config, inputs: Inputs, chunk: Chunk, *, mean_shifted: bool = False
+) -> RowLoss:
+    """The rows' losses; ``mean_shifted`` (also with ``config.aux``) forms ``E_p[x] - m``."""
     logits = chunk.logits
-    vocab = config.num_classes(logits.shape[-1])
+    local_vocab = logits.shape[-1]
+    vocab = config.num_classes(local_vocab)
     # lse = m + log sum_j exp(x_j - m) with m the row max: no exp overflows, and
     # -log p_y = log sum_j exp(x_j - m) - (x_y - m) has no lse - x_y cancellation.
-    row_max = vocab_max(config, jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    local_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    row_max = vocab_max(config, local_max)
     # sum_c -log p_c = V log sum_j exp(x_j - m) - sum_c (x_c - m)
     shifted_sum = None
     if config.smoothing:
-        shifted_sum = vocab_sum(config, jnp.sum(logits - row_max, axis=-1))
+        shifted = logits - row_max
+        real = _real_classes(config, local_vocab, 0, local_vocab)
+        if real is not None:
+            shifted = jnp.where(real[None, :], shifted, 0)
+        shifted_sum = vocab_sum(config, jnp.sum(shifted, axis=-1))
     exps = jnp.exp(logits - row_max)
     sum_exp = vocab_sum(config, jnp.sum(exps, axis=-1))
     log_normalizer = jnp.log(sum_exp)
@@ -223,7 +265,48 @@ def row_loss(config: Config, inputs: Inputs, chunk: Chunk) -> RowLoss:
         loss = _integer_labels.mix(nll, smooth, None, inputs.smoothing, vocab)
     if config.z_loss:
         loss = loss + _closed_form.z_loss_term(inputs.z_coefficient, log_partition)
-    return RowLoss(loss, nll, smooth, exps, sum_exp, row_max, log_partition)
+    expected = None
+    if mean_shifted or config.aux:
+        # sum_c p_c (x_c - m) = sum_c e_c log e_c / sum_c e_c with e = exp(x - m),
+        # from the exponentials alone (the logits may already be written over).
+        plogp = jnp.sum(jnp.where(exps > 0, exps * jnp.log(exps), 0), axis=-1)
+        expected = vocab_sum(config, plogp) / sum_exp
+    argmax = None
+    if config.aux:
+        argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if config.axis_name is not None:
+            # The first class of the largest logit: the lowest index among the
+            # shards that hold the row maximum.
+            offset = jax.lax.axis_index(config.axis_name) * local_vocab
+            candidate = jnp.where(local_max[:, 0] == row_max[:, 0], argmax + offset, vocab)
+            argmax = jax.lax.pmin(candidate, config.axis_name)
+    return RowLoss(
+        loss, nll, smooth, exps, sum_exp, row_max, log_partition, shifted_sum, expected, argmax
+    )
+
+
+def _temperature_derivative(
+    config: Config, inputs: Inputs, chunk: Chunk, losses: RowLoss
+) -> jax.Array:
+    """``[C]``: ``d loss_r / dT`` for the logits ``x = cap(z) / T``.
+
+    ``dx / dT = -x / T``, so it is ``-(1/T) sum_c (d loss_r / dx_c) x_c`` with
+    ``d loss_r / dx = p (1 + 2 z lse) - eps / V - (1 - eps) onehot(y)``: row sums
+    the forward pass has (``sum_c p_c x_c = m + E_p[x - m]``), no pass over
+    the logits.
+    """
+    assert losses.mean_shifted is not None
+    row_max = losses.row_max[:, 0]
+    p_term = row_max + losses.mean_shifted
+    if config.z_loss:
+        p_term = p_term * (1 + 2 * inputs.z_coefficient * losses.log_partition)
+    label_term = chunk.label_logit
+    if config.smoothing:
+        assert losses.shifted_sum is not None
+        vocab = config.num_classes(chunk.logits.shape[-1])
+        label_term = (1 - inputs.smoothing) * label_term
+        p_term = p_term - (inputs.smoothing / vocab) * (losses.shifted_sum + vocab * row_max)
+    return -(p_term - label_term) / inputs.temperature
 
 
 def _row_weights(config: Config, inputs: Inputs, chunk: Chunk) -> jax.Array:
@@ -237,25 +320,83 @@ def _weighted_sum(weights: jax.Array, values: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(weights != 0, weights * values, 0))
 
 
-def weighted_loss(config: Config, inputs: Inputs) -> jax.Array:
-    """``sum_i row_weight_i * loss_i`` without gradients: one matrix product."""
+class LinearCrossEntropyAux(NamedTuple):
+    """Per-token diagnostics from :func:`jaxce.linear_cross_entropy` with ``return_aux=True``.
+
+    Each has the shape of the per-token losses (``labels``' shape, or
+    ``[..., T - k]`` with ``shift=k``) and describes the softmax the loss uses:
+    that of the logits after the soft cap and the temperature, padding
+    classes left out. They are computed in the loss's own pass over the
+    chunks (no extra matrix product) and are diagnostics: no gradient flows
+    through them.
+    """
+
+    logsumexp: jax.Array  #: the log-normaliser ``log sum_c exp(x_c)`` (float32 for half inputs)
+    entropy: jax.Array  #: the softmax's entropy ``-sum_c p_c log p_c``
+    argmax: jax.Array  #: int32, the most probable class (the first of equal ones)
+
+
+def _empty_aux(config: Config, inputs: Inputs) -> LinearCrossEntropyAux | None:
+    if not config.aux:
+        return None
+    compute = inputs.row_weight.dtype
+    floats = jnp.zeros((config.num_tokens,), compute)
+    return _varying_like(
+        LinearCrossEntropyAux(floats, floats, jnp.zeros((config.num_tokens,), jnp.int32)),
+        _token_side(inputs),
+    )
+
+
+def _put_rows(config: Config, values: Any, start: jax.Array, chunk_values: Any) -> Any:
+    """Writes a chunk's per-row values (a pytree) at rows ``start ..`` of ``[N]`` arrays.
+
+    The rows the last chunk shares with the one before get the same values again.
+    """
+    del config
+    return jax.tree_util.tree_map(
+        lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, start, 0),
+        values,
+        chunk_values,
+    )
+
+
+def _chunk_aux(
+    aux: LinearCrossEntropyAux | None, chunk: Chunk, losses: RowLoss, config: Config
+) -> LinearCrossEntropyAux | None:
+    """``aux`` with this chunk's rows written in."""
+    if aux is None:
+        return None
+    assert losses.mean_shifted is not None and losses.argmax is not None
+    entropy = jnp.log(losses.sum_exp) - losses.mean_shifted
+    rows = LinearCrossEntropyAux(losses.log_partition, entropy, losses.argmax)
+    return _put_rows(config, aux, chunk.start, rows)
+
+
+def weighted_loss(config: Config, inputs: Inputs) -> tuple[jax.Array, LinearCrossEntropyAux | None]:
+    """``sum_i row_weight_i * loss_i`` (and the aux) without gradients: one matrix product."""
     compute = inputs.row_weight.dtype
 
-    def body(index: jax.Array, total: jax.Array) -> jax.Array:
+    def body(
+        index: jax.Array, carry: tuple[jax.Array, LinearCrossEntropyAux | None]
+    ) -> tuple[jax.Array, LinearCrossEntropyAux | None]:
+        total, aux = carry
         chunk = chunk_logits(config, inputs, index, compute)
         losses = row_loss(config, inputs, chunk)
-        return total + _weighted_sum(_row_weights(config, inputs, chunk), losses.loss)
+        total = total + _weighted_sum(_row_weights(config, inputs, chunk), losses.loss)
+        return total, _chunk_aux(aux, chunk, losses, config)
 
-    init = _varying_like(jnp.zeros((), compute), _token_side(inputs))
+    init = (_varying_like(jnp.zeros((), compute), _token_side(inputs)), _empty_aux(config, inputs))
     return jax.lax.fori_loop(0, config.num_chunks, body, init)
 
 
 class Wants(NamedTuple):
-    """Which gradients to form (those whose tangent is not a symbolic zero)."""
+    """Which derivatives to form (those whose tangent is not a symbolic zero)."""
 
     hidden: bool
     weight: bool
     bias: bool
+    temperature: bool = False
+    row_weight: bool = False  # the per-token losses (d total / d row_weight)
 
 
 class Totals(NamedTuple):
@@ -264,6 +405,9 @@ class Totals(NamedTuple):
     total: jax.Array
     smoothing: jax.Array | None  # d total / d label_smoothing
     z_loss: jax.Array | None  # d total / d z_loss
+    temperature: jax.Array | None  # d total / d temperature
+    token_losses: jax.Array | None  # [N] d total / d row_weight: each token's loss
+    aux: LinearCrossEntropyAux | None
     hidden: jax.Array | None  # [N, D]
     weight: jax.Array | None  # [V, D]
     bias: jax.Array | None  # [V]
@@ -282,7 +426,7 @@ class Coefficients(NamedTuple):
 
     row_scale: jax.Array  # [C, 1] weight (1 + 2 z lse) / sum exps: times exps, p's term
     offset: jax.Array  # [C, 1] weight eps / V: the smoothing term
-    label: jax.Array  # [C] weight (1 - eps) cap'(x_y): the one-hot term
+    label: jax.Array  # [C] weight (1 - eps) dx_y/dz_y: the one-hot term
 
 
 def _coefficients(
@@ -295,30 +439,47 @@ def _coefficients(
     label = weights
     if config.smoothing:
         label = (1 - inputs.smoothing) * weights
-    if config.softcap is not None:
-        label = label * _cap_derivative(config, chunk.label_logit)
+    chain = _logit_chain(config, inputs, chunk.label_logit)
+    if chain is not None:
+        label = label * chain
     offset = (inputs.smoothing / vocab) * weights[:, None]
     return Coefficients((scale / losses.sum_exp)[:, None], offset, label)
 
 
 def _dense_gradient(
-    config: Config, exps: jax.Array, logits: jax.Array, coefficients: Coefficients
+    config: Config,
+    inputs: Inputs,
+    exps: jax.Array,
+    logits: jax.Array,
+    coefficients: Coefficients,
+    real: jax.Array | None,
 ) -> jax.Array:
-    """The gradient w.r.t. the logit columns ``logits``, all but the one-hot term."""
+    """The gradient w.r.t. the logit columns ``logits``, all but the one-hot term.
+
+    Exactly 0 at padding columns (``real`` False).
+    """
     g = exps * coefficients.row_scale
     if config.smoothing:
         g = g - coefficients.offset
-    if config.softcap is not None:
-        g = g * _cap_derivative(config, logits)
+    chain = _logit_chain(config, inputs, logits)
+    if chain is not None:
+        g = g * chain
+    if real is not None:
+        g = jnp.where(real[None, :], g, 0)
     return g
 
 
-def _add_scalars(
-    config: Config, totals: Totals, inputs: Inputs, losses: RowLoss, weights: jax.Array
+def _add_row_values(
+    config: Config,
+    totals: Totals,
+    inputs: Inputs,
+    chunk: Chunk,
+    losses: RowLoss,
+    weights: jax.Array,
 ) -> Totals:
-    """The sum and, as cheap by-products, its derivatives by ``label_smoothing`` and ``z_loss``."""
+    """The sum and, as cheap by-products, its derivatives by the options and the row weights."""
     total = totals.total + _weighted_sum(weights, losses.loss)
-    smoothing, z_loss = totals.smoothing, totals.z_loss
+    smoothing, z_loss, temperature = totals.smoothing, totals.z_loss, totals.temperature
     if config.smoothing:
         assert smoothing is not None and losses.smooth is not None
         vocab = config.num_classes(losses.exps.shape[-1])
@@ -326,7 +487,20 @@ def _add_scalars(
     if config.z_loss:
         assert z_loss is not None
         z_loss = z_loss + _weighted_sum(weights, jnp.square(losses.log_partition))
-    return totals._replace(total=total, smoothing=smoothing, z_loss=z_loss)
+    if temperature is not None:
+        d_temperature = _temperature_derivative(config, inputs, chunk, losses)
+        temperature = temperature + _weighted_sum(weights, d_temperature)
+    token_losses = totals.token_losses
+    if token_losses is not None:
+        token_losses = _put_rows(config, token_losses, chunk.start, losses.loss)
+    return totals._replace(
+        total=total,
+        smoothing=smoothing,
+        z_loss=z_loss,
+        temperature=temperature,
+        token_losses=token_losses,
+        aux=_chunk_aux(totals.aux, chunk, losses, config),
+    )
 
 
 def _store_hidden(config: Config, totals: Totals, chunk: Chunk, d_hidden: jax.Array) -> Totals:
@@ -391,11 +565,17 @@ def weighted_loss_and_grads(config: Config, inputs: Inputs, wants: Wants) -> Tot
 
     # The sums are per token (the same on every vocabulary shard); the
     # gradients are each shard's own.
-    scalars = _varying_like(
-        (jnp.zeros((), compute), zeros(config.smoothing, ()), zeros(config.z_loss, ())),
+    total, smoothing, z_loss, temperature, token_losses = _varying_like(
+        (
+            jnp.zeros((), compute),
+            zeros(config.smoothing, ()),
+            zeros(config.z_loss, ()),
+            zeros(config.temperature and wants.temperature, ()),
+            zeros(wants.row_weight, (config.num_tokens,)),
+        ),
         _token_side(inputs),
     )
-    gradients = _varying_like(
+    hidden, weight, bias = _varying_like(
         (
             zeros(wants.hidden, (config.num_tokens, dim)),
             zeros(wants.weight, (vocab, dim)),
@@ -403,7 +583,17 @@ def weighted_loss_and_grads(config: Config, inputs: Inputs, wants: Wants) -> Tot
         ),
         inputs,
     )
-    init = Totals(*scalars, *gradients)
+    init = Totals(
+        total,
+        smoothing,
+        z_loss,
+        temperature,
+        token_losses,
+        _empty_aux(config, inputs),
+        hidden,
+        weight,
+        bias,
+    )
     if inputs.weight.dtype == jnp.bfloat16 or config.axis_name is not None:
         body = functools.partial(_gradients_whole, config, inputs, wants, compute)
     else:
@@ -430,9 +620,9 @@ def _gradients_blocked(
     vocab, dim = weight.shape
     block = config.vocab_block
     chunk = chunk_logits(config, inputs, index, compute)
-    losses = row_loss(config, inputs, chunk)
+    losses = row_loss(config, inputs, chunk, mean_shifted=totals.temperature is not None)
     weights = _row_weights(config, inputs, chunk)
-    totals = _add_scalars(config, totals, inputs, losses, weights)
+    totals = _add_row_values(config, totals, inputs, chunk, losses, weights)
     coefficients = _coefficients(config, inputs, chunk, losses, weights)
     hidden_up = chunk.hidden.astype(compute)
 
@@ -443,7 +633,8 @@ def _gradients_blocked(
             exps = jax.lax.dynamic_slice_in_dim(losses.exps, v_start, block, axis=1)
         else:
             exps = jnp.exp(x - losses.row_max)
-        g = _dense_gradient(config, exps, x, coefficients)
+        real = _real_classes(config, vocab, v_start, block)
+        g = _dense_gradient(config, inputs, exps, x, coefficients, real)
         g = _without_covered_columns(g, v_index, v_start, vocab)
         hidden = carry.hidden
         if hidden is not None:
@@ -498,12 +689,13 @@ def _gradients_whole(
     vocab = weight.shape[0]
     block = config.vocab_block
     chunk = chunk_logits(config, inputs, index, compute)
-    losses = row_loss(config, inputs, chunk)
+    losses = row_loss(config, inputs, chunk, mean_shifted=totals.temperature is not None)
     weights = _row_weights(config, inputs, chunk)
-    totals = _add_scalars(config, totals, inputs, losses, weights)
+    totals = _add_row_values(config, totals, inputs, chunk, losses, weights)
     coefficients = _coefficients(config, inputs, chunk, losses, weights)
     one_hot = jnp.where(label_mask(chunk.target, vocab), coefficients.label[:, None], 0)
-    g = _dense_gradient(config, losses.exps, chunk.logits, coefficients) - one_hot
+    real = _real_classes(config, vocab, 0, vocab)
+    g = _dense_gradient(config, inputs, losses.exps, chunk.logits, coefficients, real) - one_hot
     if wants.hidden:
         totals = _store_hidden(config, totals, chunk, _times_weight(g, weight))
     hidden_up = chunk.hidden.astype(compute)
@@ -565,30 +757,40 @@ class PerToken(NamedTuple):
     loss: jax.Array  # [N]
     log_partition: jax.Array  # [N] logsumexp of each token's logits
     d_smoothing: jax.Array | None  # [N] d loss_i / d label_smoothing, with smoothing
+    d_temperature: jax.Array | None  # [N] d loss_i / d temperature, when asked for
+    aux: LinearCrossEntropyAux | None
 
 
-def per_token_forward(config: Config, inputs: Inputs) -> PerToken:
-    """``[N]`` losses and log-normalisers: one matrix product."""
+def per_token_forward(config: Config, inputs: Inputs, *, temperature: bool = False) -> PerToken:
+    """``[N]`` losses and log-normalisers (and the aux): one matrix product.
+
+    ``temperature`` forms each loss's derivative by the temperature too.
+    """
     compute = inputs.row_weight.dtype
 
     def body(index: jax.Array, out: PerToken) -> PerToken:
         chunk = chunk_logits(config, inputs, index, compute)
-        losses = row_loss(config, inputs, chunk)
-
-        def put(values: jax.Array, chunk_values: jax.Array) -> jax.Array:
-            return jax.lax.dynamic_update_slice_in_dim(values, chunk_values, chunk.start, 0)
-
-        d_smoothing = out.d_smoothing
-        if d_smoothing is not None:
+        losses = row_loss(config, inputs, chunk, mean_shifted=temperature)
+        rows = out._replace(loss=losses.loss, log_partition=losses.log_partition, aux=None)
+        if out.d_smoothing is not None:
             assert losses.smooth is not None
             vocab = config.num_classes(chunk.logits.shape[-1])
-            d_smoothing = put(d_smoothing, losses.smooth / vocab - losses.nll)
-        return PerToken(
-            put(out.loss, losses.loss), put(out.log_partition, losses.log_partition), d_smoothing
-        )
+            rows = rows._replace(d_smoothing=losses.smooth / vocab - losses.nll)
+        if out.d_temperature is not None:
+            d_temperature = _temperature_derivative(config, inputs, chunk, losses)
+            rows = rows._replace(d_temperature=d_temperature)
+        aux = _chunk_aux(out.aux, chunk, losses, config)
+        out = _put_rows(config, out._replace(aux=None), chunk.start, rows)
+        return out._replace(aux=aux)
 
     empty = _varying_like(jnp.zeros((config.num_tokens,), compute), _token_side(inputs))
-    init = PerToken(empty, empty, empty if config.smoothing else None)
+    init = PerToken(
+        empty,
+        empty,
+        empty if config.smoothing else None,
+        empty if temperature and config.temperature else None,
+        _empty_aux(config, inputs),
+    )
     return jax.lax.fori_loop(0, config.num_chunks, body, init)
 
 
@@ -608,8 +810,12 @@ def _per_token_logit_gradient(
     g = p - jnp.where(label_mask(chunk.target, vocab), label, 0)
     if config.smoothing:
         g = g - inputs.smoothing / config.num_classes(vocab)
-    if config.softcap is not None:
-        g = g * _cap_derivative(config, chunk.logits)
+    chain = _logit_chain(config, inputs, chunk.logits)
+    if chain is not None:
+        g = g * chain
+    real = _real_classes(config, vocab, 0, vocab)
+    if real is not None:
+        g = jnp.where(real[None, :], g, 0)
     return g
 
 
@@ -660,4 +866,8 @@ def per_token_tangent(
     t_z = nonzero_tangent(tangents.z_coefficient, compute)
     if config.z_loss and t_z is not None:
         tangent = tangent + jnp.square(forward.log_partition) * t_z
+    t_temperature = nonzero_tangent(tangents.temperature, compute)
+    if config.temperature and t_temperature is not None:
+        assert forward.d_temperature is not None
+        tangent = tangent + forward.d_temperature * t_temperature
     return tangent

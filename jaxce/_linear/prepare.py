@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxce import _checks, _integer_labels
@@ -28,14 +29,21 @@ class Config:
     # contiguous slice of the classes, one of `num_shards` along `axis_name`.
     axis_name: Hashable | None = None
     num_shards: int = 1
+    # Logits divided by a temperature (after the soft cap).
+    temperature: bool = False
+    # The classes at or past `vocab_size` (all devices counted) are padding:
+    # probability 0 and zero gradients. None: every row of `weight` is a class.
+    vocab_size: int | None = None
+    # The per-token log-normaliser, entropy and argmax are formed too.
+    aux: bool = False
 
     @property
     def num_chunks(self) -> int:
         return -(-self.num_tokens // self.chunk)
 
     def num_classes(self, local_vocab: int) -> int:
-        """All the classes, from the number this device holds."""
-        return local_vocab * self.num_shards
+        """The real classes (all devices, padding left out), from the rows this device holds."""
+        return local_vocab * self.num_shards if self.vocab_size is None else self.vocab_size
 
 
 class Inputs(NamedTuple):
@@ -48,6 +56,7 @@ class Inputs(NamedTuple):
     row_weight: jax.Array  # [N] weight of each token's loss for the reduction
     smoothing: jax.Array  # label smoothing, in the compute dtype
     z_coefficient: jax.Array  # z-loss coefficient, in the compute dtype
+    temperature: jax.Array  # the logits' divisor (1 without one), in the compute dtype
 
 
 class Prepared(NamedTuple):
@@ -58,6 +67,8 @@ class Prepared(NamedTuple):
     rule: _integer_labels.LabelRule  # [N]: which tokens count, which are invalid
     compute: Any  # the dtype of the logits and of every accumulation
     labels_shape: tuple[int, ...]
+    token_weights: jax.Array | None  # [N], shifted like the labels
+    return_aux: bool
 
 
 def prepare(
@@ -74,6 +85,10 @@ def prepare(
     chunk_size: int | None,
     plan: LinearCrossEntropyPlan | None,
     reduction: str,
+    temperature: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    vocab_size: int | None = None,
+    return_aux: bool = False,
     axis_name: Hashable | None = None,
     total: Callable[[jax.Array], jax.Array] = jnp.sum,
 ) -> Prepared:
@@ -90,6 +105,16 @@ def prepare(
     bias = _checks.optional_float(bias, "bias")
     _integer_labels.check_options(reduction, label_smoothing, z_loss, ignore_index)
     _check_arguments(hidden, weight, labels, bias, softcap, shift, chunk_size)
+    temperature_valid = check_temperature(temperature)
+    if token_weights is not None:
+        token_weights = _checks.as_float_array(token_weights, "token_weights")
+        if token_weights.shape != labels.shape:
+            raise ValueError(
+                f"`token_weights` must have the shape of `labels`, {labels.shape} (one "
+                f"weight per token, aligned with the labels), got {token_weights.shape}."
+            )
+    if not isinstance(return_aux, bool):
+        raise TypeError(f"`return_aux` must be True or False, got {return_aux!r}.")
     if plan is not None and not isinstance(plan, LinearCrossEntropyPlan):
         raise TypeError(
             "`plan` must be a LinearCrossEntropyPlan from "
@@ -106,7 +131,8 @@ def prepare(
     hidden, weight = hidden.astype(matmul_dtype), weight.astype(matmul_dtype)
     vocab, dim = weight.shape  # this device's classes
     num_shards = 1 if axis_name is None else jax.lax.axis_size(axis_name)
-    num_classes = vocab * num_shards
+    check_vocab_size(vocab_size, vocab * num_shards)
+    num_classes = vocab * num_shards if vocab_size is None else vocab_size
     labels_shape = labels.shape
 
     position_counts = None
@@ -117,6 +143,10 @@ def prepare(
         labels = jnp.concatenate(
             [labels[..., shift:], jnp.zeros_like(labels[..., :shift])], axis=-1
         )
+        if token_weights is not None:
+            token_weights = jnp.concatenate(
+                [token_weights[..., shift:], jnp.zeros_like(token_weights[..., :shift])], axis=-1
+            )
         position_counts = jnp.arange(labels.shape[-1]) < labels.shape[-1] - shift
         position_counts = jnp.broadcast_to(position_counts, labels.shape).reshape(-1)
     labels = labels.reshape(-1)
@@ -129,12 +159,21 @@ def prepare(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
     )
+    rule = rule._replace(options_valid=_checks.all_valid(rule.options_valid, temperature_valid))
     target = jnp.clip(labels, 0, num_classes - 1).astype(jnp.int32)
     flat_hidden = hidden.reshape(-1, dim)
     num_tokens = flat_hidden.shape[0]
     # Without class weights the cross-entropy and z-loss terms of a token are
     # scaled alike: 1 for a counted token, or 1 / (number counted) for "mean".
+    # Token weights scale both; "mean" then divides by their sum over the
+    # counted tokens (as for class weights).
+    flat_weights = None
+    if token_weights is not None:
+        flat_weights = token_weights.reshape(-1).astype(compute)
+        rule = rule._replace(label_weight=flat_weights)
     row_weight = _integer_labels.gradient_scales(rule, reduction, compute, total).cross_entropy
+    if flat_weights is not None:
+        row_weight = row_weight * flat_weights
 
     config = None
     if num_tokens:
@@ -151,6 +190,9 @@ def prepare(
             z_loss=not _checks.is_concrete_zero(z_loss),
             axis_name=axis_name,
             num_shards=num_shards,
+            temperature=temperature is not None,
+            vocab_size=None if vocab_size == vocab * num_shards else vocab_size,
+            aux=return_aux,
         )
     inputs = Inputs(
         hidden=flat_hidden,
@@ -160,8 +202,9 @@ def prepare(
         row_weight=row_weight,
         smoothing=jnp.asarray(label_smoothing, compute),
         z_coefficient=jnp.asarray(z_loss, compute),
+        temperature=jnp.asarray(1.0 if temperature is None else temperature, compute),
     )
-    return Prepared(config, inputs, rule, compute, labels_shape)
+    return Prepared(config, inputs, rule, compute, labels_shape, flat_weights, return_aux)
 
 
 def _check_arguments(
@@ -210,6 +253,41 @@ def check_softcap(softcap: Any) -> None:
     ):
         raise ValueError(
             f"`softcap` must be a positive, finite Python float or None, got {softcap!r}."
+        )
+
+
+def check_temperature(temperature: Any) -> jax.Array | None:
+    """A positive, finite temperature: raises if concrete, else the validity flag (traced)."""
+    if temperature is None:
+        return None
+    if isinstance(temperature, jax.core.Tracer):
+        _checks.check_scalar(temperature, "temperature")
+        valid = (temperature > 0) & jnp.isfinite(temperature)
+        _checks.check_values(valid, temperature, "temperature", "positive and finite")
+        return valid
+    try:
+        value = np.asarray(temperature, np.float64)
+    except (TypeError, ValueError):
+        value = np.asarray(np.nan)
+    if value.ndim != 0 or not 0 < value < np.inf:
+        raise ValueError(
+            f"`temperature` must be a positive, finite scalar or None, got {temperature!r}."
+        )
+    return None
+
+
+def check_vocab_size(vocab_size: Any, rows: int) -> None:
+    """``1 <= vocab_size <= rows`` (the rows of the embedding, all devices counted)."""
+    if vocab_size is None:
+        return
+    if (
+        not isinstance(vocab_size, int)
+        or isinstance(vocab_size, bool)
+        or not 1 <= vocab_size <= rows
+    ):
+        raise ValueError(
+            f"`vocab_size` must be an int in [1, {rows}] (the rows of `weight`; the rows "
+            f"past it are padding) or None, got {vocab_size!r}."
         )
 
 
