@@ -158,7 +158,10 @@ def linear_cross_entropy(
     or three with ``reduction="none"``) besides the gradients themselves.
     With ``reduction="mean"`` or ``"sum"`` the gradients are computed during the forward pass (three
     matrix products in total, like the unfused formulation); with ``"none"``
-    the backward pass recomputes each chunk's logits (four).
+    the backward pass recomputes each chunk's logits (four). To differentiate
+    a weighted sum of per-token losses (advantages, masks), pass the weights
+    as ``token_weights`` with ``"sum"``: three products, and the temporaries
+    of ``"mean"``.
 
     ``shift=1`` is next-token prediction: ``hidden[..., t, :]`` predicts
     ``labels[..., t + 1]`` and the last position predicts nothing; ``shift=k``
