@@ -68,11 +68,15 @@ fi
 limit=$(($(left) - 15))
 if [ "$limit" -gt 30 ] && [ "${#selection[@]}" -gt 0 ]; then
     echo "== pytest ${selection[*]} (at most ${limit} s)"
-    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 5 "$limit" "$PY" -m pytest -q -rfE \
+    # -v: one line per test, so a run cut short by the limit still says what passed.
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 5 "$limit" "$PY" -m pytest -v -rfE \
         -p no:cacheprovider --continue-on-collection-errors -n 4 "${selection[@]}" \
         >"$OUT/tests.log" 2>&1
-    echo "pytest exit status: $? after ${SECONDS} s"
-    tail -n 15 "$OUT/tests.log"
+    echo "pytest exit status: $? after ${SECONDS} s (124: cut at the limit)"
+    echo "$(grep -c ' PASSED' "$OUT/tests.log") passed, $(grep -c ' FAILED' "$OUT/tests.log") failed"
+    grep -E ' (FAILED|ERROR) ' "$OUT/tests.log" | head -n 20
+    tail -n 3 "$OUT/tests.log"
+    echo
 else
     echo "no time left for the tests (${limit} s)" | tee "$OUT/tests.log"
 fi
