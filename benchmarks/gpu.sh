@@ -7,7 +7,8 @@
 # It installs the carried wheels offline (the machine has no network) into a folder of its own,
 # puts the working tree first on PYTHONPATH (jaxce is not installed there), runs
 # `python -m benchmarks --suite gpu --out $OUT`, then the tests that need a GPU (`-m gpu` once
-# pyproject.toml registers that marker; until then the Pallas and fused-loss tests), and prints
+# pyproject.toml registers that marker; until then tests/test_*gpu*.py, which skip without one,
+# and the Pallas and fused-loss tests), and prints
 # the results table last. Everything ends within GPU_BUDGET_S seconds (default 570).
 # Files in $OUT: env.txt, suite.log, tests.log, nvidia-h200/gpu_results.{json,md}.
 set -uo pipefail
@@ -60,8 +61,10 @@ echo "suite exit status: ${PIPESTATUS[0]} after ${SECONDS} s"
 if grep -qE '^\s*"gpu[:"]' pyproject.toml; then
     selection=(-m gpu tests)
 else
+    # The files whose tests skip without a GPU, then the kernel's and the fused loss's.
     selection=()
-    for f in tests/test_pallas.py tests/test_linear.py tests/test_linear_plan.py; do
+    for f in tests/test_*gpu*.py tests/test_pallas.py tests/test_linear.py tests/test_linear_plan.py; do
+        case "$f" in *test_benchmarks_gpu_suite.py) continue ;; esac
         [ -f "$f" ] && selection+=("$f")
     done
 fi
