@@ -1,7 +1,8 @@
-"""Float64 NumPy references and the table of public losses the tests sweep.
+"""Float64 NumPy references, the table of public losses the tests sweep, and tolerances.
 
 The references share no code with jaxce: they are the formulas of the
-docstrings written directly in NumPy, evaluated in float64.
+docstrings written directly in NumPy, evaluated in float64. The tolerances are
+derived from the dtype and the operation (see tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -10,9 +11,64 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 import jaxce
+
+
+def unit_roundoff(dtype: Any) -> float:
+    """``u = 2^-p`` for a ``p``-bit significand: the largest relative error of one rounding.
+
+    float64 ``2^-53``, float32 ``2^-24``, float16 ``2^-11``, bfloat16 ``2^-8``.
+    """
+    return float(jnp.finfo(dtype).eps) / 2
+
+
+def rounding_bound(dtype: Any, operations: float) -> float:
+    """Relative error of ``operations`` roundings in ``dtype`` (Higham's ``gamma_n = n u``).
+
+    A sum of ``n`` terms, a product of ``n`` factors, or any chain of ``n``
+    correctly rounded operations is within ``gamma_n`` of the exact result,
+    relative to the sum of the magnitudes involved.
+    """
+    return operations * unit_roundoff(dtype)
+
+
+def half_precision_output_bound(dtype: Any, operations: float) -> float:
+    """A result computed in float32 and rounded once to ``dtype`` (jaxce's half-precision path).
+
+    The rounding to ``dtype`` costs ``u(dtype)``; the float32 computation
+    before it ``gamma_n`` in float32. For float32 or float64 there is no final
+    rounding beyond the computation's own.
+    """
+    if jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        return rounding_bound(dtype, operations)
+    return unit_roundoff(dtype) + rounding_bound(jnp.float32, operations)
+
+
+def assert_normwise_close(actual: Any, expected: Any, tolerance: float, what: str = "") -> None:
+    """``max |actual - expected| <= tolerance * max(1, max |expected|)``, NaN and inf in place.
+
+    Norm-wise, as `jaxce.verify` measures: an element-wise relative error means
+    nothing for entries that cancel to nearly 0 (``softmax(x) - onehot(y)``);
+    ``max(1, .)`` because values below 1 carry absolute, not relative, rounding.
+    """
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=f"{what}: NaN")
+    infinite = np.isinf(expected)
+    np.testing.assert_array_equal(actual[infinite], expected[infinite], err_msg=f"{what}: inf")
+    finite = np.isfinite(expected)
+    assert np.all(np.isfinite(actual[finite])), what
+    if not finite.any():
+        return
+    scale = max(1.0, float(np.max(np.abs(expected[finite]))))
+    error = float(np.max(np.abs(actual[finite] - expected[finite])))
+    assert error <= tolerance * scale, (
+        f"{what}: max error {error:.3g} > {tolerance:.3g} * scale {scale:.3g}"
+    )
 
 
 def np_logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
