@@ -536,14 +536,30 @@ def _without_covered_columns(
 
 
 def _add_weight_and_bias(
-    carry: Gradients, g_block: jax.Array, hidden: jax.Array, v_start: jax.Array
+    carry: Gradients,
+    g_block: jax.Array,
+    hidden: jax.Array,
+    v_start: jax.Array,
+    *,
+    split: bool = False,
 ) -> Gradients:
-    """Adds ``g_block.T @ hidden`` and ``sum(g_block)`` to the block's rows of the gradients."""
+    """Adds ``g_block.T @ hidden`` and ``sum(g_block)`` to the block's rows of the gradients.
+
+    The product multiplies in ``hidden``'s dtype (``g_block`` rounded to it,
+    or for bfloat16 ``hidden`` and ``split`` by :func:`split_product`) and
+    accumulates in the gradient's.
+    """
     weight, bias = carry.weight, carry.bias
     if weight is not None:
-        update = jax.lax.dot_general(
-            g_block, hidden, _CONTRACT_TOKENS, preferred_element_type=hidden.dtype
-        )
+        if split and hidden.dtype == jnp.bfloat16:
+            update = split_product(g_block, hidden, _CONTRACT_TOKENS)
+        else:
+            update = jax.lax.dot_general(
+                g_block.astype(hidden.dtype),
+                hidden,
+                _CONTRACT_TOKENS,
+                preferred_element_type=weight.dtype,
+            )
         weight = _add_rows(weight, v_start, update)
     if bias is not None:
         bias = _add_rows(bias, v_start, jnp.sum(g_block, axis=0))
@@ -697,14 +713,19 @@ def _gradients_whole(
     real = _real_classes(config, vocab, 0, vocab)
     g = _dense_gradient(config, inputs, losses.exps, chunk.logits, coefficients, real) - one_hot
     if wants.hidden:
-        totals = _store_hidden(config, totals, chunk, _times_weight(g, weight))
-    hidden_up = chunk.hidden.astype(compute)
+        totals = _store_hidden(config, totals, chunk, _times_weight(config, g, weight))
+    # The weight gradient's product: bfloat16 rows of `hidden` as they are
+    # (with `g` rounded to bfloat16 or split in two), or float32 ones.
+    bfloat16_rows = config.bfloat16_products or config.split_weight_product
+    hidden_up = chunk.hidden if bfloat16_rows else chunk.hidden.astype(compute)
 
     def block_step(v_index: jax.Array, carry: Gradients) -> Gradients:
         v_start = jnp.minimum(v_index * block, vocab - block)
         g_block = jax.lax.dynamic_slice_in_dim(g, v_start, block, axis=1)
         g_block = _without_covered_columns(g_block, v_index, v_start, vocab)
-        return _add_weight_and_bias(carry, g_block, hidden_up, v_start)
+        return _add_weight_and_bias(
+            carry, g_block, hidden_up, v_start, split=config.split_weight_product
+        )
 
     if wants.weight or wants.bias:
         blocks = _loop(-(-vocab // block), block_step, Gradients(None, totals.weight, totals.bias))
@@ -712,23 +733,23 @@ def _gradients_whole(
     return totals
 
 
-@jax.custom_jvp
-def split_product(g: jax.Array, weight: jax.Array) -> jax.Array:
-    """``g @ weight`` for float32 ``g`` and bfloat16 ``weight``, accumulated in float32.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def split_product(g: jax.Array, other: jax.Array, dimension_numbers: Any) -> jax.Array:
+    """``dot_general(g, other)`` for float32 ``g`` and bfloat16 ``other``, accumulated in float32.
 
     ``g`` is split into two bfloat16 parts, ``hi = bf16(g)`` and ``lo = bf16(g
-    - hi)``, each multiplied by ``weight`` as it is:
+    - hi)``, each multiplied by ``other`` as it is:
     ``hi + lo`` carries 16 of float32's 24 significant bits (relative error
-    about 2^-17, far below bfloat16's 2^-9), and a float32 copy of ``weight``
+    about 2^-17, far below bfloat16's 2^-9), and a float32 copy of ``other``
     (twice its size) is never made. Its derivative is that of the float32
     product.
     """
-    hi = g.astype(weight.dtype)
-    lo = (g - hi.astype(g.dtype)).astype(weight.dtype)
+    hi = g.astype(other.dtype)
+    lo = (g - hi.astype(g.dtype)).astype(other.dtype)
     product = functools.partial(
         jax.lax.dot_general,
-        rhs=weight,
-        dimension_numbers=_CONTRACT_VOCAB,
+        rhs=other,
+        dimension_numbers=dimension_numbers,
         preferred_element_type=g.dtype,
     )
     return product(hi) + product(lo)
@@ -736,18 +757,29 @@ def split_product(g: jax.Array, weight: jax.Array) -> jax.Array:
 
 @split_product.defjvp
 def _split_product_jvp(
-    primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
+    dimension_numbers: Any,
+    primals: tuple[jax.Array, jax.Array],
+    tangents: tuple[jax.Array, jax.Array],
 ) -> tuple[jax.Array, jax.Array]:
-    g, weight = primals
-    t_g, t_weight = tangents
-    tangent = t_g @ weight.astype(g.dtype) + g @ t_weight.astype(g.dtype)
-    return split_product(g, weight), tangent
+    g, other = primals
+    t_g, t_other = tangents
+    product = functools.partial(jax.lax.dot_general, dimension_numbers=dimension_numbers)
+    tangent = product(t_g, other.astype(g.dtype)) + product(g, t_other.astype(g.dtype))
+    return split_product(g, other, dimension_numbers), tangent
 
 
-def _times_weight(g: jax.Array, weight: jax.Array) -> jax.Array:
-    """``g @ weight`` in ``g``'s dtype (the compute dtype)."""
+def _times_weight(config: Config, g: jax.Array, weight: jax.Array) -> jax.Array:
+    """``g @ weight`` in ``g``'s dtype (the compute dtype).
+
+    For bfloat16 ``weight``: ``g`` rounded to bfloat16 (``config.bfloat16_products``)
+    or split into two bfloat16 halves (:func:`split_product`).
+    """
+    if weight.dtype == jnp.bfloat16 and config.bfloat16_products:
+        return jax.lax.dot_general(
+            g.astype(weight.dtype), weight, _CONTRACT_VOCAB, preferred_element_type=g.dtype
+        )
     if weight.dtype == jnp.bfloat16:
-        return split_product(g, weight)
+        return split_product(g, weight, _CONTRACT_VOCAB)
     return jax.lax.dot_general(g, weight.astype(g.dtype), _CONTRACT_VOCAB)
 
 
@@ -848,7 +880,7 @@ def per_token_tangent(
         tangent = jnp.zeros((config.chunk,), compute)
         if t_hidden is not None:
             t_rows = jax.lax.dynamic_slice_in_dim(t_hidden, chunk.start, config.chunk)
-            tangent = tangent + jnp.sum(t_rows * _times_weight(g, inputs.weight), axis=-1)
+            tangent = tangent + jnp.sum(t_rows * _times_weight(config, g, inputs.weight), axis=-1)
         if t_weight is not None:
             t_logits = jax.lax.dot_general(chunk.hidden.astype(compute), t_weight, _CONTRACT_DIM)
             tangent = tangent + jnp.sum(g * t_logits, axis=-1)

@@ -36,6 +36,12 @@ class Config:
     vocab_size: int | None = None
     # The per-token log-normaliser, entropy and argmax are formed too.
     aux: bool = False
+    # bfloat16 inputs: the logits' gradient enters its products rounded to
+    # bfloat16, or split into two bfloat16 halves (the hidden gradient's
+    # product; the weight gradient's too with `split_weight_product`, else it
+    # multiplies in float32). See the plan's `gradient_products`.
+    bfloat16_products: bool = False
+    split_weight_product: bool = False
 
     @property
     def num_chunks(self) -> int:
@@ -176,6 +182,7 @@ def prepare(
         row_weight = row_weight * flat_weights
 
     config = None
+    bfloat16 = matmul_dtype == jnp.bfloat16
     if num_tokens:
         if plan is None:
             plan = plan_linear_cross_entropy(
@@ -193,6 +200,10 @@ def prepare(
             temperature=temperature is not None,
             vocab_size=None if vocab_size == vocab * num_shards else vocab_size,
             aux=return_aux,
+            bfloat16_products=bfloat16 and plan.gradient_products == "bfloat16",
+            split_weight_product=bfloat16
+            and plan.gradient_products == "split"
+            and plan.platform != "cpu",
         )
     inputs = Inputs(
         hidden=flat_hidden,
