@@ -48,6 +48,7 @@ def test_fused_case_list_builds_at_tiny_shapes():
     entries, (hidden, weight, labels) = gpu.fused_entries(n, d, v, gpu.SHAPES["tiny"], notes)
     assert [e.name for e in entries] == [
         gpu.JAXCE_FUSED,
+        gpu.JAXCE_FUSED_ROUNDED,
         gpu.NAIVE,
         gpu.JAX_CCE,
         gpu.TOKAMAX,
@@ -61,7 +62,7 @@ def test_fused_case_list_builds_at_tiny_shapes():
             built[entry.name] = entry.build()
         except gpu.Unavailable:
             assert entry.name in (gpu.JAX_CCE, gpu.TOKAMAX)  # optional peers only
-    for name in (gpu.JAXCE_FUSED, gpu.NAIVE, gpu.FUSED_FLOOR):
+    for name in (gpu.JAXCE_FUSED, gpu.JAXCE_FUSED_ROUNDED, gpu.NAIVE, gpu.FUSED_FLOOR):
         fn, args = built[name]
         assert callable(fn) and args[0] is hidden and args[1] is weight
 
@@ -148,7 +149,8 @@ def test_tiny_end_to_end_run_writes_json_and_markdown(tmp_path, monkeypatch):
     assert fused_case in results["plans"]
     assert results["limits"]["matmul_tflops"] > 0
     rows = {(r["case"], r["implementation"]): r for r in results["rows"]}
-    expected = [(fused_case, n) for n in (gpu.JAXCE_FUSED, gpu.NAIVE, gpu.JAX_CCE, gpu.TOKAMAX)]
+    fused = (gpu.JAXCE_FUSED, gpu.JAXCE_FUSED_ROUNDED, gpu.NAIVE, gpu.JAX_CCE, gpu.TOKAMAX)
+    expected = [(fused_case, n) for n in fused]
     expected += [(fused_case, gpu.FUSED_FLOOR)]
     expected += [(fused_case, c) for c in gpu_peers.FUSED_COMPETITORS]
     expected += [(plain_case, n) for n in (gpu.JAXCE_XLA, gpu.JAXCE_PALLAS, gpu.OPTAX)]
