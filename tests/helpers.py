@@ -47,12 +47,16 @@ def half_precision_output_bound(dtype: Any, operations: float) -> float:
     return unit_roundoff(dtype) + rounding_bound(jnp.float32, operations)
 
 
-def assert_normwise_close(actual: Any, expected: Any, tolerance: float, what: str = "") -> None:
-    """``max |actual - expected| <= tolerance * max(1, max |expected|)``, NaN and inf in place.
+def assert_normwise_close(
+    actual: Any, expected: Any, tolerance: float, what: str = "", *, floor: float = 1.0
+) -> None:
+    """``max |actual - expected| <= tolerance * max(floor, max |expected|)``, NaN and inf in place.
 
     Norm-wise, as `jaxce.verify` measures: an element-wise relative error means
     nothing for entries that cancel to nearly 0 (``softmax(x) - onehot(y)``);
-    ``max(1, .)`` because values below 1 carry absolute, not relative, rounding.
+    ``floor=1`` where values below 1 carry absolute, not relative, rounding
+    (sums of terms of order 1), ``floor=0`` where the whole array is one scale
+    (a gradient that a mean divides by N).
     """
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
@@ -64,7 +68,7 @@ def assert_normwise_close(actual: Any, expected: Any, tolerance: float, what: st
     assert np.all(np.isfinite(actual[finite])), what
     if not finite.any():
         return
-    scale = max(1.0, float(np.max(np.abs(expected[finite]))))
+    scale = max(floor, float(np.max(np.abs(expected[finite]))))
     error = float(np.max(np.abs(actual[finite] - expected[finite])))
     assert error <= tolerance * scale, (
         f"{what}: max error {error:.3g} > {tolerance:.3g} * scale {scale:.3g}"
