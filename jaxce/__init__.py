@@ -1,6 +1,6 @@
 """jaxce: numerically stable, jit-compiled cross-entropy losses for JAX."""
 
-import importlib.metadata
+from importlib import metadata as _metadata
 
 from jaxce import bench as bench
 from jaxce import derivatives as derivatives
@@ -24,5 +24,27 @@ from jaxce._softmax import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
 
+__all__ = [
+    "LinearCrossEntropyAux",
+    "LinearCrossEntropyPlan",
+    "bench",
+    "binary_cross_entropy",
+    "categorical_cross_entropy",
+    "checked",
+    "derivatives",
+    "linear_cross_entropy",
+    "log1m_sigmoid",
+    "log_sigmoid",
+    "log_softmax",
+    "logsumexp",
+    "plan_linear_cross_entropy",
+    "sharded",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+    "verify",
+]
+
 # The one place the version is written is pyproject.toml.
-__version__ = importlib.metadata.version("jaxce")
+__version__ = _metadata.version("jaxce")

@@ -33,6 +33,8 @@ from jax.typing import ArrayLike
 from jaxce import _checks, _closed_form, _integer_labels, _layout, _linear
 from jaxce._linear.prepare import prepare as _prepare_linear
 
+__all__ = ["linear_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
+
 AxisName = Hashable | Sequence[Hashable]
 
 
