@@ -23,6 +23,15 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _speedup(time_ratio: float | None) -> str:
+    """The baseline's time over this one's (above 1: faster), from this time over the baseline's.
+
+    The harness keeps the median of per-round time ratios; the median of their
+    reciprocals is the reciprocal of that median.
+    """
+    return "-" if time_ratio is None else f"{1 / time_ratio:.2f}"
+
+
 def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / MIB:.1f}"
 
@@ -58,8 +67,10 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["# jaxce benchmark results", "", *header(results), ""]
     lines += [
         "Times are medians over the runs, competitors interleaved in one process. "
-        "`x baseline` and `x floor` are medians of per-round time ratios (lower is faster). "
-        "`temp` is XLA's `temp_size_in_bytes` (PyTorch: not measured).",
+        "`speedup vs` a baseline is the baseline's time over the implementation's (median of "
+        "per-round ratios; above 1: faster than the baseline). `time / floor` is the "
+        "implementation's time over the floor's (1 is the floor, the least work any "
+        "implementation must do). `temp` is XLA's `temp_size_in_bytes` (PyTorch: not measured).",
         "",
     ]
     cases = results.get("cases", {})
@@ -68,7 +79,8 @@ def markdown(results: dict[str, Any]) -> str:
         baseline = info.get("baseline") or "-"
         lines += [f"## `{case}`", "", info.get("description", ""), ""]
         lines += [
-            f"| implementation | median ms | min-max ms | x {baseline} | x floor | compile ms | temp MiB |",
+            f"| implementation | median ms | min-max ms | speedup vs {baseline} | time / floor "
+            "| compile ms | temp MiB |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in rows:
@@ -77,7 +89,7 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             lines.append(
                 f"| {r['implementation']} | {_ms(r['median_ms'])} | "
-                f"{_ms(r['min_ms'])}-{_ms(r['max_ms'])} | {_ratio(r.get('ratio_to_baseline'))} | "
+                f"{_ms(r['min_ms'])}-{_ms(r['max_ms'])} | {_speedup(r.get('ratio_to_baseline'))} | "
                 f"{_ratio(r.get('ratio_to_floor'))} | {_ms(r.get('compile_ms'))} | "
                 f"{_mib(r.get('temp_bytes'))} |"
             )
@@ -94,7 +106,7 @@ def _jaxce_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def readme_section(results: dict[str, Any], results_dir: str) -> str:
-    """The README's performance section: one line per case, jaxce against its competitors."""
+    """A summary: one line per case, jaxce against its competitors (for benchmarks/README.md)."""
     lines = [
         "## Performance",
         "",
@@ -103,9 +115,10 @@ def readme_section(results: dict[str, Any], results_dir: str) -> str:
         "",
         *header(results),
         "",
-        f"![time relative to the baseline and to the floor]({results_dir}/results.png)",
+        f"![speedup over the baseline, and time relative to the floor]({results_dir}/results.png)",
         "",
-        "| case | jaxce ms | x baseline | x floor | torch ms | jaxce temp MiB | baseline temp MiB |",
+        "| case | jaxce ms | speedup vs baseline | time / floor | torch ms | jaxce temp MiB "
+        "| baseline temp MiB |",
         "|---|---|---|---|---|---|---|",
     ]
     cases = results.get("cases", {})
@@ -117,15 +130,16 @@ def readme_section(results: dict[str, Any], results_dir: str) -> str:
         base = next((r for r in rows if r["implementation"] == baseline_name), None)
         torch = next((r for r in rows if r["implementation"].startswith("torch")), None)
         lines.append(
-            f"| `{case}` | {_ms(mine['median_ms'])} | {_ratio(mine.get('ratio_to_baseline'))} "
+            f"| `{case}` | {_ms(mine['median_ms'])} | {_speedup(mine.get('ratio_to_baseline'))} "
             f"({baseline_name}) | {_ratio(mine.get('ratio_to_floor'))} | "
             f"{_ms(torch['median_ms']) if torch else '-'} | {_mib(mine.get('temp_bytes'))} | "
             f"{_mib(base.get('temp_bytes')) if base else '-'} |"
         )
     lines += [
         "",
-        "`x baseline`: jaxce's time over the baseline's (optax unless named), below 1 is faster; "
-        "`x floor`: over one exp-and-reduce plus one exp-and-write pass (softmax cases), one "
+        "`speedup vs baseline`: the baseline's time (optax unless named) over jaxce's, above 1 "
+        "is faster; `time / floor`: jaxce's time over one exp-and-reduce plus one "
+        "exp-and-write pass (softmax cases), one "
         "read-exp-write pass (binary) or the three matrix products (linear), the least any "
         "implementation must do.",
         "",
@@ -140,8 +154,8 @@ def readme_section(results: dict[str, Any], results_dir: str) -> str:
         lines += ["Against a named peer (median of per-round ratios, same runs):", ""]
         for case, r, peer in peers:
             lines.append(
-                f"- `{case}`: {r['implementation']} takes {r['ratio_to_peer']:.2f}x the time of "
-                f"{r['peer']} ({1 / r['ratio_to_peer']:.2f}x faster), "
+                f"- `{case}`: {r['implementation']} is {1 / r['ratio_to_peer']:.2f}x faster than "
+                f"{r['peer']} (speedup), "
                 f"{_mib(r.get('temp_bytes'))} MiB of temporaries against "
                 f"{_mib(peer.get('temp_bytes'))} MiB."
             )
@@ -201,10 +215,10 @@ def family_colour(implementation: str) -> str:
 
 
 def plot(results: dict[str, Any], path: pathlib.Path) -> None:
-    """Two panels per case: time relative to the baseline, and relative to the floor.
+    """Two panels per case: speedup over the baseline, and time relative to the floor.
 
     Bars are medians of per-round ratios; whiskers span the competitor's fastest to slowest
-    run on the same scale (the bar times min/median and max/median).
+    run on the same scale (for the speedup, the bar times median/max and median/min).
     """
     import matplotlib
 
@@ -236,8 +250,10 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
                 value = r.get(key)
                 if value is None:
                     continue
-                spread = [[value * (1 - r["min_ms"] / r["median_ms"])],
-                          [value * (r["max_ms"] / r["median_ms"] - 1)]]  # fmt: skip
+                low, high = r["min_ms"] / r["median_ms"], r["max_ms"] / r["median_ms"]
+                if key == "ratio_to_baseline":  # a speedup: the slowest run is the lowest
+                    value, low, high = 1 / value, 1 / high, 1 / low
+                spread = [[value * (1 - low)], [value * (high - 1)]]
                 ax.barh(y, value, color=family_colour(r["implementation"]), height=0.8)
                 ax.errorbar(value, y, xerr=spread, color="black", linewidth=0.8, capsize=2)
             labels.append(r["implementation"])
@@ -246,7 +262,7 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
         y += 1.6
     axes[0].set_yticks(positions, labels, fontsize=7)
     axes[0].invert_yaxis()
-    axes[0].set_xlabel("time / baseline time (optax unless named; below 1 is faster)")
+    axes[0].set_xlabel("speedup: baseline time / time (optax unless named; above 1 is faster)")
     axes[1].set_xlabel(
         "time / floor time (the floor is a plain XLA program of the least passes, not a\n"
         "hardware bound: an implementation doing less, e.g. one exp pass, runs below 1)"

@@ -242,7 +242,7 @@ def test_report_shows_peer_ratio_and_linear_memory_plot(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert report.main([str(tmp_path)]) == 0
     section = (tmp_path / "readme_section.md").read_text()
-    assert "takes 0.80x the time of jax-cce (1.25x faster), 42.0 MiB" in section
+    assert "is 1.25x faster than jax-cce (speedup), 42.0 MiB" in section
     assert "against 64.0 MiB" in section and "linear_memory.png" in section
     assert (tmp_path / "linear_memory.png").read_bytes()[:4] == b"\x89PNG"
 
