@@ -682,6 +682,9 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     plan: _linear.LinearCrossEntropyPlan | None = None,
     reduction: str = "mean",
+    temperature: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     r"""Gradients of :func:`jaxce.linear_cross_entropy` w.r.t. ``hidden``, ``weight``, ``bias``.
 
@@ -704,6 +707,10 @@ def linear_cross_entropy(
       hidden, weight, labels, bias, ignore_index, label_smoothing: as in
         :func:`jaxce.linear_cross_entropy`.
       z_loss, softcap, shift, reduction: as there.
+      temperature, token_weights, vocab_size: as there (the temperature
+        divides :math:`s`, so :math:`G_u` gains a factor :math:`1/T`; token
+        weights scale each token's :math:`G`; padding rows get zero
+        gradients).
       chunk_size, plan: as there; they do not change the result.
 
     Returns:
@@ -736,4 +743,7 @@ def linear_cross_entropy(
         chunk_size=chunk_size,
         plan=plan,
         reduction=reduction,
+        temperature=temperature,
+        token_weights=token_weights,
+        vocab_size=vocab_size,
     )

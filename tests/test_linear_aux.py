@@ -306,3 +306,34 @@ def test_traced_temperature_and_its_checks() -> None:
             jaxce.linear_cross_entropy(hidden, weight, labels, vocab_size=bad_size)
     with pytest.raises(ValueError, match="token_weights"):
         jaxce.linear_cross_entropy(hidden, weight, labels, token_weights=jnp.ones(3))
+
+
+def test_closed_form_gradients_take_the_same_options() -> None:
+    """``jaxce.derivatives.linear_cross_entropy`` with every new option, against float64."""
+    data = _data()
+    labels = np.minimum(data["labels"], VOCAB - 1)
+    options = dict(softcap=3.0, label_smoothing=0.1, shift=1, vocab_size=VOCAB)
+    d_hidden, d_weight, d_bias = jaxce.derivatives.linear_cross_entropy(
+        jnp.asarray(data["hidden"], jnp.float32),
+        jnp.asarray(data["weight"], jnp.float32),
+        labels,
+        bias=jnp.asarray(data["bias"], jnp.float32),
+        temperature=0.8,
+        token_weights=jnp.asarray(data["token_weights"], jnp.float32),
+        ignore_index=-100,
+        chunk_size=5,
+        **options,
+    )
+    with jax.enable_x64(True):
+        expected = jax.grad(
+            lambda h, w, b: _reference(
+                h, w, b, labels, jnp.asarray(data["token_weights"]), 0.8, **options
+            ),
+            argnums=(0, 1, 2),
+        )(*(jnp.asarray(data[k]) for k in ("hidden", "weight", "bias")))
+        expected = [np.asarray(e) for e in expected]
+    for name, got, want in zip(
+        ("hidden", "weight", "bias"), (d_hidden, d_weight, d_bias), expected, strict=True
+    ):
+        _close(got, want, f"d{name}")
+    assert not np.asarray(d_weight)[VOCAB:].any() and not np.asarray(d_bias)[VOCAB:].any()
