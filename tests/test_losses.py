@@ -6,7 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import LOSSES, LossCase, np_integer_ce, np_log_softmax, np_logsumexp
+from helpers import (
+    LOSSES,
+    LossCase,
+    half_precision_output_bound,
+    np_integer_ce,
+    np_log_softmax,
+    np_logsumexp,
+)
 
 import jaxce
 
@@ -51,9 +58,14 @@ def test_jvp_tangent_equals_grad_dot_direction(case: LossCase, dtype: str) -> No
         grad = jax.jit(jax.grad(total))(x)
         assert grad.dtype == x.dtype
         _, tangent = jax.jit(lambda z, t: jax.jvp(total, (z,), (t,)))(x, v)
-        expected = jnp.sum(grad.astype(jnp.float32) * v.astype(jnp.float32))
-        tolerance = 5e-2 if dtype == "bfloat16" else 1e-5
-        np.testing.assert_allclose(tangent, expected, rtol=tolerance, atol=tolerance * 1e-2)
+        products = np.asarray(grad, np.float64) * np.asarray(v, np.float64)
+    # As jaxce.verify measures the directional pair: |t - g.v| against sum |g_i v_i|.
+    # The tangent is float32 (float64) arithmetic on the same inputs; the gradient is
+    # that arithmetic rounded once to the input's dtype, which moves each g_i v_i by
+    # u(dtype) of itself. A softmax of C = 3 classes and its weights: 4 C + 16 roundings.
+    tolerance = half_precision_output_bound(dtype, 4 * 3 + 16)
+    error = abs(float(tangent) - float(np.sum(products)))
+    assert error <= tolerance * float(np.sum(np.abs(products))), (error, tolerance)
 
 
 @pytest.mark.parametrize("case", LOSSES, ids=str)
@@ -67,14 +79,16 @@ def test_hessian_is_symmetric_and_matches_finite_differences_of_grad(case: LossC
             return case.fn(z, y, reduction="sum")
 
         hessian = jax.jit(jax.hessian(total))(x).reshape(x.size, x.size)
-        grad = jax.grad(total)
+        grad = jax.jit(jax.grad(total))
         step = 1e-6
         columns = []
         for k in range(x.size):
             e = jnp.zeros(x.size).at[k].set(step).reshape(x.shape)
             columns.append(((grad(x + e) - grad(x - e)) / (2 * step)).ravel())
         np.testing.assert_allclose(hessian, hessian.T, atol=1e-12)
-        np.testing.assert_allclose(hessian, np.stack(columns, axis=1), atol=1e-6)
+        # Central differences: truncation h^2 |g'''| / 6 ~ 1e-12 for derivatives of
+        # order 1, rounding of g (a few u = 2^-53 on each side) over 2h: ~ 2e-10.
+        np.testing.assert_allclose(hessian, np.stack(columns, axis=1), atol=1e-9)
 
 
 def test_softmax_hessian_is_diag_p_minus_outer_p() -> None:
@@ -357,6 +371,101 @@ def test_checked_names_probability_outside_unit_interval() -> None:
     with pytest.raises(Exception, match=r"probs.*got 1.5 at index \[1\]"):
         loss(jnp.array([0.5, 1.5]), jnp.array([1.0, 0.0]))
     assert np.isnan(jaxce.binary_cross_entropy(jnp.array([0.5, 1.5]), jnp.array([1.0, 0.0]))[1])
+    categorical = jaxce.checked(jaxce.categorical_cross_entropy)
+    probs = jnp.array([[0.7, 0.2, 0.1], [0.5, 0.75, -0.25]])
+    with pytest.raises(Exception, match=r"probs.*got -0.25 at index \[1 2\]"):
+        categorical(probs, jnp.eye(3)[:2])
+
+
+def _np_categorical(p, y, weight=None, where=None):
+    """-sum_c w_c y_c max(log p_c, -100) over the included classes, in float64."""
+    p, y = np.asarray(p, np.float64), np.asarray(y, np.float64)
+    w = np.ones(p.shape[-1]) if weight is None else np.asarray(weight, np.float64)
+    where = np.ones(p.shape, bool) if where is None else np.broadcast_to(where, p.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = w * y * np.maximum(np.log(p), -100)
+    return -np.sum(np.where(where & (y != 0), terms, 0), axis=-1)
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.2, np.nan], ids=["1.5", "-0.2", "nan"])
+def test_categorical_probability_outside_unit_interval_makes_its_example_nan(bad) -> None:
+    """The README's promise for categorical_cross_entropy, as binary_cross_entropy keeps it."""
+    p = np.array([[0.7, 0.2, 0.1], [0.2, 0.3, bad], [0.2, 0.3, 0.5]])
+    y = np.eye(3)[[0, 1, 2]]
+    loss = np.asarray(jax.jit(jaxce.categorical_cross_entropy)(p, y))
+    # The bad value is not the label's class: only the check can make the row NaN.
+    assert np.isnan(loss[1])
+    # One rounding of a log per row in float32: 2^-24 relative, with room for two.
+    np.testing.assert_allclose(loss[[0, 2]], _np_categorical(p, y)[[0, 2]], rtol=2**-22)
+    for reduction in ("sum", "mean"):
+        assert np.isnan(jaxce.categorical_cross_entropy(p, y, reduction=reduction))
+    # Finite gradients elsewhere, none for the invalid example.
+    grad = jaxce.derivatives.categorical_cross_entropy(p, y, reduction="sum")
+    assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[1] == 0)
+    # A class-shaped `where` that excludes the bad value: the row counts again.
+    where = np.ones(p.shape, bool)
+    where[1, 2] = False
+    masked = jaxce.categorical_cross_entropy(p, y, where=where)
+    np.testing.assert_allclose(masked, _np_categorical(p, y, where=where), rtol=2**-22)
+
+
+def test_categorical_class_shaped_where_drops_classes_not_rows() -> None:
+    """A per-class mask leaves the row in and drops the excluded classes' terms.
+
+    Soft labels put mass on every class, so a class mask changes the loss where a
+    row mask of the same rows would not (and a row mask drops the row entirely).
+    """
+    rng = np.random.default_rng(21)
+    p = rng.dirichlet(np.ones(4), size=3)
+    y = rng.dirichlet(np.ones(4), size=3)
+    weight = np.array([1.0, 2.0, -0.5, 0.5])
+    classes = np.array([[True, False, True, True], [True, True, True, True], [False] * 4])
+    rows = classes.any(axis=-1)
+    with jax.enable_x64(True):
+        per_class = jaxce.categorical_cross_entropy(p, y, weight=weight, where=classes)
+        per_row = jaxce.categorical_cross_entropy(p, y, weight=weight, where=rows)
+        per_class_mean = jaxce.categorical_cross_entropy(
+            p, y, weight=weight, where=classes, reduction="mean"
+        )
+        per_class, per_row = np.asarray(per_class), np.asarray(per_row)
+    expected = _np_categorical(p, y, weight, classes)
+    # float64, a sum of 4 logs times weights: a few units of 2^-53.
+    np.testing.assert_allclose(per_class, expected, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(per_row, _np_categorical(p, y, weight, rows[:, None]), rtol=1e-14)
+    assert abs(per_class[0] - per_row[0]) > 0.01
+    assert per_class[2] == per_row[2] == 0
+    # The mean counts the examples with any included class: 2 of 3.
+    np.testing.assert_allclose(per_class_mean, expected.sum() / 2, rtol=1e-14)
+
+
+def test_checked_accepts_negative_elementwise_and_pos_weights_as_pytorch_does() -> None:
+    """Weights of any sign are valid (PyTorch computes them): no error, PyTorch's values."""
+    x = jnp.array([[-1.0, 0.5], [2.0, -0.3]])
+    y = jnp.array([[1.0, 0.0], [0.3, 1.0]])
+    weight = jnp.array([[1.0, -2.0], [-0.5, 3.0]])
+    pos_weight = jnp.array([-1.5, 2.0])
+    sigmoid = jaxce.checked(
+        lambda x, y, w, pw: jaxce.sigmoid_binary_cross_entropy(x, y, weight=w, pos_weight=pw)
+    )
+    got = sigmoid(x, y, weight, pos_weight)
+    x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    # binary_cross_entropy_with_logits: -w [pw y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))]
+    expected = np.asarray(weight) * (
+        np.asarray(pos_weight) * y64 * np.logaddexp(0, -x64) + (1 - y64) * np.logaddexp(0, x64)
+    )
+    # float32: softplus (4 roundings) and three products: 8 u, doubled.
+    np.testing.assert_allclose(got, expected, rtol=2**-20)
+    probs = jax.nn.sigmoid(x)
+    bce = jaxce.checked(lambda p, y, w: jaxce.binary_cross_entropy(p, y, weight=w))
+    p64 = np.asarray(probs, np.float64)
+    expected = -np.asarray(weight) * (y64 * np.log(p64) + (1 - y64) * np.log1p(-p64))
+    np.testing.assert_allclose(bce(probs, y, weight), expected, rtol=2**-20)
+    categorical = jaxce.checked(lambda p, y, w: jaxce.categorical_cross_entropy(p, y, weight=w))
+    class_weight = jnp.array([1.0, -2.0])
+    rows = jnp.array([[0.3, 0.7], [0.6, 0.4]])
+    np.testing.assert_allclose(
+        categorical(rows, y, class_weight), _np_categorical(rows, y, class_weight), rtol=2**-20
+    )
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["vmap", "vmap-of-vmap"])
