@@ -4,10 +4,13 @@
 2. the gradient verification summary (:mod:`jaxce.verify`);
 3. optax training on two data sets bundled with scikit-learn, each run twice (jaxce's
    loss, then the same loss written with optax) to show the numbers agree;
-4. a short benchmark table against optax (:func:`jaxce.bench.compare`).
+4. a small causal transformer trained on the standard library's code through
+   ``jaxce.linear_cross_entropy(shift=1, vocab_size=..., return_aux=True)``, next to the same
+   run through the materialised optax formulation (:mod:`examples.transformer`);
+5. a short benchmark table against optax (:func:`jaxce.bench.compare`).
 
 Every claim is checked: the command exits with status 1 and says which one broke. It needs
-the ``demo`` extra (scikit-learn, optax); without it, it says so in one line and exits 2.
+the ``demo`` extra (scikit-learn, optax, equinox); without it, it says so in one line and exits 2.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ LOSS_RTOL = 1e-4
 # `jaxce verify` checks float32, float64 and bfloat16.
 VERIFY_DTYPES = ("float64",)
 BENCHMARK_SHAPES = ((4096, 10), (1024, 1000), (256, 32000))
-SECTIONS = ("examples", "verify", "train", "bench")
+SECTIONS = ("examples", "verify", "train", "transformer", "bench")
 
 # The values the reference documents should have printed (see /work/shared/reference).
 CORRECT_BINARY = 0.164252033486018
@@ -216,6 +219,20 @@ def run_training(progress: Progress) -> None:
     )
 
 
+def run_transformer(progress: Progress) -> None:
+    from examples import transformer
+
+    progress.section(
+        "A small transformer trained through linear_cross_entropy, and through optax "
+        "(python -m examples.transformer)"
+    )
+    report = transformer.run()
+    for line in transformer.describe(report):
+        print(f"  {line}", flush=True)
+    for holds, claim in transformer.claims(report):
+        progress.check(holds, claim)
+
+
 def run_benchmark(progress: Progress, runs: int = 10) -> None:
     progress.section("Benchmark: value_and_grad of mean integer-label cross-entropy, jit")
     print(
@@ -245,7 +262,7 @@ def run_benchmark(progress: Progress, runs: int = 10) -> None:
 
 def main(argv: Sequence[str]) -> int:
     try:
-        from examples import training  # noqa: F401  (scikit-learn and optax)
+        from examples import training, transformer  # noqa: F401  (scikit-learn, optax, equinox)
     except ModuleNotFoundError as error:
         print(
             f"the demo needs {error.name}, which is not installed: pip install -e '.[demo]' "
@@ -255,20 +272,33 @@ def main(argv: Sequence[str]) -> int:
         return 2
     parser = argparse.ArgumentParser(
         prog="python -m examples.demo",
-        description="Worked examples, gradient verification, optax training on real data "
-        "and a benchmark against optax; exits 1 if any claim fails.",
+        description="Worked examples, gradient verification, optax training on real data, "
+        "a small transformer trained through the fused loss and a benchmark against optax; "
+        "exits 1 if any claim fails.",
     )
     parser.add_argument(
         "--skip", action="append", choices=SECTIONS, default=[], help="skip a section (repeatable)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        default=[],
+        help="run only this section (repeatable); --skip still applies",
     )
     options = parser.parse_args(list(argv))
     steps = {
         "examples": run_examples,
         "verify": run_verify,
         "train": run_training,
+        "transformer": run_transformer,
         "bench": run_benchmark,
     }
-    chosen = [name for name in SECTIONS if name not in options.skip]
+    chosen = [
+        name
+        for name in SECTIONS
+        if name not in options.skip and (not options.only or name in options.only)
+    ]
     progress = Progress(chosen)
     for name in chosen:
         steps[name](progress)

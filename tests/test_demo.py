@@ -7,12 +7,13 @@ import pathlib
 import subprocess
 import sys
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from examples import demo, training
+from examples import demo, training, transformer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,9 +48,10 @@ def test_demo_command_runs_every_section_and_passes() -> None:
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    for header in ("[1/4] Worked examples", "[2/4] Gradient verification", "[3/4] Training"):
+    for header in ("[1/5] Worked examples", "[2/5] Gradient verification", "[3/5] Training"):
         assert header in output, header
-    assert "[4/4] Benchmark" in output
+    assert "[4/5] A small transformer" in output
+    assert "[5/5] Benchmark" in output
     assert "above 1, jaxce is faster" in output
     assert "FAIL" not in output
     assert "digits: held-out accuracy" in output
@@ -57,13 +59,15 @@ def test_demo_command_runs_every_section_and_passes() -> None:
     assert "demo: every check passed" in output
     # A progress line per epoch of each run.
     assert output.count("/15 ") >= 15 and output.count("/30 ") >= 30
+    assert "fused and materialised curves agree" in output
+    assert "padding rows of the table get exactly zero gradient" in output
 
 
 def test_demo_exits_1_and_names_the_claim_that_broke(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(demo, "CORRECT_BINARY", 0.3285061001454424)
-    status = demo.main(["--skip", "verify", "--skip", "train", "--skip", "bench"])
+    status = demo.main(["--only", "examples"])
     output = capsys.readouterr().out
     assert status == 1
     assert "1 check(s) FAILED" in output
@@ -153,3 +157,39 @@ def test_demo_without_scikit_learn_says_which_extra_to_install() -> None:
     assert "the demo needs sklearn, which is not installed: pip install -e '.[demo]'" in (
         result.stderr
     )
+
+
+def test_corpus_is_the_standard_library_code_with_a_padded_table() -> None:
+    first, second = transformer.load_corpus(), transformer.load_corpus()
+    np.testing.assert_array_equal(first.train, second.train)
+    assert first.vocabulary == second.vocabulary
+    assert first.vocab_size == transformer.KNOWN_TOKENS + 1
+    assert first.vocabulary[first.unknown_id] == transformer.UNKNOWN
+    assert first.table_rows % 128 == 0 and first.table_rows > first.vocab_size
+    assert len(first.train) > 50_000 and first.train.max() == first.unknown_id
+    code = "def f(self, x):\n    return self.items[0](x) + g(1, 2)"
+    assert first.decode(first.encode(code)) == code
+    # Comments and docstrings are gone; other strings stay.
+    text = transformer.stdlib_text(["argparse.py"])
+    assert "#" not in text and '"""' not in text and "'%(prog)s'" in text
+
+
+def test_fused_and_materialised_losses_agree_with_padding_rows_untouched() -> None:
+    model = transformer.Transformer(
+        128, width=16, depth=1, heads=2, context=12, key=jax.random.key(0)
+    )
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 100, (3, 12)), jnp.int32)
+
+    def loss(loss_fn: transformer.LossFn) -> tuple[jax.Array, jax.Array]:
+        def of_table(table: jax.Array) -> jax.Array:
+            changed = eqx.tree_at(lambda m: m.embedding, model, table)
+            return loss_fn(changed, tokens, 100, 99)[0]
+
+        return jax.jit(jax.value_and_grad(of_table))(model.embedding)
+
+    (ours, our_grad), (theirs, their_grad) = map(
+        loss, (transformer.fused_loss, transformer.materialised_loss)
+    )
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    np.testing.assert_allclose(our_grad, their_grad, rtol=1e-5, atol=1e-7)
+    assert not np.any(np.asarray(our_grad[100:]))
