@@ -422,7 +422,7 @@ def _categorical_inputs(rng, shape, label_kind):
 
 
 CATEGORICAL_CASES = list(
-    itertools.product(LAYOUTS, ("onehot", "soft"), (None, "weight"), REDUCTIONS)
+    itertools.product(LAYOUTS, ("onehot", "soft"), (None, "weight", "signed"), REDUCTIONS)
 )
 
 
