@@ -1,4 +1,52 @@
-"""Shared test settings: float64 available on demand, reproducible randomness."""
+"""Shared test settings: float64 available on demand, reproducible randomness.
+
+How references are chosen
+-------------------------
+A test that checks a loss or a gradient compares it with something that shares
+no code with what it checks:
+
+- ``jaxce._references``: each loss written from its definition with ``jax.nn``
+  and ``jax.numpy`` only (no shifted frame, no fused selects), evaluated in
+  float64 on the same inputs (float32 and half-precision values are exact in
+  float64), and differentiated with ``jax.grad``. The closed forms
+  (``jaxce.derivatives``) and the losses' derivative rules both come from
+  ``jaxce._closed_form``, so comparing them with each other proves only that
+  they agree: every such comparison also has the reference on one side
+  (tests/test_derivatives.py over the option space, tests/test_properties.py
+  over drawn inputs, tests/test_linear.py for the fused loss, whose reference
+  materialises the logits). The references lose to cancellation where the
+  shipped losses do not (``x - logsumexp(x)`` at logits of 1e30, ``log(1 -
+  sigmoid(x))`` beyond |x| ~ 16 in float64): tests compare with them at inputs
+  where they are exact, and check the extremes against hand-derived values.
+- Float64 NumPy formulas in tests/helpers.py and in the tests, and PyTorch in
+  float64 (tests/test_parity_torch.py) for PyTorch's semantics.
+- A law (a loss >= 0, gradient rows summing to 0) is checked beside a value
+  comparison, never instead: a wrong scale keeps the laws.
+
+How tolerances are chosen
+-------------------------
+From the dtype and the operation, written beside each, with the helpers in
+tests/helpers.py:
+
+- ``u = unit_roundoff(dtype)``: 2^-53 (float64), 2^-24 (float32), 2^-11
+  (float16), 2^-8 (bfloat16): the relative error of one rounding.
+- ``rounding_bound(dtype, n) = n u``: a computation of ``n`` roundings (a sum
+  of ``n`` terms, a dot product of length ``n``) is within that of the exact
+  result, relative to the magnitudes involved. Count the terms: a softmax of C
+  classes is about 4 C + 16 with its weights, smoothing and z-loss; the fused
+  loss N + D + V + 16 (tokens, hidden size, vocabulary).
+- Half-precision inputs are computed in float32 and the gradient rounded once
+  to the input's dtype: ``half_precision_output_bound = u(dtype) +
+  rounding_bound(float32, n)``; two such results of the same float32 values
+  differ by at most one unit in the last place, ``2 u(dtype)``.
+- Comparisons are norm-wise (``assert_normwise_close``): ``max |a - b| <= tol *
+  max(1, max |b|)``, as ``jaxce.verify`` measures, because element-wise
+  relative errors mean nothing for entries that cancel to nearly 0.
+
+A tolerance with no derivation, or one far above its derivation, is a bug in
+the test: a wrong formula (a missing 1/n, a flipped sign, a dropped factor) is
+off by O(1), which every derived tolerance is far below.
+"""
 
 import jax
 import numpy as np
