@@ -61,8 +61,9 @@ STDLIB_FILES = (
     "typing.py",
 )
 HELD_OUT_FILES = ("textwrap.py", "heapq.py")
-# A line break with the next line's indentation, a word, or one punctuation character.
-TOKEN_PATTERN = re.compile(r"\n *|\w+|[^\w\s]")
+# A line break with the next line's indentation, a word, a two-character operator, or one
+# punctuation character.
+TOKEN_PATTERN = re.compile(r"\n *|\w+|[=!<>+\-*/%&|^]=|->|\*\*|//|[^\w\s]")
 # Scanned left to right, so a quote or a "#" inside a string literal is part of that literal.
 STRING_OR_COMMENT = re.compile(
     r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|#.*'
@@ -575,12 +576,17 @@ def describe(report: Report) -> list[str]:
     )
     materialised_large, fused_large = report.large_temp_bytes
     mib = 2**20
+    training_shape = (
+        f"training: V={corpus.vocab_size}, B={settings.batch_size}, T={settings.context}"
+    )
+    large_shape = "V={vocab_size}, B={batch_size}, T={context} (compiled only)".format(
+        **LARGE_SHAPE
+    )
     lines += [
-        f"temporaries of a training step (MiB): {'materialised':>12s} {'fused':>8s}",
-        f"  training shape V={corpus.vocab_size}, B={settings.batch_size}, T={settings.context}"
-        f"{report.materialised.temp_bytes / mib:12.1f} {report.fused.temp_bytes / mib:8.1f}",
-        "  V={vocab_size}, B={batch_size}, T={context} (compiled only)".format(**LARGE_SHAPE)
-        + f"{materialised_large / mib:9.1f} {fused_large / mib:8.1f}",
+        f"{'temporaries of a training step (MiB)':46s} {'materialised':>12s} {'fused':>8s}",
+        f"  {training_shape:44s} {report.materialised.temp_bytes / mib:12.1f} "
+        f"{report.fused.temp_bytes / mib:8.1f}",
+        f"  {large_shape:44s} {materialised_large / mib:12.1f} {fused_large / mib:8.1f}",
         f"samples (temperature {SAMPLING_TEMPERATURE}, seed {settings.seed}):",
     ]
     for text in report.samples:

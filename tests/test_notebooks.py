@@ -16,8 +16,8 @@ from notebooks import execute
 NOTEBOOKS = sorted(execute.NOTEBOOKS.glob("*.ipynb"))
 
 
-def test_all_five_notebooks_are_there() -> None:
-    assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_"]
+def test_all_six_notebooks_are_there() -> None:
+    assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_", "06_"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
