@@ -95,9 +95,11 @@ def test_softmax_hessian_is_diag_p_minus_outer_p() -> None:
     with jax.enable_x64(True):
         x = jnp.array([0.3, -1.2, 2.0, 0.0])
         p = jax.nn.softmax(x)
-        hessian = jax.hessian(lambda z: jaxce.softmax_cross_entropy_with_integer_labels(z, 1))(x)
+        hessian = jax.jit(
+            jax.hessian(lambda z: jaxce.softmax_cross_entropy_with_integer_labels(z, 1))
+        )(x)
         np.testing.assert_allclose(hessian, jnp.diag(p) - jnp.outer(p, p), atol=1e-14)
-        soft = jax.hessian(lambda z: jaxce.softmax_cross_entropy(z, jnp.full(4, 0.25)))(x)
+        soft = jax.jit(jax.hessian(lambda z: jaxce.softmax_cross_entropy(z, jnp.full(4, 0.25))))(x)
         np.testing.assert_allclose(soft, jnp.diag(p) - jnp.outer(p, p), atol=1e-14)
 
 
@@ -261,7 +263,7 @@ def test_where_excludes_classes_like_minus_inf_logits() -> None:
             z, labels, where=mask, label_smoothing=0.1, reduction="sum"
         )
 
-    value, grad = jax.value_and_grad(masked)(x)
+    value, grad = jax.jit(jax.value_and_grad(masked))(x)
     assert np.all(np.asarray(grad)[~mask] == 0.0)
     assert np.all(np.isfinite(grad))
     # Smoothing spreads eps / C over the C classes; excluded classes take no part.
