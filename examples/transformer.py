@@ -1,10 +1,11 @@
 """A small causal transformer trained through ``jaxce.linear_cross_entropy``, for ``make demo``.
 
 The text is the Python standard library's own source (:data:`STDLIB_FILES`, read from
-``sysconfig.get_paths()["stdlib"]``): on every machine, no download. It is cut into words,
-punctuation and "newline plus indentation" tokens; the :data:`KNOWN_TOKENS` most frequent ones and
-an unknown token form the vocabulary, and the embedding table is padded to a multiple of 128
-rows, the padding reaching the loss through ``vocab_size=``. The model (equinox) ties its input
+``sysconfig.get_paths()["stdlib"]``): on every machine, no download. Without its comments and
+docstrings, it is cut into words, operators, punctuation and "newline plus indentation" tokens;
+the :data:`KNOWN_TOKENS` most frequent ones and an unknown token form the vocabulary, and the
+embedding table is padded to a multiple of 128 rows, the padding reaching the loss through
+``vocab_size=``. The model (equinox) ties its input
 embedding and its output layer; it is trained with ``optax.adam`` twice from the same
 initialisation on the same batches: through the fused loss, and through the materialised
 formulation (``hidden @ W.T`` and ``optax.softmax_cross_entropy_with_integer_labels``).
@@ -36,7 +37,7 @@ import optax
 import jaxce
 
 # Modules of the standard library that have been single files for many Python versions (sorted;
-# any missing on an unusual Python is skipped). The last two are held out for evaluation.
+# any missing on an unusual Python is skipped): the training text, and the held-out text.
 STDLIB_FILES = (
     "argparse.py",
     "ast.py",
@@ -602,6 +603,11 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--steps", type=int, default=Settings.steps, help="training steps")
     options = parser.parse_args(list(argv))
+    if options.steps < CURVE_WINDOW:
+        parser.error(
+            f"--steps must be at least {CURVE_WINDOW} (the curves are compared as "
+            f"{CURVE_WINDOW}-step means), got {options.steps}"
+        )
     report = run(Settings(steps=options.steps))
     for line in describe(report):
         print(line)
