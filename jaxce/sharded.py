@@ -24,7 +24,7 @@ transposes each ``psum`` into another ``psum`` and the gradient comes out
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -276,6 +276,78 @@ def softmax_cross_entropy_with_integer_labels(
         reduction=reduction,
         batch_axis_name=batch_axis_name,
     )
+
+
+@overload
+def linear_cross_entropy(
+    hidden: ArrayLike,
+    weight_shard: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis_name: AxisName,
+    bias_shard: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    softcap: float | None = None,
+    shift: int = 0,
+    chunk_size: int | None = None,
+    plan: _linear.LinearCrossEntropyPlan | None = None,
+    reduction: str = "mean",
+    batch_axis_name: AxisName | None = None,
+    temperature: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    vocab_size: int | None = None,
+    return_aux: Literal[False] = False,
+) -> jax.Array: ...
+
+
+@overload
+def linear_cross_entropy(
+    hidden: ArrayLike,
+    weight_shard: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis_name: AxisName,
+    bias_shard: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    softcap: float | None = None,
+    shift: int = 0,
+    chunk_size: int | None = None,
+    plan: _linear.LinearCrossEntropyPlan | None = None,
+    reduction: str = "mean",
+    batch_axis_name: AxisName | None = None,
+    temperature: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    vocab_size: int | None = None,
+    return_aux: Literal[True],
+) -> tuple[jax.Array, _linear.LinearCrossEntropyAux]: ...
+
+
+@overload
+def linear_cross_entropy(
+    hidden: ArrayLike,
+    weight_shard: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis_name: AxisName,
+    bias_shard: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    softcap: float | None = None,
+    shift: int = 0,
+    chunk_size: int | None = None,
+    plan: _linear.LinearCrossEntropyPlan | None = None,
+    reduction: str = "mean",
+    batch_axis_name: AxisName | None = None,
+    temperature: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    vocab_size: int | None = None,
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, _linear.LinearCrossEntropyAux]: ...
 
 
 def linear_cross_entropy(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import cast
+from typing import Literal, cast, overload
 
 import jax
 import jax.numpy as jnp
@@ -122,6 +122,72 @@ _per_token_loss.defjvp(_per_token_loss_jvp, symbolic_zeros=True)
 _weighted_loss_jit = jax.jit(_weighted_loss, static_argnums=0)
 _per_token_loss_jit = jax.jit(_per_token_loss, static_argnums=0)
 _weighted_loss_and_grads_jit = jax.jit(chunks.weighted_loss_and_grads, static_argnums=(0, 2))
+
+
+@overload
+def linear_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    softcap: float | None = None,
+    shift: int = 0,
+    chunk_size: int | None = None,
+    plan: LinearCrossEntropyPlan | None = None,
+    reduction: str = "mean",
+    temperature: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    vocab_size: int | None = None,
+    return_aux: Literal[False] = False,
+) -> jax.Array: ...
+
+
+@overload
+def linear_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    softcap: float | None = None,
+    shift: int = 0,
+    chunk_size: int | None = None,
+    plan: LinearCrossEntropyPlan | None = None,
+    reduction: str = "mean",
+    temperature: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    vocab_size: int | None = None,
+    return_aux: Literal[True],
+) -> tuple[jax.Array, chunks.LinearCrossEntropyAux]: ...
+
+
+@overload
+def linear_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    softcap: float | None = None,
+    shift: int = 0,
+    chunk_size: int | None = None,
+    plan: LinearCrossEntropyPlan | None = None,
+    reduction: str = "mean",
+    temperature: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    vocab_size: int | None = None,
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, chunks.LinearCrossEntropyAux]: ...
 
 
 def linear_cross_entropy(
