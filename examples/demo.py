@@ -1,6 +1,7 @@
 """``make demo`` (``python -m examples.demo``): the library's main job, end to end.
 
-1. the reference documents' worked examples, with the values they should have printed;
+1. the worked NumPy examples of a well-known question-and-answer thread on cross-entropy, with
+   the values they should have printed;
 2. the gradient verification summary (:mod:`jaxce.verify`);
 3. optax training on two data sets bundled with scikit-learn, each run twice (jaxce's
    loss, then the same loss written with optax) to show the numbers agree;
@@ -40,14 +41,14 @@ VERIFY_DTYPES = ("float64",)
 BENCHMARK_SHAPES = ((4096, 10), (1024, 1000), (256, 32000))
 SECTIONS = ("examples", "verify", "train", "transformer", "bench")
 
-# The values the reference documents should have printed (see /work/shared/reference).
+# The values the Q&A thread's examples should have printed (the thread printed wrong ones).
 CORRECT_BINARY = 0.164252033486018
 CORRECT_CATEGORICAL = 0.4243218919376292
 CORRECT_THREE_SAMPLES = 0.18913199175146167
 
 
 def reference_examples() -> list[tuple[str, float, float, float]]:
-    """The worked examples of the reference documents: (name, jaxce, NumPy, printed)."""
+    """The Q&A thread's worked examples: (name, jaxce, NumPy, printed)."""
     binary_labels = np.array([1.0, 0.0, 1.0, 0.0])
     binary_probs = np.array([0.9, 0.1, 0.8, 0.2])
     onehot = np.eye(3)
@@ -102,7 +103,7 @@ class Progress:
 
 
 def run_examples(progress: Progress) -> None:
-    progress.section("Worked examples of the reference documents (their printed values were wrong)")
+    progress.section("Worked examples of a Q&A thread (its printed values were wrong)")
     print(f"  {'example':38s} {'jaxce':>12s} {'NumPy':>12s} {'document':>12s}")
     rows = reference_examples()
     for name, ours, numpy_value, printed in rows:
