@@ -176,7 +176,17 @@ else:
     def test_every_shard_gets_the_same_hidden_gradient_inside_the_body() -> None:
         data = inputs(jnp.float32)
         mesh = make_mesh((1, 8))
-        options = dict(label_smoothing=0.1, softcap=3.0, chunk_size=4)
+        # Padding on the last shard (VOCAB - 5 real classes), a temperature, token weights.
+        options = dict(
+            label_smoothing=0.1,
+            softcap=3.0,
+            chunk_size=4,
+            vocab_size=VOCAB - 5,
+            temperature=0.9,
+            token_weights=jnp.linspace(0.2, 1.8, 28).reshape(4, 7),
+            ignore_index=-100,
+        )
+        data["labels"] = jnp.minimum(data["labels"], VOCAB - 6)
 
         def body(h, w, y):
             def loss(h):
