@@ -140,8 +140,10 @@ def softmax_cross_entropy_with_integer_labels(
         in the forward pass, keeping two float32 per row, and once more in the
         backward pass, which writes the gradient in the logits' dtype; it
         computes in float32 whatever the logits' dtype. On CUDA GPUs the kernel
-        is compiled with Pallas' Triton backend; on every other platform it
-        runs in Pallas interpret mode (correct, slow: for tests). It supports
+        is compiled with Pallas' Triton backend; on CPU it runs in Pallas
+        interpret mode (correct, slow: for tests); on TPU and ROCm, which
+        have no kernel yet, the same per-row values and gradient are computed
+        with plain XLA operations (the same derivative rule). It supports
         reverse-mode differentiation only (``grad``, ``vjp``; not ``jvp``
         or ``hessian``: use ``"xla"`` there). float64 logits, a per-class
         ``where`` mask and empty batches take the XLA path; a per-example

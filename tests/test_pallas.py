@@ -325,3 +325,74 @@ def test_value_and_grad_lowers_to_triton_kernels_for_cuda(dtype: str, num_classe
     if dtype == "bfloat16":
         # The kernels upcast block by block: no float32 copy of the logits anywhere.
         assert f"tensor<{num_rows}x{num_classes}xf32>" not in module
+
+
+FALLBACK_SPECS = [
+    (None, False, "float32"),
+    ("uniform", False, "bfloat16"),
+    ("weighted", False, "float32"),
+    ("weighted", True, "float16"),
+]
+
+
+@pytest.mark.parametrize(("smoothing", "zero_times_inf", "dtype"), FALLBACK_SPECS)
+def test_platforms_without_a_kernel_compute_what_the_kernel_writes(
+    small_blocks: None, smoothing: Any, zero_times_inf: bool, dtype: str
+) -> None:
+    """TPU and ROCm run ``forward_xla`` / ``backward_xla``: equal to the interpreted kernels.
+
+    Same float32 operations in a different order (the kernel's online
+    log-sum-exp rescales per block): one float32 result per row, bounded by
+    the sums over C classes; the gradient by one rounding to ``dtype`` besides.
+    """
+    num_rows, num_classes = 6, 300
+    logits, labels = make_inputs(3, (num_rows,), num_classes, dtype)
+    logits = logits.at[1, :7].set(-jnp.inf)  # -inf logits, and a zero weight on them below
+    labels = jnp.asarray(labels, jnp.int32)
+    weight = _weights(num_classes).at[:3].set(0.0) if smoothing == "weighted" else None
+    spec = kernels.RowSpec(
+        num_classes, kernels.kernel_config(logits.dtype, num_classes), smoothing, zero_times_inf
+    )
+    interpreted = kernels.forward(logits, labels, weight, spec)
+    plain = kernels.forward_xla(logits, labels, weight, spec=spec)
+    assert len(interpreted) == len(plain) == (3 if smoothing is None else 4)
+    bound = tolerance(jnp.float32, num_classes)
+    for got, want, name in zip(plain, interpreted, ("shift", "lse", "nll", "smooth"), strict=False):
+        assert_normwise_close(got, want, bound, name)
+    rng = np.random.default_rng(4)
+    coefficients = kernels.Coefficients(
+        jnp.asarray(rng.uniform(0.5, 1.5, num_rows), jnp.float32).at[2].set(0.0),
+        jnp.asarray(rng.uniform(0.5, 1.5, num_rows), jnp.float32).at[2].set(0.0),
+        None if smoothing is None else jnp.asarray(rng.uniform(0, 0.1, num_rows), jnp.float32),
+    )
+    args = (logits, labels, interpreted[0], interpreted[1], coefficients, weight, spec)
+    plain_grad = kernels.backward_xla(*args)
+    interpreted_grad = kernels.backward(*args)
+    assert plain_grad.dtype == interpreted_grad.dtype == logits.dtype
+    assert_normwise_close(plain_grad, interpreted_grad, 2 * tolerance(dtype, num_classes), "dx")
+    if smoothing is None:
+        assert not np.asarray(plain_grad[2], np.float32).any()  # a row that takes no part: exact 0
+
+
+def test_value_and_grad_lowers_for_tpu_without_a_kernel() -> None:
+    """On TPU ``"pallas"`` is plain XLA: no custom call, no interpreter loop over the rows."""
+    num_rows, num_classes = 1024, 32000
+
+    def step(logits: jax.Array, labels: jax.Array) -> Any:
+        return jax.value_and_grad(
+            lambda x: loss_fn(
+                x, labels, label_smoothing=0.1, reduction="mean", implementation="pallas"
+            )
+        )(logits)
+
+    module = (
+        jax.jit(step)
+        .trace(
+            jax.ShapeDtypeStruct((num_rows, num_classes), jnp.bfloat16),
+            jax.ShapeDtypeStruct((num_rows,), jnp.int32),
+        )
+        .lower(lowering_platforms=("tpu",))
+        .as_text()
+    )
+    assert "custom_call" not in module
+    assert "stablehlo.while" not in module

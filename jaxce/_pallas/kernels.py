@@ -20,9 +20,12 @@ one program's registers or shared memory), upcasting each block to float32:
 
 Padding columns past ``C`` in the last block load as ``-inf`` (probability 0,
 no contribution) and are never stored. On CUDA the kernels are compiled by
-Pallas' Triton backend; everywhere else they run in Pallas interpret mode
-(the same kernel body, evaluated with XLA operations), which is how the tests
-check them on a CPU.
+Pallas' Triton backend; on CPU they run in Pallas interpret mode (the same
+kernel body, evaluated with XLA operations), which is how the tests check
+them. Other platforms (TPU, ROCm), for which no kernel is written, compute
+the same per-row values and gradient with plain XLA operations
+(:func:`forward_xla`, :func:`backward_xla`) rather than interpret a kernel
+there, which would be many times slower.
 """
 
 from __future__ import annotations
@@ -239,8 +242,9 @@ def _launch(
     out_shape: list[jax.ShapeDtypeStruct],
     spec: RowSpec,
     num_rows: int,
+    without_kernel: Callable[..., Any],
 ) -> Callable[..., Any]:
-    """The kernel compiled by Triton on CUDA, interpreted on every other platform."""
+    """The kernel compiled by Triton on CUDA, interpreted on CPU, ``without_kernel`` elsewhere."""
 
     def call(*args: jax.Array, interpret: bool) -> Any:
         config = spec.config
@@ -261,7 +265,8 @@ def _launch(
         return jax.lax.platform_dependent(
             *args,
             cuda=functools.partial(call, interpret=False),
-            default=functools.partial(call, interpret=True),
+            cpu=functools.partial(call, interpret=True),
+            default=without_kernel,
         )
 
     return on_platform
@@ -291,8 +296,34 @@ def forward(
         [scalar] * num_outputs,
         spec,
         num_rows,
+        lambda logits, labels, *weight: tuple(forward_xla(logits, labels, *weight, spec=spec)),
     )
     return list(launch(*args))
+
+
+def forward_xla(
+    logits: jax.Array, labels: jax.Array, class_weight: jax.Array | None = None, *, spec: RowSpec
+) -> list[jax.Array]:
+    """What :func:`forward`'s kernel writes, with XLA operations (platforms without the kernel)."""
+    x = logits.astype(jnp.float32)
+    shift = finite_shift(jnp.max(x, axis=-1))
+    shifted = x - shift[:, None]
+    log_normalizer = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+    label_logit = jnp.take_along_axis(x, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    outputs = [shift, log_normalizer, log_normalizer - (label_logit - shift)]
+    if spec.smoothing is None:
+        return outputs
+    if spec.smoothing == "uniform":
+        weighted_shifted = jnp.sum(shifted, axis=-1)
+        weight = jnp.full_like(shift, spec.num_classes)
+    else:
+        assert class_weight is not None
+        keep = class_weight != 0 if spec.zero_times_inf else jnp.ones_like(class_weight, bool)
+        products = class_weight[None, :] * shifted
+        weighted_shifted = jnp.sum(jnp.where(keep[None, :], products, 0.0), axis=-1)
+        weight = jnp.broadcast_to(jnp.sum(class_weight), shift.shape)
+    smooth = jnp.where(weight != 0, log_normalizer, 0.0) * weight - weighted_shifted
+    return [*outputs, smooth]
 
 
 class Coefficients(NamedTuple):
@@ -337,5 +368,48 @@ def backward(
         [jax.ShapeDtypeStruct(logits.shape, logits.dtype)],
         spec,
         num_rows,
+        lambda *arrays: (_backward_xla_arrays(*arrays, spec=spec),),
     )
     return launch(*args)[0]
+
+
+def _backward_xla_arrays(
+    logits: jax.Array,
+    labels: jax.Array,
+    shift: jax.Array,
+    log_normalizer: jax.Array,
+    probability: jax.Array,
+    label: jax.Array,
+    *rest: jax.Array,
+    spec: RowSpec,
+) -> jax.Array:
+    """:func:`backward_xla` from the kernel's argument list."""
+    weight = rest[0] if spec.smoothing is not None else None
+    class_weight = rest[1] if spec.smoothing == "weighted" else None
+    coefficients = Coefficients(probability, label, weight)
+    return backward_xla(logits, labels, shift, log_normalizer, coefficients, class_weight, spec)
+
+
+def backward_xla(
+    logits: jax.Array,
+    labels: jax.Array,
+    shift: jax.Array,
+    log_normalizer: jax.Array,
+    coefficients: Coefficients,
+    class_weight: jax.Array | None,
+    spec: RowSpec,
+) -> jax.Array:
+    """What :func:`backward`'s kernel writes, with XLA operations (platforms without the kernel)."""
+    x = logits.astype(jnp.float32)
+    log_normalizer = jnp.where(log_normalizer == -jnp.inf, jnp.inf, log_normalizer)
+    p = jnp.exp((x - shift[:, None]) - log_normalizer[:, None])
+    a, b = coefficients.probability[:, None], coefficients.label[:, None]
+    classes = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    dx = a * p - jnp.where(classes == labels[:, None], b, 0.0)
+    c = jnp.zeros_like(a)
+    if spec.smoothing is not None:
+        assert coefficients.weight is not None
+        c = coefficients.weight[:, None]
+        dx = dx - (c if class_weight is None else c * class_weight[None, :])
+    skip = (a == 0) & (b == 0) & (c == 0)
+    return jnp.where(skip, 0.0, dx).astype(logits.dtype)
