@@ -96,11 +96,14 @@ def run_case(dtype, batch_shape, dim, vocab, chunk_size, reduction, options, *, 
 
 ALL_OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 4.0}
 
-SHAPES = [  # batch shape, D, V, chunk: N and V not multiples of the chunk, N = 1, V < chunk
-    pytest.param((37,), 12, 23, 8, id="N37-V23-chunk8"),
-    pytest.param((1,), 6, 5, None, id="N1"),
-    pytest.param((3, 11), 8, 7, 64, id="batch3x11-V7-chunk64"),
-    pytest.param((40,), 5, 300, 16, id="N40-V300-vocab-blocks"),
+SHAPES = [  # batch shape, D, V, chunk, reduction: N and V not multiples of the chunk, N = 1,
+    # V < chunk; each shape under one of the two loops ("mean": the weighted sum's rule,
+    # "none": the per-token one), every option on, against float64
+    pytest.param((37,), 12, 23, 8, "mean", id="N37-V23-chunk8-mean"),
+    pytest.param((1,), 6, 5, None, "none", id="N1-none"),
+    pytest.param((3, 11), 8, 7, 64, "none", id="batch3x11-V7-chunk64-none"),
+    pytest.param((40,), 5, 300, 16, "mean", id="N40-V300-vocab-blocks-mean"),
+    pytest.param((40,), 5, 300, 16, "none", id="N40-V300-vocab-blocks-none"),
 ]
 
 
@@ -111,8 +114,7 @@ def small_weight_blocks(monkeypatch):
     monkeypatch.setattr(linear_plan, "_MIN_WEIGHT_BLOCK_ROWS", 64)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize(("batch_shape", "dim", "vocab", "chunk"), SHAPES)
+@pytest.mark.parametrize(("batch_shape", "dim", "vocab", "chunk", "reduction"), SHAPES)
 def test_all_options_match_materialised_float64(batch_shape, dim, vocab, chunk, reduction):
     run_case("float64", batch_shape, dim, vocab, chunk, reduction, ALL_OPTIONS)
 
