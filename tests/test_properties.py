@@ -269,8 +269,10 @@ def test_integer_labels_closed_form_equals_autodiff_and_float64_reference(proble
     _check_closed_form(results, SOFTMAX_GRAD_TOL)
     for _, _, closed in results.values():
         assert np.all(np.isfinite(np.asarray(closed))) and closed.dtype == jnp.float32
-    x = _moderate(x)
-    results = {r: v for r, v in INTEGER_IGNORE(x, (labels,), options).items() if r in results}
+    moderate = _moderate(x)
+    if not np.array_equal(moderate, x):
+        x = moderate
+        results = {r: v for r, v in INTEGER_IGNORE(x, (labels,), options).items() if r in results}
     references = _in_float64(INTEGER_IGNORE_REFERENCE, x, (labels,), options)
     _check(results, references, SOFTMAX_VALUE_TOL, SOFTMAX_GRAD_TOL)
 
@@ -292,9 +294,11 @@ def soft_label_problems(draw, extremes=True, options=True):
 def test_softmax_closed_form_equals_autodiff_and_float64_reference(problem, smoothing):
     x, labels, weight, where = problem
     options = {"label_smoothing": np.float32(smoothing), "weight": weight, "where": where}
-    _check_closed_form(SOFTMAX(x, (labels,), options), SOFTMAX_GRAD_TOL)
-    x = _moderate(x)
     results = SOFTMAX(x, (labels,), options)
+    _check_closed_form(results, SOFTMAX_GRAD_TOL)
+    moderate = _moderate(x)
+    if not np.array_equal(moderate, x):
+        x, results = moderate, SOFTMAX(moderate, (labels,), options)
     _check(results, _in_float64(SOFTMAX_REFERENCE, x, (labels,), options),
            SOFTMAX_VALUE_TOL, SOFTMAX_GRAD_TOL)  # fmt: skip
     if weight is None and where is None:
