@@ -8,7 +8,7 @@ DEMO_STAMP := $(VENV)/.demo-installed
 DOCS_STAMP := $(VENV)/.docs-installed
 SOURCES := jaxce tests benchmarks examples notebooks/execute.py
 
-.PHONY: test demo docs lint typecheck bench bench-quick notebooks clean
+.PHONY: test test-all demo docs lint typecheck bench bench-quick notebooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy jaxce examples
 
+# The suite without the tests marked slow (the notebooks re-executed, the wheel built, ...):
+# under ten minutes on two cores. `make test-all` runs those too.
 test: lint typecheck
+	$(BIN)/pytest -n 2 --doctest-modules -m "not slow" jaxce tests
+
+test-all: lint typecheck
 	$(BIN)/pytest -n 2 --doctest-modules jaxce tests
 
 demo: $(DEMO_STAMP)

@@ -59,7 +59,7 @@ _hypothesis_common = {
     "deadline": None,
     "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
 }
-settings.register_profile("ci", max_examples=300, derandomize=True, **_hypothesis_common)
+settings.register_profile("ci", max_examples=150, derandomize=True, **_hypothesis_common)
 settings.register_profile("thorough", max_examples=5000, **_hypothesis_common)
 settings.load_profile("ci")
 

@@ -35,10 +35,12 @@ def test_reference_examples_give_the_corrected_values() -> None:
         assert np.isnan(printed) or abs(printed - CORRECTED[name]) > 0.1, name
 
 
-def test_demo_command_runs_every_section_and_passes() -> None:
+def test_demo_command_runs_all_but_the_transformer_section_and_passes() -> None:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
-        [sys.executable, "-m", "examples.demo"],
+        # The transformer section trains the model notebook 06 trains (its own pieces are
+        # tested below); skipped here to keep `make test` under ten minutes.
+        [sys.executable, "-m", "examples.demo", "--skip", "transformer"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -48,10 +50,10 @@ def test_demo_command_runs_every_section_and_passes() -> None:
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    for header in ("[1/5] Worked examples", "[2/5] Gradient verification", "[3/5] Training"):
+    for header in ("[1/4] Worked examples", "[2/4] Gradient verification", "[3/4] Training"):
         assert header in output, header
-    assert "[4/5] A small transformer" in output
-    assert "[5/5] Benchmark" in output
+    assert "A small transformer" not in output
+    assert "[4/4] Benchmark" in output
     assert "above 1, jaxce is faster" in output
     assert "FAIL" not in output
     assert "digits: held-out accuracy" in output
@@ -59,8 +61,25 @@ def test_demo_command_runs_every_section_and_passes() -> None:
     assert "demo: every check passed" in output
     # A progress line per epoch of each run.
     assert output.count("/15 ") >= 15 and output.count("/30 ") >= 30
+
+
+@pytest.mark.slow
+def test_demo_transformer_section_passes() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.demo", "--only", "transformer"],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "[1/1] A small transformer" in output
     assert "fused and materialised curves agree" in output
     assert "padding rows of the table get exactly zero gradient" in output
+    assert "demo: every check passed" in output
 
 
 def test_demo_exits_1_and_names_the_claim_that_broke(

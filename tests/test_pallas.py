@@ -139,6 +139,15 @@ SWEEP = [("float32", name) for name in OPTIONS] + [
 ]
 
 
+# Every option together, in float32 and bfloat16: in `make test`; the whole sweep is slow.
+ALL_OPTIONS = [("float32", "all-mean"), ("bfloat16", "all-mean")]
+
+
+@pytest.mark.parametrize(("dtype", "case"), ALL_OPTIONS, ids=[f"{d}-{c}" for d, c in ALL_OPTIONS])
+def test_every_option_matches_xla_and_float64(small_blocks: None, dtype: str, case: str) -> None:
+    test_matches_xla_and_float64(small_blocks, dtype, case)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("dtype", "case"), SWEEP, ids=[f"{d}-{c}" for d, c in SWEEP])
 def test_matches_xla_and_float64(small_blocks: None, dtype: str, case: str) -> None:

@@ -41,7 +41,7 @@ _COMMON = {
 try:  # tests/conftest.py may have registered them already (needed for --hypothesis-profile).
     settings.get_profile("ci")
 except InvalidArgument:
-    settings.register_profile("ci", max_examples=300, derandomize=True, **_COMMON)
+    settings.register_profile("ci", max_examples=150, derandomize=True, **_COMMON)
     settings.register_profile("thorough", max_examples=5000, **_COMMON)
 if settings.get_current_profile_name() == "default":
     settings.load_profile("ci")
