@@ -14,23 +14,19 @@ import sys
 import types
 import zlib
 
+import myst_nb  # noqa: F401  (the docs extra, in the test extra: missing fails, never skips)
 import pytest
+import sphinx  # noqa: F401  (the docs extra, as above)
 
 import jaxce
-
-pytest.importorskip("sphinx", reason="the docs extra: pip install -e '.[docs]'")
-pytest.importorskip("myst_nb", reason="the docs extra: pip install -e '.[docs]'")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 
 
 def public_names() -> list[str]:
-    """``jaxce.__all__`` when the package has one, else what ``import jaxce`` shows."""
-    names = getattr(jaxce, "__all__", None)
-    if names is not None:
-        return sorted(names)
-    return sorted(
+    """``jaxce.__all__``, which is exactly what ``import jaxce`` shows."""
+    shown = sorted(
         name
         for name, value in vars(jaxce).items()
         if not name.startswith("_")
@@ -40,6 +36,8 @@ def public_names() -> list[str]:
             else getattr(value, "__module__", "").startswith("jaxce")
         )
     )
+    assert sorted(jaxce.__all__) == shown, (jaxce.__all__, shown)
+    return shown
 
 
 def module_members(module: types.ModuleType) -> list[str]:
