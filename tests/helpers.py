@@ -8,6 +8,9 @@ derived from the dtype and the operation (see tests/conftest.py).
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -171,3 +174,26 @@ LOSSES = [
     LossCase("binary_cross_entropy", jaxce.binary_cross_entropy, _probs_binary),
     LossCase("categorical_cross_entropy", jaxce.categorical_cross_entropy, _probs_categorical),
 ]
+
+
+EIGHT_DEVICES_FLAG = "JAXCE_EIGHT_DEVICES"
+EIGHT_DEVICES_XLA_FLAG = "--xla_force_host_platform_device_count=8"
+
+
+def run_on_eight_host_devices(test_file: str, timeout: float = 240) -> None:
+    """Runs ``pytest test_file`` in a subprocess with 8 CPU devices, and fails with its report.
+
+    JAX fixes its device count when its backend starts, so a test file whose
+    cases need 8 devices holds one parent test that calls this; only the child
+    (``JAXCE_EIGHT_DEVICES=1``) defines the cases.
+    """
+    env = dict(os.environ)
+    env[EIGHT_DEVICES_FLAG] = "1"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {EIGHT_DEVICES_XLA_FLAG}".strip()
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (
+        f"8-device cases failed (rerun: {EIGHT_DEVICES_FLAG}=1 "
+        f"XLA_FLAGS={EIGHT_DEVICES_XLA_FLAG} pytest {test_file}):\n"
+        f"{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
+    )

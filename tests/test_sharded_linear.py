@@ -19,26 +19,14 @@ with float32 accumulation, so the same tolerances hold.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import EIGHT_DEVICES_FLAG, run_on_eight_host_devices
 
-CHILD_FLAG = "JAXCE_EIGHT_DEVICES"
-DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
-
-if os.environ.get(CHILD_FLAG) != "1":
+if os.environ.get(EIGHT_DEVICES_FLAG) != "1":
 
     def test_sharded_linear_cases_on_eight_host_devices() -> None:
-        env = dict(os.environ)
-        env[CHILD_FLAG] = "1"
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {DEVICE_FLAG}".strip()
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-        assert result.returncode == 0, (
-            f"8-device cases failed (rerun: {CHILD_FLAG}=1 XLA_FLAGS={DEVICE_FLAG} "
-            f"pytest {__file__}):\n{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
-        )
+        run_on_eight_host_devices(__file__)
 
 else:
     import re
