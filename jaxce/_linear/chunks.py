@@ -347,12 +347,11 @@ def _empty_aux(config: Config, inputs: Inputs) -> LinearCrossEntropyAux | None:
     )
 
 
-def _put_rows(config: Config, values: Any, start: jax.Array, chunk_values: Any) -> Any:
+def _put_rows(values: Any, start: jax.Array, chunk_values: Any) -> Any:
     """Writes a chunk's per-row values (a pytree) at rows ``start ..`` of ``[N]`` arrays.
 
     The rows the last chunk shares with the one before get the same values again.
     """
-    del config
     return jax.tree_util.tree_map(
         lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, start, 0),
         values,
@@ -361,7 +360,7 @@ def _put_rows(config: Config, values: Any, start: jax.Array, chunk_values: Any) 
 
 
 def _chunk_aux(
-    aux: LinearCrossEntropyAux | None, chunk: Chunk, losses: RowLoss, config: Config
+    aux: LinearCrossEntropyAux | None, chunk: Chunk, losses: RowLoss
 ) -> LinearCrossEntropyAux | None:
     """``aux`` with this chunk's rows written in."""
     if aux is None:
@@ -369,7 +368,7 @@ def _chunk_aux(
     assert losses.mean_shifted is not None and losses.argmax is not None
     entropy = jnp.log(losses.sum_exp) - losses.mean_shifted
     rows = LinearCrossEntropyAux(losses.log_partition, entropy, losses.argmax)
-    return _put_rows(config, aux, chunk.start, rows)
+    return _put_rows(aux, chunk.start, rows)
 
 
 def weighted_loss(config: Config, inputs: Inputs) -> tuple[jax.Array, LinearCrossEntropyAux | None]:
@@ -383,7 +382,7 @@ def weighted_loss(config: Config, inputs: Inputs) -> tuple[jax.Array, LinearCros
         chunk = chunk_logits(config, inputs, index, compute)
         losses = row_loss(config, inputs, chunk)
         total = total + _weighted_sum(_row_weights(config, inputs, chunk), losses.loss)
-        return total, _chunk_aux(aux, chunk, losses, config)
+        return total, _chunk_aux(aux, chunk, losses)
 
     init = (_varying_like(jnp.zeros((), compute), _token_side(inputs)), _empty_aux(config, inputs))
     return jax.lax.fori_loop(0, config.num_chunks, body, init)
@@ -492,14 +491,14 @@ def _add_row_values(
         temperature = temperature + _weighted_sum(weights, d_temperature)
     token_losses = totals.token_losses
     if token_losses is not None:
-        token_losses = _put_rows(config, token_losses, chunk.start, losses.loss)
+        token_losses = _put_rows(token_losses, chunk.start, losses.loss)
     return totals._replace(
         total=total,
         smoothing=smoothing,
         z_loss=z_loss,
         temperature=temperature,
         token_losses=token_losses,
-        aux=_chunk_aux(totals.aux, chunk, losses, config),
+        aux=_chunk_aux(totals.aux, chunk, losses),
     )
 
 
@@ -811,8 +810,8 @@ def per_token_forward(config: Config, inputs: Inputs, *, temperature: bool = Fal
         if out.d_temperature is not None:
             d_temperature = _temperature_derivative(config, inputs, chunk, losses)
             rows = rows._replace(d_temperature=d_temperature)
-        aux = _chunk_aux(out.aux, chunk, losses, config)
-        out = _put_rows(config, out._replace(aux=None), chunk.start, rows)
+        aux = _chunk_aux(out.aux, chunk, losses)
+        out = _put_rows(out._replace(aux=None), chunk.start, rows)
         return out._replace(aux=aux)
 
     empty = _varying_like(jnp.zeros((config.num_tokens,), compute), _token_side(inputs))
