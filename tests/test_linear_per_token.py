@@ -2,10 +2,12 @@
 
 Per-token losses (RL advantages, per-token weighting) are differentiated with
 one cotangent per token. The rule keeps a few floats per token, and the
-backward pass recomputes each chunk once: four matrix products in all, and
-temporaries of one chunk plus the weight's cotangent.
+backward pass recomputes each (chunk, vocabulary block) tile once: four matrix
+products in all, and on CPU the temporaries of "mean" give or take a few
+chunk-sized buffers.
 """
 
+import dataclasses
 import re
 
 import jax
@@ -85,33 +87,59 @@ def test_number_of_matrix_products(reduction, expected):
     assert set(products) <= allowed, products
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_temporaries_like_mean_plus_the_weight_cotangent(dtype):
-    """Lowered and compiled, never run: "none" holds what "mean" does, plus the
-    weight's float32 cotangent and the recomputed chunk's extra buffer."""
-    num_tokens, dim, vocab = 8192, 512, 32768
+def _temporaries(reduction, plan, dtype, num_tokens, dim, vocab):
+    """Temporaries of value and gradients (hidden, weight), lowered and compiled, never run."""
     args = (
         jax.ShapeDtypeStruct((num_tokens, dim), dtype),
         jax.ShapeDtypeStruct((vocab, dim), dtype),
         jax.ShapeDtypeStruct((num_tokens,), jnp.int32),
     )
     weights = jnp.linspace(0.5, 1.5, num_tokens)
+
+    def loss(h, w, y):
+        value = jaxce.linear_cross_entropy(h, w, y, reduction=reduction, plan=plan)
+        return jnp.sum(value * weights) if reduction == "none" else value
+
+    compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_temporaries_like_mean_on_cpu(dtype):
+    """The CPU plan: "none" holds no weight-sized buffer besides those "mean" holds.
+
+    Small chunks (64 tokens: a float32 chunk is 8 MiB, the weight's float32
+    gradient 64 MiB), so that a second weight-sized buffer cannot hide in the
+    margin of a few chunk-sized ones. The backward pass reads the blocks of
+    the tangents by slicing, so the weight's cotangent is updated in place
+    block by block.
+    """
+    num_tokens, dim, vocab = 4096, 512, 32768
+    plan = dataclasses.replace(
+        jaxce.plan_linear_cross_entropy(num_tokens, dim, vocab, dtype, platform="cpu"),
+        chunk_size=64,
+    )
+    weight_f32, chunk_f32 = vocab * dim * 4, plan.chunk_size * vocab * 4
+    mean = _temporaries("mean", plan, jnp.dtype(dtype), num_tokens, dim, vocab)
+    none = _temporaries("none", plan, jnp.dtype(dtype), num_tokens, dim, vocab)
+    assert none <= mean + 3 * chunk_f32, (none, mean)
+    assert 3 * chunk_f32 < weight_f32 / 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_temporaries_of_the_accelerator_plan(dtype):
+    """The GPU plan (whole-vocabulary products), compiled by XLA:CPU: "none" holds
+    what "mean" does, plus the weight's float32 cotangent and chunk-sized buffers.
+
+    XLA:CPU forms each chunk's whole-vocabulary weight product before adding
+    it to its accumulator: a second weight-sized float32 buffer on this backend.
+    """
+    num_tokens, dim, vocab = 8192, 512, 32768
     plan = jaxce.plan_linear_cross_entropy(num_tokens, dim, vocab, dtype, platform="gpu")
-
-    def temporaries(reduction):
-        def loss(h, w, y):
-            value = jaxce.linear_cross_entropy(h, w, y, reduction=reduction, plan=plan)
-            return jnp.sum(value * weights) if reduction == "none" else value
-
-        compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*args).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
-    weight_f32 = vocab * dim * 4
-    chunk_f32 = plan.chunk_size * vocab * 4
-    mean, none = temporaries("mean"), temporaries("none")
-    # XLA:CPU forms the transposed weight product before adding it to its
-    # accumulator: a second weight-sized float32 buffer on this backend.
-    assert none <= mean + 2 * weight_f32 + 2 * chunk_f32, (none, mean)
+    weight_f32, chunk_f32 = vocab * dim * 4, plan.chunk_size * vocab * 4
+    mean = _temporaries("mean", plan, jnp.dtype(dtype), num_tokens, dim, vocab)
+    none = _temporaries("none", plan, jnp.dtype(dtype), num_tokens, dim, vocab)
+    assert none <= mean + weight_f32 + 2 * chunk_f32, (none, mean)
     # Nothing of size tokens x vocabulary (the materialised float32 logits).
     assert none < num_tokens * vocab * 4 / 2, none
 

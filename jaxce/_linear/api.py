@@ -94,9 +94,9 @@ def _per_token_loss(config: Config, inputs: Inputs) -> tuple[jax.Array, Aux | No
     """``[N]`` losses (``"none"``), and the aux if asked for.
 
     Its rule keeps a log-normaliser per token and a tangent map that reverse
-    mode transposes into a second pass recomputing each chunk once
-    (:func:`chunks.per_token_tangent`): four matrix products, and the largest
-    temporaries those of one chunk plus the weight's float32 cotangent.
+    mode transposes into a second pass recomputing each (chunk, vocabulary
+    block) tile once (:func:`chunks.per_token_tangent`): four matrix
+    products, and the temporaries of "mean" give or take a chunk-sized buffer.
     """
     forward = chunks.per_token_forward(config, inputs)
     return forward.loss, forward.aux
@@ -220,14 +220,15 @@ def linear_cross_entropy(
     ``temperature``), with the same ``ignore_index``,
     ``label_smoothing``, ``z_loss`` and reductions, but the ``[N, V]`` logits
     are never materialised: the ``N`` tokens are processed ``chunk_size`` at a
-    time, and the largest temporary is one ``[chunk_size, V]`` buffer (two
-    or three with ``reduction="none"``) besides the gradients themselves.
-    With ``reduction="mean"`` or ``"sum"`` the gradients are computed during the forward pass (three
+    time, and the largest temporaries are one to three float32
+    ``[chunk_size, V]`` buffers besides the gradients themselves (the plan's
+    ``estimated_temporaries`` counts them). With ``reduction="mean"`` or
+    ``"sum"`` the gradients are computed during the forward pass (three
     matrix products in total, like the unfused formulation); with ``"none"``
-    the backward pass recomputes each chunk's logits (four). To differentiate
-    a weighted sum of per-token losses (advantages, masks), pass the weights
-    as ``token_weights`` with ``"sum"``: three products, and the temporaries
-    of ``"mean"``.
+    the backward pass recomputes the logits a vocabulary block at a time
+    (four products, and about the temporaries of ``"mean"``). To
+    differentiate a weighted sum of per-token losses (advantages, masks),
+    pass the weights as ``token_weights`` with ``"sum"``: three products.
 
     ``shift=1`` is next-token prediction: ``hidden[..., t, :]`` predicts
     ``labels[..., t + 1]`` and the last position predicts nothing; ``shift=k``

@@ -825,29 +825,53 @@ def per_token_forward(config: Config, inputs: Inputs, *, temperature: bool = Fal
     return jax.lax.fori_loop(0, config.num_chunks, body, init)
 
 
-def _per_token_logit_gradient(
-    config: Config, inputs: Inputs, chunk: Chunk, log_partition: jax.Array
+def _tile_logit_gradient(
+    config: Config,
+    inputs: Inputs,
+    log_partition: jax.Array,
+    index: jax.Array,
+    v_index: jax.Array,
+    compute: Any,
 ) -> jax.Array:
-    """``[C, V]``: each row's loss differentiated by its logits before the cap.
+    """``[C, B]``: chunk ``index``'s losses differentiated by the logits (before the cap) of block ``v_index``.
 
+    The block's logits are recomputed from its rows of ``weight``, and
     ``p = exp(x - lse)`` from the log-normaliser the forward pass kept, so no
-    row maximum or sum is recomputed.
+    row maximum or sum is needed: every (chunk, block) tile stands alone.
+    Exactly 0 on rows an earlier chunk covered, on columns an earlier block
+    covered, and on padding columns, so that summing over all tiles counts
+    each (token, class) pair once.
     """
-    vocab = chunk.logits.shape[-1]
-    p = jnp.exp(chunk.logits - log_partition[:, None])
+    weight = inputs.weight
+    vocab = weight.shape[0]
+    block = config.vocab_block
+    start, fresh = chunk_rows(config, index)
+    v_start = jnp.minimum(v_index * block, vocab - block)
+    hidden = xla_cpu.take_rows(inputs.hidden, start, config.chunk)
+    w_block = xla_cpu.take_rows(weight, v_start, block)
+    x = jax.lax.dot_general(hidden, w_block, _CONTRACT_DIM, preferred_element_type=compute)
+    if inputs.bias is not None:
+        x = x + jax.lax.dynamic_slice_in_dim(inputs.bias, v_start, block).astype(compute)[None, :]
+    x = _temper(config, inputs, _cap(config, x))
+    lse = jax.lax.dynamic_slice_in_dim(log_partition, start, config.chunk)
+    p = jnp.exp(x - lse[:, None])
     if config.z_loss:
-        p = p * (1 + 2 * inputs.z_coefficient * log_partition)[:, None]
+        p = p * (1 + 2 * inputs.z_coefficient * lse)[:, None]
+    target = jax.lax.dynamic_slice_in_dim(inputs.target, start, config.chunk) - v_start
+    if config.axis_name is not None:
+        target = target - jax.lax.axis_index(config.axis_name) * vocab
     label = 1 - inputs.smoothing if config.smoothing else 1
-    g = p - jnp.where(label_mask(chunk.target, vocab), label, 0)
+    g = p - jnp.where(label_mask(target, block), label, 0)
     if config.smoothing:
         g = g - inputs.smoothing / config.num_classes(vocab)
-    chain = _logit_chain(config, inputs, chunk.logits)
+    chain = _logit_chain(config, inputs, x)
     if chain is not None:
         g = g * chain
-    real = _real_classes(config, vocab, 0, vocab)
+    real = _real_classes(config, vocab, v_start, block)
     if real is not None:
         g = jnp.where(real[None, :], g, 0)
-    return g
+    g = _without_covered_columns(g, v_index, v_start, vocab)
+    return jnp.where(fresh[:, None], g, 0)
 
 
 def per_token_tangent(
@@ -855,41 +879,58 @@ def per_token_tangent(
 ) -> jax.Array:
     """``[N]``: the tangent of each token's loss, ``<d loss_i / d inputs, tangents>``.
 
-    Linear in the tangents, chunk by chunk: with ``G`` a chunk's logit
-    gradient, ``t_i = <t_h_i, (G W)_i> + <G_i, h_i t_W^T + t_b>``. Reverse mode
-    transposes it into ``d_h = c G W``, ``d_W += (c G)^T h`` and ``d_b += c G``
-    for the per-token cotangent ``c``: with the forward pass, four matrix
-    products. The body is rematerialised, so the backward pass recomputes each
-    chunk's logits from the kept log-normaliser and saves nothing per chunk.
-    ``t_W`` is cast to the compute dtype outside the loop, so that the
-    weight's cotangent accumulates in float32 for bfloat16 inputs.
+    Linear in the tangents, a (chunk, vocabulary block) tile at a time: with
+    ``G`` a tile's logit gradient, ``t_i += <t_h_i, (G W_b)_i> + <G_i, h_i
+    t_{W_b}^T + t_{b_b}>``. Reverse mode transposes it into ``d_h += c G W_b``,
+    ``d_{W_b} += (c G)^T h`` and ``d_{b_b} += c G`` for the per-token
+    cotangent ``c``: with the forward pass, four matrix products. Each tile
+    reads its blocks of the tangents by slicing, which transposes into an
+    in-place update of that block of the cotangent accumulators (XLA rewrites
+    ``acc + update_slice(zeros, u)`` as ``update_slice(acc, acc_b + u)``), so
+    the backward pass holds no weight-sized buffer besides the weight's
+    cotangent. The tile is rematerialised: the backward pass recomputes its
+    logits from the kept log-normaliser and saves nothing per tile. ``t_W``
+    is cast to the compute dtype outside the loop, so that the weight's
+    cotangent accumulates in float32 for bfloat16 inputs.
     """
     compute = forward.loss.dtype
     t_hidden = nonzero_tangent(tangents.hidden, compute)
     t_weight = nonzero_tangent(tangents.weight, compute)
     t_bias = nonzero_tangent(tangents.bias, compute)
+    vocab = inputs.weight.shape[0]
+    block = config.vocab_block
+    num_blocks = -(-vocab // block)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk_tangent(index: jax.Array) -> jax.Array:
-        chunk = chunk_logits(config, inputs, index, compute)
-        log_partition = jax.lax.dynamic_slice_in_dim(
-            forward.log_partition, chunk.start, config.chunk
-        )
-        g = _per_token_logit_gradient(config, inputs, chunk, log_partition)
+    def tile_tangent(index: jax.Array, v_index: jax.Array) -> jax.Array:
+        g = _tile_logit_gradient(config, inputs, forward.log_partition, index, v_index, compute)
+        start, _ = chunk_rows(config, index)
+        v_start = jnp.minimum(v_index * block, vocab - block)
         tangent = jnp.zeros((config.chunk,), compute)
         if t_hidden is not None:
-            t_rows = jax.lax.dynamic_slice_in_dim(t_hidden, chunk.start, config.chunk)
-            tangent = tangent + jnp.sum(t_rows * _times_weight(config, g, inputs.weight), axis=-1)
+            t_rows = jax.lax.dynamic_slice_in_dim(t_hidden, start, config.chunk)
+            w_block = xla_cpu.take_rows(inputs.weight, v_start, block)
+            tangent = tangent + jnp.sum(t_rows * _times_weight(config, g, w_block), axis=-1)
         if t_weight is not None:
-            t_logits = jax.lax.dot_general(chunk.hidden.astype(compute), t_weight, _CONTRACT_DIM)
-            tangent = tangent + jnp.sum(g * t_logits, axis=-1)
+            hidden = xla_cpu.take_rows(inputs.hidden, start, config.chunk).astype(compute)
+            t_block = jax.lax.dynamic_slice_in_dim(t_weight, v_start, block)
+            tangent = tangent + jnp.sum(g * jax.lax.dot_general(hidden, t_block, _CONTRACT_DIM), -1)
         if t_bias is not None:
-            tangent = tangent + g @ t_bias
-        return vocab_sum(config, tangent)
+            tangent = tangent + g @ jax.lax.dynamic_slice_in_dim(t_bias, v_start, block)
+        return tangent
+
+    def step(total: jax.Array, tile: jax.Array) -> tuple[jax.Array, None]:
+        index, v_index = jnp.divmod(tile, num_blocks)
+        start, _ = chunk_rows(config, index)
+        return _add_rows(total, start, tile_tangent(index, v_index)), None
 
     tangent = jnp.zeros((config.num_tokens,), compute)
     if t_hidden is not None or t_weight is not None or t_bias is not None:
-        tangent = unchunk(config, jax.lax.map(chunk_tangent, jnp.arange(config.num_chunks)))
+        tiles = jnp.arange(config.num_chunks * num_blocks)
+        tangent, _ = jax.lax.scan(
+            step, _varying_like(tangent, inputs, t_hidden, t_weight, t_bias), tiles
+        )
+        tangent = vocab_sum(config, tangent)
     t_smoothing = nonzero_tangent(tangents.smoothing, compute)
     if config.smoothing and t_smoothing is not None:
         assert forward.d_smoothing is not None
