@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -39,9 +40,10 @@ def default_chunk_size(
     ``rows`` is 256 if a float32 ``[256, V]`` buffer fits in 56 MiB, else as
     many rows as fit in 56 MiB, and more if more fit in 32 MiB (small
     vocabularies); clipped to ``[16, 1024]``. Both budgets are halved for
-    ``per_token`` (``"none"``, whose backward pass holds two or three such
-    buffers) and for ``bfloat16`` inputs (whose gradient holds the logits'
-    bytes twice). The tokens are then split into ``ceil(num_tokens / rows)``
+    ``per_token`` (``"none"``, whose backward pass holds up to three such
+    buffers for bfloat16, and two for float32 when a vocabulary block is the
+    whole vocabulary) and for ``bfloat16`` inputs (whose gradient holds the
+    logits' bytes twice). The tokens are then split into ``ceil(num_tokens / rows)``
     equal chunks (rounded up), so that the last one overlaps the one before it
     by as few rows as possible.
     """
@@ -81,8 +83,14 @@ class LinearCrossEntropyPlan:
         (``V``: one product over the whole vocabulary per chunk).
       accumulation_dtype: the dtype the logits and gradients are accumulated in.
       estimated_temporaries: bytes of temporary memory of the loss and its
-        gradients (XLA's ``memory_analysis().temp_size_in_bytes`` on CPU, within
-        about 15%), gradient accumulators included.
+        gradients, gradient accumulators included: what XLA:CPU's
+        ``memory_analysis().temp_size_in_bytes`` shows for this plan, within
+        15% at the shapes the tests sweep (up to 2^16 classes), except
+        bfloat16 with ``"mean"``/``"sum"``, which XLA:CPU sometimes fits in
+        one chunk-sized buffer fewer (up to 30% above), and whose
+        accelerator plans at large ``D`` it compiles into more (up to 30%
+        below). For GPU and TPU plans this is XLA:CPU's count for the same
+        program; the device's compiler has not been measured.
       gradient_products: for bfloat16 inputs, how the float32 gradient of the
         logits ``G`` enters the two gradient products (``G W`` and
         ``G^T h``). ``"split"`` (the default): as two bfloat16 products of
@@ -122,20 +130,55 @@ class LinearCrossEntropyPlan:
 
 
 def _estimated_temporaries(
-    num_tokens: int, dim: int, vocab: int, chunk: int, *, bfloat16: bool, accelerator: bool
+    num_tokens: int,
+    dim: int,
+    vocab: int,
+    chunk: int,
+    vocab_block: int,
+    *,
+    bfloat16: bool,
+    accelerator: bool,
+    per_token: bool,
 ) -> int:
     """Temporaries of the value and gradients, as XLA:CPU allocates them.
 
-    One float32 ``[chunk, V]`` buffer (the logits, then their exponentials, and
-    for float32 the gradient formed over them), a second one for bfloat16
-    (where the chunk's whole logit gradient is formed), and on accelerators a
-    bfloat16 one (the gradient's bfloat16 half that both gradient products
-    take); plus the float32 gradient accumulators of ``weight`` and ``hidden``.
+    In units of one float32 ``[chunk, V]`` buffer (the logits, then their
+    exponentials), of the weight's and hidden's float32 gradients, and of a
+    float32 ``[chunk, vocab_block]`` tile; the counts are those XLA:CPU's
+    ``memory_analysis()`` shows for each path (``tests/test_linear_plan.py``
+    compares them over a grid of shapes):
+
+    - float32 (float16, float64) on the CPU plan: the gradients accumulate in
+      place, in the output buffers, a block of rows at a time; one chunk, plus
+      a tile and a few blocks of ``weight`` ("mean", whose blocks are
+      sliced from the chunk), or one block ("none", whose tiles stand alone;
+      two chunks when a block is the whole vocabulary).
+    - bfloat16 (float32 accumulators, bfloat16 outputs): the accumulators,
+      and the chunk's gradient beside its exponentials (two chunks); three
+      for "none" (two and a half when a block is the whole vocabulary), and
+      on accelerators a bfloat16 half of the gradient for "mean".
+    - Whole-vocabulary products (accelerator plans) form each chunk's weight
+      product before adding it to the accumulator: a weight-sized buffer.
     """
-    chunk_bytes = 4 * chunk * vocab * (2 if bfloat16 else 1)
-    if bfloat16 and accelerator:
-        chunk_bytes += 2 * chunk * vocab
-    return chunk_bytes + 4 * (vocab * dim + num_tokens * dim)
+    chunk_f32 = 4 * chunk * vocab
+    weight_f32 = 4 * vocab * dim
+    hidden_f32 = 4 * num_tokens * dim
+    blocked = vocab_block < vocab
+    if bfloat16:
+        if per_token:
+            chunks = 3 if blocked or accelerator else 2.5
+        else:
+            chunks = 2.5 if accelerator else 2
+        return int(chunks * chunk_f32) + weight_f32 + hidden_f32
+    if accelerator:
+        if per_token:
+            return chunk_f32 + max(chunk_f32, weight_f32) + hidden_f32
+        return chunk_f32 + weight_f32 + hidden_f32
+    weight_block = 4 * vocab_block * dim
+    if per_token:
+        return (chunk_f32 if blocked else 2 * chunk_f32) + min(weight_f32, weight_block)
+    tile = 4 * chunk * vocab_block if blocked else 0
+    return chunk_f32 + tile + min(weight_f32, 4 * weight_block)
 
 
 def plan_linear_cross_entropy(
@@ -214,21 +257,22 @@ def plan_linear_cross_entropy(
         rows = tokens if memory_budget is not None else tokens // _ACCELERATOR_LOGITS_FRACTION
         rows = min(max(rows // multiple * multiple, smallest), -(-tokens // multiple) * multiple)
         allowed = range(rows, smallest - 1, -multiple)
+    estimate = functools.partial(
+        _estimated_temporaries,
+        num_tokens,
+        dim,
+        vocab,
+        vocab_block=vocab_block,
+        bfloat16=bfloat16,
+        accelerator=accelerator,
+        per_token=per_token,
+    )
     chunk = allowed[0]
     if memory_budget is not None:
-        fitting = (
-            c
-            for c in allowed
-            if _estimated_temporaries(
-                num_tokens, dim, vocab, min(c, tokens), bfloat16=bfloat16, accelerator=accelerator
-            )
-            <= memory_budget
-        )
+        fitting = (c for c in allowed if estimate(min(c, tokens)) <= memory_budget)
         chunk = next(fitting, allowed[-1])
     chunk = min(chunk, tokens)
     accumulation = "float64" if dtype == jnp.float64 else "float32"
-    estimate = _estimated_temporaries(
-        num_tokens, dim, vocab, chunk, bfloat16=bfloat16, accelerator=accelerator
-    )
+    estimated = estimate(chunk)
     products = "split" if bfloat16 else dtype.name
-    return LinearCrossEntropyPlan(resolved, chunk, vocab_block, accumulation, estimate, products)
+    return LinearCrossEntropyPlan(resolved, chunk, vocab_block, accumulation, estimated, products)
