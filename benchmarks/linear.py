@@ -34,10 +34,15 @@ from benchmarks import harness
 NUM_TOKENS, DIM = 2048, 512
 # (vocabulary, dtype) cases; the quick run takes the first.
 CASES = ((32768, "float32"), (65536, "float32"), (32768, "bfloat16"))
+# Per-token losses (RL advantages, masks): a weighted sum of `reduction="none"`,
+# against the same with `token_weights` and "sum"; not in the quick run.
+PER_TOKEN_CASES = ((32768, "float32"),)
 MEMORY_VOCABS = (8192, 16384, 32768, 65536, 131072)
 MATERIALISED = "materialised (matmul + optax)"
 JAX_CCE = "jax-cce 0.1.0"
 JAXCE = "jaxce.linear_cross_entropy"
+JAXCE_NONE = 'jaxce reduction="none", weighted sum'
+JAXCE_TOKEN_WEIGHTS = 'jaxce token_weights, reduction="sum"'
 FLOOR = "floor (three matmuls)"
 
 LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -60,6 +65,25 @@ def competitors() -> dict[str, LossFn]:
         found[JAX_CCE] = lambda h, w, y: jax_cce.linear_cross_entropy(h, w, y)
     found[JAXCE] = fused
     return found
+
+
+def per_token_competitors(advantages: jax.Array) -> dict[str, LossFn]:
+    """``sum_i a_i loss_i`` for per-token advantages ``a``, three ways."""
+
+    def materialised_sum(hidden: jax.Array, weight: jax.Array, labels: jax.Array) -> jax.Array:
+        losses = optax.softmax_cross_entropy_with_integer_labels(hidden @ weight.T, labels)
+        return jnp.sum(advantages * losses)
+
+    def none(hidden: jax.Array, weight: jax.Array, labels: jax.Array) -> jax.Array:
+        losses = jaxce.linear_cross_entropy(hidden, weight, labels, reduction="none")
+        return jnp.sum(advantages * losses)
+
+    def weighted(hidden: jax.Array, weight: jax.Array, labels: jax.Array) -> jax.Array:
+        return jaxce.linear_cross_entropy(
+            hidden, weight, labels, token_weights=advantages, reduction="sum"
+        )
+
+    return {MATERIALISED: materialised_sum, JAXCE_NONE: none, JAXCE_TOKEN_WEIGHTS: weighted}
 
 
 def three_matmuls(hidden: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -100,48 +124,69 @@ def run(quick: bool) -> list[dict[str, Any]]:
 
     ``ratio_to_baseline`` is against the materialised formulation,
     ``ratio_to_floor`` against the three matrix products; jaxce's row also has
-    ``peer`` (jax-cce) and ``ratio_to_peer``.
+    ``peer`` (jax-cce) and ``ratio_to_peer``. The full run adds the
+    per-token cases (:data:`PER_TOKEN_CASES`).
     """
     runs = 3 if quick else 15
     results = []
     for vocab, dtype in CASES[:1] if quick else CASES:
         case = f"linear CE value_and_grad N={NUM_TOKENS} D={DIM} V={vocab} {dtype}"
-        args = inputs(vocab, dtype=dtype)
-        compiled = {}
-        for name, loss in competitors().items():
-            compiled[name] = compile_value_and_grad(loss, args)
-        start = time.perf_counter()
-        floor = jax.jit(three_matmuls).lower(*args[:2]).compile()
-        compiled[FLOOR] = (floor, (time.perf_counter() - start) * 1e3)
-        calls: dict[str, harness.Runner] = {
-            name: functools.partial(fn, *(args[:2] if name == FLOOR else args))
-            for name, (fn, _) in compiled.items()
+        description = (
+            f"value_and_grad of the mean loss w.r.t. hidden and weight, {dtype}; "
+            "baseline: the materialised logits + optax; floor: the three matrix "
+            "products alone"
+        )
+        results += _measure(case, description, competitors(), inputs(vocab, dtype=dtype), runs)
+    for vocab, dtype in () if quick else PER_TOKEN_CASES:
+        case = f"linear CE per-token value_and_grad N={NUM_TOKENS} D={DIM} V={vocab} {dtype}"
+        description = (
+            f"value_and_grad of sum_i a_i loss_i (per-token advantages a) w.r.t. hidden and "
+            f"weight, {dtype}; baseline: the materialised logits + optax's per-token losses; "
+            "floor: the three matrix products alone"
+        )
+        advantages = jnp.asarray(np.random.default_rng(1).normal(size=NUM_TOKENS), jnp.float32)
+        found = per_token_competitors(advantages)
+        results += _measure(case, description, found, inputs(vocab, dtype=dtype), runs)
+    return results
+
+
+def _measure(
+    case: str,
+    description: str,
+    losses: dict[str, LossFn],
+    args: tuple[jax.Array, jax.Array, jax.Array],
+    runs: int,
+) -> list[dict[str, Any]]:
+    """The competitors and the floor, compiled apart and timed interleaved."""
+    compiled = {name: compile_value_and_grad(loss, args) for name, loss in losses.items()}
+    start = time.perf_counter()
+    floor = jax.jit(three_matmuls).lower(*args[:2]).compile()
+    compiled[FLOOR] = (floor, (time.perf_counter() - start) * 1e3)
+    calls: dict[str, harness.Runner] = {
+        name: functools.partial(fn, *(args[:2] if name == FLOOR else args))
+        for name, (fn, _) in compiled.items()
+    }
+    times = harness.interleaved_times(calls, runs=runs, warmup=1)
+    results = []
+    for name, (fn, compile_ms) in compiled.items():
+        ms = times[name] * 1e3
+        row = {
+            "case": case,
+            "implementation": name,
+            "median_ms": float(np.median(ms)),
+            "min_ms": float(np.min(ms)),
+            "max_ms": float(np.max(ms)),
+            "compile_ms": compile_ms,
+            "temp_bytes": int(fn.memory_analysis().temp_size_in_bytes),
+            "runs": runs,
+            "ratio_to_baseline": harness.median_ratio(times[name], times[MATERIALISED]),
+            "ratio_to_floor": harness.median_ratio(times[name], times[FLOOR]),
+            "description": description,
         }
-        times = harness.interleaved_times(calls, runs=runs, warmup=1)
-        for name, (fn, compile_ms) in compiled.items():
-            ms = times[name] * 1e3
-            row = {
-                "case": case,
-                "implementation": name,
-                "median_ms": float(np.median(ms)),
-                "min_ms": float(np.min(ms)),
-                "max_ms": float(np.max(ms)),
-                "compile_ms": compile_ms,
-                "temp_bytes": int(fn.memory_analysis().temp_size_in_bytes),
-                "runs": runs,
-                "ratio_to_baseline": harness.median_ratio(times[name], times[MATERIALISED]),
-                "ratio_to_floor": harness.median_ratio(times[name], times[FLOOR]),
-                "description": (
-                    f"value_and_grad of the mean loss w.r.t. hidden and weight, {dtype}; "
-                    "baseline: the materialised logits + optax; floor: the three matrix "
-                    "products alone"
-                ),
-            }
-            if name == JAXCE and JAX_CCE in times:
-                row["peer"] = JAX_CCE
-                row["ratio_to_peer"] = harness.median_ratio(times[name], times[JAX_CCE])
-            results.append(row)
-        del args, compiled, calls
+        if name == JAXCE and JAX_CCE in times:
+            row["peer"] = JAX_CCE
+            row["ratio_to_peer"] = harness.median_ratio(times[name], times[JAX_CCE])
+        results.append(row)
     return results
 
 

@@ -196,10 +196,12 @@ def test_linear_run_on_tiny_shapes_reports_paired_ratios(monkeypatch):
     monkeypatch.setattr(linear, "NUM_TOKENS", 64)
     monkeypatch.setattr(linear, "DIM", 16)
     monkeypatch.setattr(linear, "CASES", ((256, "float32"), (128, "bfloat16")))
+    monkeypatch.setattr(linear, "PER_TOKEN_CASES", ((192, "float32"),))
     rows = linear.run(quick=False)
     names = {r["implementation"] for r in rows}
     assert {linear.MATERIALISED, linear.JAXCE, linear.FLOOR} <= names
-    assert len({r["case"] for r in rows}) == 2
+    assert {linear.JAXCE_NONE, linear.JAXCE_TOKEN_WEIGHTS} <= names
+    assert len({r["case"] for r in rows}) == 3
     for r in rows:
         assert r["runs"] == 15 and 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
         assert r["ratio_to_baseline"] > 0 and r["ratio_to_floor"] > 0
@@ -215,6 +217,11 @@ def test_linear_run_on_tiny_shapes_reports_paired_ratios(monkeypatch):
     assert d_hidden.shape == (64, 16) and d_weight.shape == (256, 16)
     table = linear.format_table(rows)
     assert table.count("\n") == len(rows) + 1
+    # The per-token competitors compute the same weighted sum.
+    h, w, y = linear.inputs(192)
+    losses = linear.per_token_competitors(jnp.linspace(-1.0, 1.0, 64)).values()
+    values = [float(loss(h, w, y)) for loss in losses]
+    np.testing.assert_allclose(values, values[0], rtol=1e-5)
 
 
 def test_report_shows_peer_ratio_and_linear_memory_plot(tmp_path):
