@@ -174,3 +174,81 @@ def test_traced_smoothing_and_z_loss_gradients_per_token():
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(float(got_tangent), float(want_tangent), rtol=1e-10)
+
+
+def test_second_order_across_overlapping_tiles():
+    """Forward over reverse (``jax.hessian``) through the tile loop, against float64.
+
+    N = 7 in chunks of 3 and V = 10 in blocks of 4: the last chunk and the last
+    block overlap the ones before them, and each (token, class) pair must count
+    once in the gradient and in its derivative. Every option is on.
+    """
+    num_tokens, dim, vocab = 7, 3, 10
+    options = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 4.0, "ignore_index": -100}
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        hidden = jnp.asarray(rng.normal(size=(num_tokens, dim)))
+        weight = jnp.asarray(rng.normal(size=(vocab, dim)))
+        labels = jnp.asarray([3, 9, -100, 0, 7, 4, 9])
+        advantages = jnp.linspace(-1.0, 1.5, num_tokens)
+        plan = jaxce.plan_linear_cross_entropy(num_tokens, dim, vocab, jnp.float64)
+        plan = dataclasses.replace(plan, chunk_size=3, vocab_block=4)
+
+        def fused(h, w):
+            losses = jaxce.linear_cross_entropy(
+                h, w, labels, reduction="none", plan=plan, **options
+            )
+            return jnp.sum(advantages * losses)
+
+        def reference(h, w):
+            losses = _references.linear_cross_entropy(h, w, labels, reduction="none", **options)
+            return jnp.sum(advantages * losses)
+
+        for got, want in zip(
+            jax.tree.leaves(jax.grad(fused, (0, 1))(hidden, weight)),
+            jax.tree.leaves(jax.grad(reference, (0, 1))(hidden, weight)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+        hessian = jax.hessian(fused, (0, 1))(hidden, weight)
+        expected = jax.hessian(reference, (0, 1))(hidden, weight)
+        for got, want in zip(jax.tree.leaves(hessian), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_tiles_with_temperature_padding_and_shift():
+    """Gradients of ``sum_i a_i loss_i`` with blocks of 4 rows over 10 padded to 8 real
+    classes (the last block overlaps and holds both padding rows), a traced
+    temperature and ``shift=1``, against the float64 materialised formula."""
+    batch, length, dim, rows, real = 2, 5, 3, 10, 8
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(4)
+        hidden = jnp.asarray(rng.normal(size=(batch, length, dim)))
+        weight = jnp.asarray(rng.normal(size=(rows, dim)) * 2)
+        labels = jnp.asarray(rng.integers(0, real, size=(batch, length)))
+        advantages = jnp.asarray(rng.normal(size=(batch, length - 1)))
+        plan = jaxce.plan_linear_cross_entropy(batch * length, dim, rows, jnp.float64)
+        plan = dataclasses.replace(plan, chunk_size=3, vocab_block=4)
+
+        def fused(h, w, temperature):
+            losses = jaxce.linear_cross_entropy(
+                h, w, labels, shift=1, vocab_size=real, temperature=temperature,
+                softcap=3.0, label_smoothing=0.1, reduction="none", plan=plan,
+            )  # fmt: skip
+            return jnp.sum(advantages * losses)
+
+        def reference(h, w, temperature):
+            logits = _references.materialised_logits(h[:, :-1], w[:real], softcap=3.0)
+            losses = _references.softmax_cross_entropy_with_integer_labels(
+                logits / temperature, labels[:, 1:], label_smoothing=0.1, reduction="none"
+            )
+            return jnp.sum(advantages * losses)
+
+        args = (hidden, weight, jnp.float64(0.7))
+        got = jax.grad(fused, (0, 1, 2))(*args)
+        want = jax.grad(reference, (0, 1, 2))(*args)
+        np.testing.assert_allclose(fused(*args), reference(*args), rtol=1e-12)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(got[1][:real], want[1][:real], rtol=1e-10, atol=1e-13)
+        assert np.all(np.asarray(got[1][real:]) == 0)  # padding rows: exactly zero
+        np.testing.assert_allclose(got[2], want[2], rtol=1e-10)
