@@ -29,6 +29,7 @@ if os.environ.get(EIGHT_DEVICES_FLAG) != "1":
         run_on_eight_host_devices(__file__)
 
 else:
+    import dataclasses
     import re
     from typing import Any
 
@@ -96,6 +97,25 @@ else:
                 token_weights=True,
                 vocab_size=VOCAB - 5,
                 chunk_size=4,
+            ),
+        ),
+        # Each shard's 12 rows in overlapping blocks of 5 (the per-token
+        # backward pass's tiles), padding in the last shard.
+        "none-tiles-padding-temperature": (
+            (2, 4),
+            jnp.float32,
+            dict(
+                reduction="none",
+                ignore_index=-100,
+                temperature=0.8,
+                softcap=3.0,
+                label_smoothing=0.1,
+                vocab_size=VOCAB - 5,
+                plan=dataclasses.replace(
+                    jaxce.plan_linear_cross_entropy(28, DIM, VOCAB // 4, "float32"),
+                    chunk_size=3,
+                    vocab_block=5,
+                ),
             ),
         ),
         "sum-smoothing-z-batch": (
