@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(SOURCES)
 
 typecheck: $(STAMP)
-	$(BIN)/mypy jaxce examples
+	$(BIN)/mypy jaxce examples benchmarks
 
 # The suite without the tests marked slow (the notebooks re-executed, the wheel built, ...):
 # under ten minutes on two cores. `make test-all` runs those too.

@@ -117,6 +117,7 @@ SHAPES = {
 # Competitors.
 JAXCE_FUSED = "jaxce.linear_cross_entropy"
 JAXCE_FUSED_ROUNDED = 'jaxce.linear_cross_entropy (gradient_products="bfloat16")'
+JAXCE_FUSED_PER_TOKEN = 'jaxce.linear_cross_entropy (reduction="none", then the mean)'
 NAIVE = "naive JAX (float32 logits, optax)"
 JAX_CCE = "jax-cce"
 TOKAMAX = "tokamax chunked_xla"
@@ -449,6 +450,14 @@ def fused_entries(
 
         return grad_of(loss), args
 
+    def per_token() -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        # The per-token losses' own rule (four products: the backward pass
+        # recomputes the logits), reduced outside; the same value as "mean".
+        def loss(h: jax.Array, w: jax.Array, y: jax.Array) -> Any:
+            return jnp.mean(jaxce.linear_cross_entropy(h, w, y, reduction="none"))
+
+        return grad_of(loss), args
+
     def tokamax_outputs(out: Any) -> tuple[Any, Any, Any]:
         loss, (dh, dwt) = out
         return loss, dh, dwt.T
@@ -461,6 +470,7 @@ def fused_entries(
             standard,
         ),
         Entry(JAXCE_FUSED_ROUNDED, rounded_products, _version("jaxce"), standard),
+        Entry(JAXCE_FUSED_PER_TOKEN, per_token, _version("jaxce"), standard),
         Entry(NAIVE, lambda: (grad_of(naive_linear), args), _version("optax"), standard),
         Entry(JAX_CCE, jax_cce, _version("jax-cce"), standard),
         Entry(TOKAMAX, tokamax, _version("tokamax"), tokamax_outputs),

@@ -275,7 +275,9 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(axis="x", alpha=0.3)
     present = {family_colour(label) for label in labels}
-    legend = [Patch(color=colour, label=family) for family, colour in FAMILIES if colour in present]
+    legend: list[Any] = [
+        Patch(color=colour, label=family) for family, colour in FAMILIES if colour in present
+    ]
     if OTHER_COLOUR in present:
         legend.append(Patch(color=OTHER_COLOUR, label="other"))
     legend.append(plt.Line2D([], [], color="black", linewidth=0.8, label="fastest-slowest run"))

@@ -49,6 +49,7 @@ def test_fused_case_list_builds_at_tiny_shapes():
     assert [e.name for e in entries] == [
         gpu.JAXCE_FUSED,
         gpu.JAXCE_FUSED_ROUNDED,
+        gpu.JAXCE_FUSED_PER_TOKEN,
         gpu.NAIVE,
         gpu.JAX_CCE,
         gpu.TOKAMAX,
@@ -62,7 +63,8 @@ def test_fused_case_list_builds_at_tiny_shapes():
             built[entry.name] = entry.build()
         except gpu.Unavailable:
             assert entry.name in (gpu.JAX_CCE, gpu.TOKAMAX)  # optional peers only
-    for name in (gpu.JAXCE_FUSED, gpu.JAXCE_FUSED_ROUNDED, gpu.NAIVE, gpu.FUSED_FLOOR):
+    fused = (gpu.JAXCE_FUSED, gpu.JAXCE_FUSED_ROUNDED, gpu.JAXCE_FUSED_PER_TOKEN, gpu.NAIVE)
+    for name in (*fused, gpu.FUSED_FLOOR):
         fn, args = built[name]
         assert callable(fn) and args[0] is hidden and args[1] is weight
 
@@ -149,7 +151,14 @@ def test_tiny_end_to_end_run_writes_json_and_markdown(tmp_path, monkeypatch):
     assert fused_case in results["plans"]
     assert results["limits"]["matmul_tflops"] > 0
     rows = {(r["case"], r["implementation"]): r for r in results["rows"]}
-    fused = (gpu.JAXCE_FUSED, gpu.JAXCE_FUSED_ROUNDED, gpu.NAIVE, gpu.JAX_CCE, gpu.TOKAMAX)
+    fused = (
+        gpu.JAXCE_FUSED,
+        gpu.JAXCE_FUSED_ROUNDED,
+        gpu.JAXCE_FUSED_PER_TOKEN,
+        gpu.NAIVE,
+        gpu.JAX_CCE,
+        gpu.TOKAMAX,
+    )
     expected = [(fused_case, n) for n in fused]
     expected += [(fused_case, gpu.FUSED_FLOOR)]
     expected += [(fused_case, c) for c in gpu_peers.FUSED_COMPETITORS]
@@ -157,7 +166,7 @@ def test_tiny_end_to_end_run_writes_json_and_markdown(tmp_path, monkeypatch):
     expected += [(plain_case, gpu.PLAIN_FLOOR)]
     expected += [(plain_case, c) for c in gpu_peers.PLAIN_COMPETITORS]
     assert sorted(rows) == sorted(expected)
-    for name in (gpu.JAXCE_FUSED, gpu.NAIVE):
+    for name in (gpu.JAXCE_FUSED, gpu.JAXCE_FUSED_PER_TOKEN, gpu.NAIVE):
         row = rows[(fused_case, name)]
         assert row["median_ms"] > 0 and row["compile_ms"] > 0 and row["temp_bytes"] >= 0
         assert row["x_floor"] > 0 and row["loss_rel_error"] < 1e-5
