@@ -21,6 +21,16 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import __main__ as cli
 from benchmarks import gpu, gpu_peers
 
+# The fused case's JAX competitors, in the suite's order (the floor comes after them).
+FUSED_JAX_COMPETITORS = (
+    gpu.JAXCE_FUSED,
+    gpu.JAXCE_FUSED_ROUNDED,
+    gpu.JAXCE_FUSED_PER_TOKEN,
+    gpu.NAIVE,
+    gpu.JAX_CCE,
+    gpu.TOKAMAX,
+)
+
 # One fused shape and one plain dtype: the end-to-end run stays within a few seconds.
 SMALL = dataclasses.replace(
     gpu.SHAPES["tiny"],
@@ -46,15 +56,7 @@ def test_fused_case_list_builds_at_tiny_shapes():
     _, n, d, v = gpu.SHAPES["tiny"].fused[-1]  # V=1000: not a multiple of any block
     notes: dict[str, str] = {}
     entries, (hidden, weight, labels) = gpu.fused_entries(n, d, v, gpu.SHAPES["tiny"], notes)
-    assert [e.name for e in entries] == [
-        gpu.JAXCE_FUSED,
-        gpu.JAXCE_FUSED_ROUNDED,
-        gpu.JAXCE_FUSED_PER_TOKEN,
-        gpu.NAIVE,
-        gpu.JAX_CCE,
-        gpu.TOKAMAX,
-        gpu.FUSED_FLOOR,
-    ]
+    assert [e.name for e in entries] == [*FUSED_JAX_COMPETITORS, gpu.FUSED_FLOOR]
     assert hidden.shape == (n, d) and weight.shape == (v, d) and labels.shape == (n,)
     assert hidden.dtype == weight.dtype == jnp.bfloat16
     built = {}
@@ -151,15 +153,7 @@ def test_tiny_end_to_end_run_writes_json_and_markdown(tmp_path, monkeypatch):
     assert fused_case in results["plans"]
     assert results["limits"]["matmul_tflops"] > 0
     rows = {(r["case"], r["implementation"]): r for r in results["rows"]}
-    fused = (
-        gpu.JAXCE_FUSED,
-        gpu.JAXCE_FUSED_ROUNDED,
-        gpu.JAXCE_FUSED_PER_TOKEN,
-        gpu.NAIVE,
-        gpu.JAX_CCE,
-        gpu.TOKAMAX,
-    )
-    expected = [(fused_case, n) for n in fused]
+    expected = [(fused_case, n) for n in FUSED_JAX_COMPETITORS]
     expected += [(fused_case, gpu.FUSED_FLOOR)]
     expected += [(fused_case, c) for c in gpu_peers.FUSED_COMPETITORS]
     expected += [(plain_case, n) for n in (gpu.JAXCE_XLA, gpu.JAXCE_PALLAS, gpu.OPTAX)]
