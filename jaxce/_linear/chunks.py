@@ -104,10 +104,13 @@ def chunk_rows(config: Config, index: jax.Array) -> tuple[jax.Array, jax.Array]:
     return start, rows >= index * config.chunk
 
 
-def unchunk(config: Config, stacked: jax.Array) -> jax.Array:
-    """``[num_chunks, chunk]`` per-row values as ``[N]``: the last chunk's new rows only."""
-    tail = config.num_tokens - (config.num_chunks - 1) * config.chunk
-    return jnp.concatenate([stacked[:-1].reshape(-1), stacked[-1, config.chunk - tail :]])
+def block_start(vocab: int, block: int, v_index: jax.Array) -> jax.Array:
+    """First row of vocabulary block ``v_index``: the last block ends at the last row.
+
+    It overlaps the one before it, so that every block has the same static
+    shape (:func:`_without_covered_columns` drops the covered columns).
+    """
+    return jnp.minimum(v_index * block, vocab - block)
 
 
 def label_mask(target: jax.Array, vocab: int) -> jax.Array:
@@ -642,7 +645,7 @@ def _gradients_blocked(
     hidden_up = chunk.hidden.astype(compute)
 
     def block_step(v_index: jax.Array, carry: Gradients) -> Gradients:
-        v_start = jnp.minimum(v_index * block, vocab - block)
+        v_start = block_start(vocab, block, v_index)
         x = jax.lax.dynamic_slice_in_dim(chunk.logits, v_start, block, axis=1)
         if config.softcap is None:
             exps = jax.lax.dynamic_slice_in_dim(losses.exps, v_start, block, axis=1)
@@ -719,7 +722,7 @@ def _gradients_whole(
     hidden_up = chunk.hidden if bfloat16_rows else chunk.hidden.astype(compute)
 
     def block_step(v_index: jax.Array, carry: Gradients) -> Gradients:
-        v_start = jnp.minimum(v_index * block, vocab - block)
+        v_start = block_start(vocab, block, v_index)
         g_block = jax.lax.dynamic_slice_in_dim(g, v_start, block, axis=1)
         g_block = _without_covered_columns(g_block, v_index, v_start, vocab)
         return _add_weight_and_bias(
@@ -825,28 +828,38 @@ def per_token_forward(config: Config, inputs: Inputs, *, temperature: bool = Fal
     return jax.lax.fori_loop(0, config.num_chunks, body, init)
 
 
-def _tile_logit_gradient(
+class Tile(NamedTuple):
+    """One (chunk, vocabulary block) tile of the per-token backward pass."""
+
+    start: jax.Array  # first row of the chunk
+    v_start: jax.Array  # first row of the vocabulary block
+    hidden: jax.Array  # [C, D] the chunk's rows, in the matmul dtype
+    weight: jax.Array  # [B, D] the block's rows of `weight`, in the matmul dtype
+    gradient: jax.Array  # [C, B] the losses differentiated by the block's logits
+
+
+def _tile(
     config: Config,
     inputs: Inputs,
     log_partition: jax.Array,
     index: jax.Array,
     v_index: jax.Array,
     compute: Any,
-) -> jax.Array:
-    """``[C, B]``: chunk ``index``'s losses differentiated by the logits (before the cap) of block ``v_index``.
+) -> Tile:
+    """Chunk ``index``'s losses differentiated by the logits (before the cap) of block ``v_index``.
 
     The block's logits are recomputed from its rows of ``weight``, and
     ``p = exp(x - lse)`` from the log-normaliser the forward pass kept, so no
     row maximum or sum is needed: every (chunk, block) tile stands alone.
-    Exactly 0 on rows an earlier chunk covered, on columns an earlier block
-    covered, and on padding columns, so that summing over all tiles counts
-    each (token, class) pair once.
+    The gradient is exactly 0 on rows an earlier chunk covered, on columns an
+    earlier block covered, and on padding columns, so that summing over all
+    tiles counts each (token, class) pair once.
     """
     weight = inputs.weight
     vocab = weight.shape[0]
     block = config.vocab_block
     start, fresh = chunk_rows(config, index)
-    v_start = jnp.minimum(v_index * block, vocab - block)
+    v_start = block_start(vocab, block, v_index)
     hidden = xla_cpu.take_rows(inputs.hidden, start, config.chunk)
     w_block = xla_cpu.take_rows(weight, v_start, block)
     x = jax.lax.dot_general(hidden, w_block, _CONTRACT_DIM, preferred_element_type=compute)
@@ -871,7 +884,7 @@ def _tile_logit_gradient(
     if real is not None:
         g = jnp.where(real[None, :], g, 0)
     g = _without_covered_columns(g, v_index, v_start, vocab)
-    return jnp.where(fresh[:, None], g, 0)
+    return Tile(start, v_start, hidden, w_block, jnp.where(fresh[:, None], g, 0))
 
 
 def per_token_tangent(
@@ -897,32 +910,29 @@ def per_token_tangent(
     t_hidden = nonzero_tangent(tangents.hidden, compute)
     t_weight = nonzero_tangent(tangents.weight, compute)
     t_bias = nonzero_tangent(tangents.bias, compute)
-    vocab = inputs.weight.shape[0]
     block = config.vocab_block
-    num_blocks = -(-vocab // block)
+    num_blocks = -(-inputs.weight.shape[0] // block)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
-    def tile_tangent(index: jax.Array, v_index: jax.Array) -> jax.Array:
-        g = _tile_logit_gradient(config, inputs, forward.log_partition, index, v_index, compute)
-        start, _ = chunk_rows(config, index)
-        v_start = jnp.minimum(v_index * block, vocab - block)
+    def tile_tangent(index: jax.Array, v_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The tile's first row and its ``[C]`` part of the tangent."""
+        tile = _tile(config, inputs, forward.log_partition, index, v_index, compute)
+        g = tile.gradient
         tangent = jnp.zeros((config.chunk,), compute)
         if t_hidden is not None:
-            t_rows = jax.lax.dynamic_slice_in_dim(t_hidden, start, config.chunk)
-            w_block = xla_cpu.take_rows(inputs.weight, v_start, block)
-            tangent = tangent + jnp.sum(t_rows * _times_weight(config, g, w_block), axis=-1)
+            t_rows = jax.lax.dynamic_slice_in_dim(t_hidden, tile.start, config.chunk)
+            tangent = tangent + jnp.sum(t_rows * _times_weight(config, g, tile.weight), axis=-1)
         if t_weight is not None:
-            hidden = xla_cpu.take_rows(inputs.hidden, start, config.chunk).astype(compute)
-            t_block = jax.lax.dynamic_slice_in_dim(t_weight, v_start, block)
-            tangent = tangent + jnp.sum(g * jax.lax.dot_general(hidden, t_block, _CONTRACT_DIM), -1)
+            t_block = jax.lax.dynamic_slice_in_dim(t_weight, tile.v_start, block)
+            t_logits = jax.lax.dot_general(tile.hidden.astype(compute), t_block, _CONTRACT_DIM)
+            tangent = tangent + jnp.sum(g * t_logits, axis=-1)
         if t_bias is not None:
-            tangent = tangent + g @ jax.lax.dynamic_slice_in_dim(t_bias, v_start, block)
-        return tangent
+            tangent = tangent + g @ jax.lax.dynamic_slice_in_dim(t_bias, tile.v_start, block)
+        return tile.start, tangent
 
     def step(total: jax.Array, tile: jax.Array) -> tuple[jax.Array, None]:
-        index, v_index = jnp.divmod(tile, num_blocks)
-        start, _ = chunk_rows(config, index)
-        return _add_rows(total, start, tile_tangent(index, v_index)), None
+        start, tangent = tile_tangent(*jnp.divmod(tile, num_blocks))
+        return _add_rows(total, start, tangent), None
 
     tangent = jnp.zeros((config.num_tokens,), compute)
     if t_hidden is not None or t_weight is not None or t_bias is not None:
