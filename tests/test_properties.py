@@ -92,15 +92,12 @@ def _arrays(shape, elements):
     return hnp.arrays(np.float32, shape, elements=elements)
 
 
-def _grad_and_closed(name, **fixed):
-    """Jitted: per reduction, ``(loss, jax.grad, closed form)`` of the jaxce loss ``name``.
+def _per_reduction(loss, closed=None):
+    """Jitted: per reduction, ``(loss, jax.grad of its sum)``, and the closed form if given.
 
     One compiled program holds the three reductions: compiling, not running, is
-    what these properties spend their time on. ``fixed``: options that must be
-    Python values (``ignore_index``).
+    what these properties spend their time on.
     """
-    loss = functools.partial(getattr(jaxce, name), **fixed)
-    closed = functools.partial(getattr(derivatives, name), **fixed)
 
     def evaluate(first, rest, options):
         results = {}
@@ -109,34 +106,27 @@ def _grad_and_closed(name, **fixed):
             def total(a, reduction=reduction):
                 return jnp.sum(loss(a, *rest, reduction=reduction, **options))
 
-            results[reduction] = (
-                loss(first, *rest, reduction=reduction, **options),
-                jax.grad(total)(first),
-                closed(first, *rest, reduction=reduction, **options),
-            )
+            values = (loss(first, *rest, reduction=reduction, **options), jax.grad(total)(first))
+            if closed is not None:
+                values += (closed(first, *rest, reduction=reduction, **options),)
+            results[reduction] = values
         return results
 
     return jax.jit(evaluate)
+
+
+def _grad_and_closed(name, **fixed):
+    """``(loss, jax.grad, closed form)`` of the jaxce loss ``name`` per reduction (jitted).
+
+    ``fixed``: options that must be Python values (``ignore_index``).
+    """
+    loss = functools.partial(getattr(jaxce, name), **fixed)
+    return _per_reduction(loss, functools.partial(getattr(derivatives, name), **fixed))
 
 
 def _reference(name, **fixed):
-    """Jitted: per reduction, ``(loss, jax.grad)`` of the plain ``_references.<name>``."""
-    loss = functools.partial(_references.REFERENCES[name], **fixed)
-
-    def evaluate(first, rest, options):
-        results = {}
-        for reduction in REDUCTIONS:
-
-            def total(a, reduction=reduction):
-                return jnp.sum(loss(a, *rest, reduction=reduction, **options))
-
-            results[reduction] = (
-                loss(first, *rest, reduction=reduction, **options),
-                jax.grad(total)(first),
-            )
-        return results
-
-    return jax.jit(evaluate)
+    """``(loss, jax.grad)`` of the plain ``_references.<name>`` per reduction (jitted)."""
+    return _per_reduction(functools.partial(_references.REFERENCES[name], **fixed))
 
 
 def _float64(tree):
