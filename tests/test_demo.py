@@ -35,14 +35,12 @@ def test_reference_examples_give_the_corrected_values() -> None:
         assert np.isnan(printed) or abs(printed - CORRECTED[name]) > 0.1, name
 
 
-def test_demo_command_runs_all_but_the_transformer_section_and_passes() -> None:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def _run_demo(*args: str) -> str:
+    """``python -m examples.demo ARGS`` on CPU: its output, once it has exited with 0."""
     result = subprocess.run(
-        # The transformer section trains the model notebook 06 trains (its own pieces are
-        # tested below); skipped here to keep `make test` under ten minutes.
-        [sys.executable, "-m", "examples.demo", "--skip", "transformer"],
+        [sys.executable, "-m", "examples.demo", *args],
         cwd=REPO,
-        env=env,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
         capture_output=True,
         text=True,
         timeout=300,
@@ -50,6 +48,13 @@ def test_demo_command_runs_all_but_the_transformer_section_and_passes() -> None:
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
+    return output
+
+
+def test_demo_command_runs_all_but_the_transformer_section_and_passes() -> None:
+    # The transformer section trains the model notebook 06 trains (its own pieces are
+    # tested below); skipped here to keep `make test` under ten minutes.
+    output = _run_demo("--skip", "transformer")
     for header in ("[1/4] Worked examples", "[2/4] Gradient verification", "[3/4] Training"):
         assert header in output, header
     assert "A small transformer" not in output
@@ -65,17 +70,7 @@ def test_demo_command_runs_all_but_the_transformer_section_and_passes() -> None:
 
 @pytest.mark.slow
 def test_demo_transformer_section_passes() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "examples.demo", "--only", "transformer"],
-        cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    output = _run_demo("--only", "transformer")
     assert "[1/1] A small transformer" in output
     assert "fused and materialised curves agree" in output
     assert "padding rows of the table get exactly zero gradient" in output
