@@ -1,11 +1,13 @@
 """jaxce: numerically stable, jit-compiled cross-entropy losses for JAX."""
 
+import importlib as _importlib
+import pathlib as _pathlib
+import types as _types
+import typing as _typing
 from importlib import metadata as _metadata
 
-from jaxce import bench as bench
 from jaxce import derivatives as derivatives
 from jaxce import sharded as sharded
-from jaxce import verify as verify
 from jaxce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jaxce._binary import sigmoid_focal_loss as sigmoid_focal_loss
 from jaxce._checked import checked as checked
@@ -46,5 +48,42 @@ __all__ = [
     "verify",
 ]
 
-# The one place the version is written is pyproject.toml.
-__version__ = _metadata.version("jaxce")
+if _typing.TYPE_CHECKING:
+    from jaxce import bench as bench
+    from jaxce import verify as verify
+
+# The tooling (timing, gradient verification) loads on first use, so that `import jaxce` does
+# not import argparse, tqdm or the command's modules (PEP 562).
+_ON_DEMAND = ("bench", "verify")
+
+
+def __getattr__(name: str) -> _types.ModuleType:
+    if name in _ON_DEMAND:
+        return _importlib.import_module(f"jaxce.{name}")
+    raise AttributeError(f"module 'jaxce' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_ON_DEMAND})
+
+
+def _version() -> str:
+    """The installed distribution's version; from a source checkout, pyproject.toml's."""
+    try:
+        return _metadata.version("jaxce")
+    except _metadata.PackageNotFoundError:
+        pass
+    # Not installed (the checkout on PYTHONPATH): the one place the version is written.
+    import tomllib
+
+    pyproject = _pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return "0+unknown"
+    if project.get("name") != "jaxce" or "version" not in project:
+        return "0+unknown"
+    return str(project["version"])
+
+
+__version__ = _version()

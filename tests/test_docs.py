@@ -25,14 +25,18 @@ TIMEOUT_S = 300
 
 
 def public_names() -> list[str]:
-    """``jaxce.__all__``, which is exactly what ``import jaxce`` shows."""
+    """``jaxce.__all__``, which is exactly what ``import jaxce`` shows.
+
+    What it shows is ``dir(jaxce)``, not ``vars(jaxce)``: the tooling modules (``bench``,
+    ``verify``) are listed there before their first use loads them.
+    """
     shown = sorted(
         name
-        for name, value in vars(jaxce).items()
+        for name in dir(jaxce)
         if not name.startswith("_")
         and (
             value.__name__.startswith("jaxce.")
-            if isinstance(value, types.ModuleType)
+            if isinstance(value := getattr(jaxce, name), types.ModuleType)
             else getattr(value, "__module__", "").startswith("jaxce")
         )
     )
