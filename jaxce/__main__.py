@@ -6,6 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import jaxce
+from jaxce import bench, verify
+
 DESCRIPTION = """\
 jaxce: numerically stable, jit-compiled cross-entropy losses for JAX.
 
@@ -30,38 +33,18 @@ def _program_name() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The ``jaxce`` argument parser, one sub-parser per command."""
-    from jaxce import bench, verify
-
-    prog = _program_name()
+    """The ``jaxce`` argument parser; each command module adds its own sub-parser."""
     top = argparse.ArgumentParser(
-        prog=prog,
+        prog=_program_name(),
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    top.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    top.add_argument("--version", action="version", version=f"%(prog)s {jaxce.__version__}")
     commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module, summary in (
-        ("verify", verify, "check every loss's gradient four ways"),
-        ("bench", bench, "time jaxce against optax and a plain formulation"),
-    ):
-        module.add_arguments(
-            commands.add_parser(
-                name,
-                help=summary,
-                description=module.DESCRIPTION,
-                epilog=module.EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-            )
-        )
+    verify.register(commands)
+    bench.register(commands)
     return top
-
-
-def _version() -> str:
-    import jaxce
-
-    return jaxce.__version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,14 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Bad arguments exit with status 2 through argparse. A missing optional package is one
     line on stderr naming the extra that installs it, and status 1.
     """
-    from jaxce._optional import MissingExtra
-
     options = parser().parse_args(list(argv) if argv is not None else None)
-    try:
-        return int(options.run(options))
-    except MissingExtra as error:
-        print(f"{_program_name()} {options.command}: {error}", file=sys.stderr)
-        return 1
+    return int(options.run(options))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ Tolerances (:data:`TOLERANCES`) are per input dtype:
   (:math:`2^{-10} \approx 9.8 \times 10^{-4}`).
 
 ``jaxce verify`` (or ``python -m jaxce verify``) runs the check for every loss of the library
-under its main option sets in float32, float64 and bfloat16.
+under its main option sets in float32, float64 and bfloat16; :func:`run_all` does the same from
+Python and returns the reports.
 
 References:
   - J. Nocedal and S. J. Wright, *Numerical Optimization*, 2nd ed., Springer, 2006,
@@ -60,9 +61,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jaxce
+from jaxce import _references, derivatives
 from jaxce._progress import Progress
 
-__all__ = ["TOLERANCES", "Comparison", "GradientReport", "check_gradients", "main"]
+__all__ = [
+    "TOLERANCES",
+    "Comparison",
+    "GradientReport",
+    "check_gradients",
+    "format_table",
+    "loss_names",
+    "main",
+    "register",
+    "run_all",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,9 +402,6 @@ def _directional_row(
 
 
 def _library_reference(loss: Callable[..., Any]) -> Callable[..., jax.Array] | None:
-    import jaxce
-    from jaxce import _references
-
     name = getattr(loss, "__name__", "")
     if getattr(jaxce, name, None) is loss:
         return _references.REFERENCES.get(name)
@@ -528,11 +538,26 @@ def run_all(
 ) -> list[GradientReport]:
     """Runs :func:`check_gradients` for every loss, main option set and dtype.
 
-    ``on_report`` is called with each report as soon as it is ready.
-    """
-    import jaxce
-    from jaxce import derivatives
+    This is ``jaxce verify`` from Python (the module :mod:`jaxce.verify` itself is not
+    callable): the same checks, as reports instead of a table and an exit status.
 
+    Args:
+      dtypes: the input dtypes to check each option set in.
+      losses: only these losses (names from :func:`loss_names`); default all.
+      on_report: called with each report as soon as it is ready.
+
+    Returns:
+      One :class:`GradientReport` per loss, option set and dtype, in run order.
+      ``jaxce verify`` exits 0 exactly when every report ``passed``.
+
+    Example:
+      >>> from jaxce import verify
+      >>> reports = verify.run_all(["float64"], ["binary_cross_entropy"])
+      >>> all(report.passed for report in reports), len(reports)
+      (True, 2)
+      >>> print(verify.format_table(reports).splitlines()[2])
+      binary_cross_entropy
+    """
     unknown = sorted(set(losses or ()) - set(loss_names()))
     if unknown:
         raise ValueError(f"unknown loss(es) {unknown}; expected some of {loss_names()}")
@@ -657,8 +682,15 @@ examples:
 exit status: 0 every check passed; 1 a check failed (or nothing ran); 2 bad arguments."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``jaxce verify``."""
+def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds ``jaxce verify`` to the ``jaxce`` command's sub-commands (``add_subparsers()``)."""
+    parser = commands.add_parser(
+        "verify",
+        help="check every loss's gradient four ways",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     names = loss_names()
     parser.add_argument("--json", action="store_true", help="print the reports as JSON")
     parser.add_argument(
@@ -679,6 +711,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="print every comparison")
     parser.set_defaults(run=run)
+    return parser
 
 
 def run(options: argparse.Namespace) -> int:
@@ -710,15 +743,17 @@ def run(options: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``jaxce verify [--json] [--dtype D ...] [--loss NAME ...] [--wide] [-v]``.
 
-    The ``jaxce`` command's parser; ``argv`` defaults to ``sys.argv[1:]``. Returns 0 when
-    every check passes and 1 otherwise (also when nothing ran); with ``--json`` the printed
-    ``"passed"`` is true exactly when it returns 0. Bad arguments (an unknown ``--loss`` or
-    ``--dtype``) exit with status 2 and a message on stderr naming the valid values, as
-    argparse does.
+    The command line of ``jaxce verify``, parsed and run from Python; ``argv`` defaults to
+    ``sys.argv[1:]``. Returns 0 when every check passes and 1 otherwise (also when nothing
+    ran); with ``--json`` the printed ``"passed"`` is true exactly when it returns 0. Bad
+    arguments (an unknown ``--loss`` or ``--dtype``) exit with status 2 and a message on
+    stderr naming the valid values, as argparse does. For the reports themselves, call
+    :func:`run_all`.
     """
-    from jaxce import __main__ as command
-
-    return command.main(["verify", *(sys.argv[1:] if argv is None else argv)])
+    command = argparse.ArgumentParser(prog="jaxce")
+    register(command.add_subparsers(required=True))
+    options = command.parse_args(["verify", *(sys.argv[1:] if argv is None else argv)])
+    return int(options.run(options))
 
 
 # The checks run once each: XLA's slow optimisation passes cost more than they save.

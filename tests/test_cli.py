@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import pathlib
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 from jaxce import __main__ as cli
-from jaxce import _optional, _progress
+from jaxce import _optional, _progress, bench, verify
 
 
 class Terminal(io.StringIO):
@@ -44,6 +45,22 @@ def test_help_has_a_description_and_examples(capsys, command):
     assert len(text.splitlines()) > 15
 
 
+@pytest.mark.parametrize("module", [verify, bench], ids=["verify", "bench"])
+def test_each_command_module_registers_its_own_parser(module):
+    # The command's parser, help and examples come from its own module; `jaxce` only calls
+    # `register`.
+    name = module.__name__.removeprefix("jaxce.")
+    top = argparse.ArgumentParser(prog="top")
+    commands = top.add_subparsers(dest="command")
+    parser = module.register(commands)
+    assert parser.prog == f"top {name}"
+    assert (parser.description, parser.epilog) == (module.DESCRIPTION, module.EPILOG)
+    listed = [line.split() for line in top.format_help().splitlines()]
+    assert any(words[:1] == [name] and len(words) > 2 for words in listed), "no summary"
+    options = top.parse_args([name])
+    assert options.command == name and callable(options.run)
+
+
 def test_version(capsys):
     import jaxce
 
@@ -58,12 +75,61 @@ def test_missing_extra_is_one_line_naming_the_extra(capsys, monkeypatch):
     assert cli.main(["bench", "--shape", "8", "3", "--runs", "1", "--min-seconds", "0"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
-    assert "jaxce bench needs optax, which is not installed: pip install 'jaxce[cli]'" in (
-        captured.err
+    # One line, said once (not "jaxce bench: jaxce bench needs ..."), with the extra that
+    # pyproject.toml defines and README.md documents.
+    assert captured.err == (
+        "jaxce bench needs optax, which is not installed: pip install 'jaxce[cli]'\n"
     )
     with pytest.raises(_optional.MissingExtra, match=r"jaxce\[demo\]"):
         _optional.import_extra("optax", extra="demo", needed_by="this")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--shape", "0", "10"], "argument --shape: dimensions must be positive integers, got 0"),
+        (["--shape", "4096", "-1"], "argument --shape: dimensions must be positive integers, got -1"),
+        (["--shape", "4096", "1e3"], "argument --shape: dimensions must be positive integers, got 1e3"),
+        (["--runs", "0"], "argument --runs: must be a positive integer, got 0"),
+        (["--warmup", "-1"], "argument --warmup: must be a non-negative integer, got -1"),
+        (["--min-seconds", "-1"],
+         "argument --min-seconds: must be a finite, non-negative number of seconds, got -1"),
+        (["--min-seconds", "nan"],
+         "argument --min-seconds: must be a finite, non-negative number of seconds, got nan"),
+        (["--loss", "linear_cross_entropy", "--shape", "4096", "1000"],
+         "argument --shape: --loss linear_cross_entropy takes three sizes N D V (hidden [N, D], "
+         "weight [V, D], labels [N]), got 2: 4096 1000"),
+        (["--shape", "64", "32", "128", "--loss", "linear_cross_entropy", "--dtype", "float64"],
+         "argument --dtype: float64 needs JAX_ENABLE_X64=1"),
+    ],
+    ids=["zero-dimension", "negative-dimension", "float-dimension", "zero-runs",
+         "negative-warmup", "negative-min-seconds", "nan-min-seconds", "linear-two-dimensions",
+         "float64-without-x64"],
+)  # fmt: skip
+def test_bad_bench_arguments_exit_2_naming_the_argument(capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", *arguments])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("usage: ")
+    assert captured.err.splitlines()[-1].endswith(f"bench: error: {message}")
+
+
+def test_bad_bench_arguments_through_python_dash_m_have_no_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxce", "bench", "--shape", "4096", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "python -m jaxce bench: error: argument --shape: dimensions must be positive integers, "
+        "got -1"
+    )
 
 
 def test_console_script_runs_verify_with_json():

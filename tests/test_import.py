@@ -6,6 +6,7 @@ distribution does, can only be seen before anything else has been imported.
 
 from __future__ import annotations
 
+import ast
 import os
 import pathlib
 import shutil
@@ -89,6 +90,30 @@ def test_tooling_modules_load_on_first_use_and_are_listed():
 def test_star_import_resolves_every_public_name():
     output = _python("from jaxce import *\nprint(bench.__name__, verify.__name__)")
     assert output.split() == ["jaxce.bench", "jaxce.verify"]
+
+
+def _imports(module: pathlib.Path) -> set[str]:
+    """The modules ``module`` imports, at any depth (``from jaxce import x`` as ``jaxce.x``)."""
+    names = set()
+    for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("command", ["bench", "verify"])
+def test_command_modules_do_not_import_the_command_line(command):
+    # Imports run one way: __main__ imports the commands, each command registers itself.
+    imported = _imports(ROOT / "jaxce" / f"{command}.py")
+    assert "jaxce.__main__" not in imported
+    assert f"jaxce.{command}" in _imports(ROOT / "jaxce" / "__main__.py")
+    output = _python(
+        f"import sys\nfrom jaxce import {command}\n"
+        f"print(hasattr({command}, 'register'), 'jaxce.__main__' in sys.modules)"
+    )
+    assert output.split() == ["True", "False"]
 
 
 # Runs in the child: `importlib.metadata` finds no `jaxce` distribution, as when the checkout
