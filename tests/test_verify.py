@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -265,3 +267,37 @@ def test_progress_reports_every_check_in_order():
     assert seen == reports and len(reports) == verify._count_checks(
         ["float32"], ["sigmoid_focal_loss"]
     )
+
+
+def _python_blocks(path: pathlib.Path) -> list[str]:
+    """The Python blocks of a Markdown file (```python fences) or an reST file (code-block)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    markdown = path.suffix == ".md"
+    opening = "```python" if markdown else ".. code-block:: python"
+    blocks = []
+    for start in (i + 1 for i, line in enumerate(lines) if line.strip() == opening):
+        end = start
+        while end < len(lines) and (
+            not lines[end].startswith("```")
+            if markdown
+            else (not lines[end].strip() or lines[end].startswith(" "))
+        ):
+            end += 1
+        blocks.append(textwrap.dedent("\n".join(lines[start:end])).strip())
+    return blocks
+
+
+def test_the_documented_python_entry_point_runs(capsys):
+    # `jaxce.verify` is a module, so `jaxce.verify()` fails; README.md and the API page show
+    # `run_all` instead, in one snippet that must run as written.
+    root = pathlib.Path(__file__).resolve().parents[1]
+    snippets = {
+        page: [block for block in _python_blocks(root / page) if "verify.run_all(" in block]
+        for page in ("README.md", "docs/api.rst")
+    }
+    assert snippets["README.md"] == snippets["docs/api.rst"] and len(snippets["README.md"]) == 1
+    exec(compile(snippets["README.md"][0], "README.md", "exec"), {})
+    table = capsys.readouterr().out.splitlines()
+    assert table[2] == "binary_cross_entropy" and all(line.endswith("ok") for line in table[3:])
+    with pytest.raises(TypeError, match="'module' object is not callable"):
+        jaxce.verify()
