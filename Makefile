@@ -51,8 +51,8 @@ test-all: lint typecheck
 demo: $(DEMO_STAMP)
 	$(BIN)/python -m examples.demo
 
-# Re-executes the notebooks in place (then commit them): tests/test_notebooks.py fails when a
-# committed notebook's outputs differ from a fresh execution's.
+# Re-executes the notebooks in place (then commit them): tests/repository/test_notebooks.py
+# fails when a committed notebook's outputs differ from a fresh execution's.
 notebooks: $(STAMP)
 	$(BIN)/python notebooks/execute.py
 

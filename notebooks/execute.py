@@ -3,8 +3,8 @@
     python notebooks/execute.py [NAME ...]      (or `make notebooks`)
 
 re-executes every notebook (or those whose file name contains a NAME) in place, with this
-interpreter as the kernel; commit the result. ``tests/test_notebooks.py`` executes them the
-same way and fails when the committed outputs differ from fresh ones (:func:`outputs`).
+interpreter as the kernel; commit the result. ``tests/repository/test_notebooks.py`` executes
+them the same way and fails when the committed outputs differ from fresh ones (:func:`outputs`).
 
 What may differ between two executions, and so is not compared: images (the PNG bytes) and,
 in cells tagged ``timing`` in their metadata, the numbers (times vary from run to run). All

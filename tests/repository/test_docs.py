@@ -20,7 +20,7 @@ import sphinx  # noqa: F401  (the docs extra, as above)
 
 import jaxce
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
 
 

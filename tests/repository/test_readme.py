@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 PYTHON_LANGUAGES = {"python", "py", "python3"}
 TIMEOUT_S = 300
 # The blocks as a user runs them (this machine's devices), and on 8 CPU devices, the setting

@@ -15,7 +15,7 @@ import pytest
 
 from examples import demo, training, transformer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # The corrected values from the reference README (the documents printed 0.3285... and
 # 1.1819...; the third example printed nothing).

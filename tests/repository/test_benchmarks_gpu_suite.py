@@ -10,13 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import __main__ as cli
 from benchmarks import gpu, gpu_peers

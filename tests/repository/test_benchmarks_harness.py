@@ -7,16 +7,12 @@ gradient, so the published ratios compare like with like.
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-# The harness lives in `benchmarks/` at the repository root, next to `tests/`.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import __main__ as cli
 from benchmarks import cases, harness, report
