@@ -19,6 +19,10 @@ import numpy as np
 
 import jaxce
 
+# The reductions every loss accepts, read from the library's `Reduction` literal: the sweeps
+# grow with it instead of keeping a copy of their own.
+from jaxce._reduce import REDUCTIONS as REDUCTIONS
+
 
 def unit_roundoff(dtype: Any) -> float:
     """``u = 2^-p`` for a ``p``-bit significand: the largest relative error of one rounding.

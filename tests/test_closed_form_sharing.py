@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import REDUCTIONS
 
 import jaxce
 import jaxce.derivatives as derivatives
@@ -133,7 +134,7 @@ def test_patching_a_shared_closed_form_changes_grad_and_derivative_alike(
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_traced_zero_z_loss_is_exactly_no_z_loss_at_1e30(reduction):
     x = np.array([[1e30, 1e30], [1e30, -1e30]], np.float32)
     labels = np.array([0, 1])

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import rounding_bound, unit_roundoff
+from helpers import REDUCTIONS, rounding_bound, unit_roundoff
 from jax.experimental import checkify
 
 import jaxce
@@ -48,7 +48,6 @@ CHILD_FLAG = "JAXCE_INVALID_VALUES_FOUR_DEVICES"
 DEVICE_FLAG = "--xla_force_host_platform_device_count=4"
 
 DTYPES = ["float32", "bfloat16", "float16"]
-REDUCTIONS = ("none", "sum", "mean")
 LABEL_DTYPES = ["int8", "int16", "int32", "uint8", "uint16", "uint32"]
 MODES = ["eager", "jit"]
 # Every dtype under jit, and float32 eagerly too (eager calls skip the traced-only checks).

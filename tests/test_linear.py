@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_normwise_close, half_precision_output_bound, rounding_bound
+from helpers import REDUCTIONS, assert_normwise_close, half_precision_output_bound, rounding_bound
 
 import jaxce
 from jaxce import _linear, _references
@@ -371,7 +371,7 @@ def test_traced_hyperparameters_and_their_gradients():
                           grad_tolerance("float32", 12, 6, 9))  # fmt: skip
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize(
     "options", [{}, {"label_smoothing": 0.1}, {"softcap": 30.0}], ids=["plain", "smooth", "cap"]
 )
@@ -441,7 +441,7 @@ def test_checkpoint(reduction):
     compare(jax.checkpoint(fused), reference, (hidden, weight, bias), "float32")
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_forward_mode_and_hessian(reduction):
     with jax.enable_x64(True):
         hidden, weight, bias, labels = make_inputs(8, (7,), 3, 5)

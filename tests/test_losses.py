@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from helpers import (
     LOSSES,
+    REDUCTIONS,
     LossCase,
     half_precision_output_bound,
     np_integer_ce,
@@ -16,9 +17,6 @@ from helpers import (
 )
 
 import jaxce
-
-REDUCTIONS = ["none", "sum", "mean"]
-
 
 # --------------------------------------------------------------------------- #
 # Transformations: jit, vmap, grad, jvp, hessian in float32, float64, bfloat16.

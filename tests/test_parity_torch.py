@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import REDUCTIONS
 
 import jaxce
 
 TOLERANCE = {"rtol": 1e-9, "atol": 1e-9}
-REDUCTIONS = ("none", "sum", "mean")
 NUM_CLASSES = 5
 
 

@@ -50,6 +50,7 @@ import optax
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import REDUCTIONS
 from optax.losses import _classification as optax_classification
 from optax.losses import _classification_test as optax_classification_test
 from optax.losses import _fenchel_young_test as optax_fenchel_young_test
@@ -289,7 +290,7 @@ def _variant_cases() -> list[Any]:
                 )
             )
         if integer_target and "ignore_index" in sample["kwargs"]:
-            for reduction in ("mean", "sum", "none"):
+            for reduction in REDUCTIONS:
                 variant = _all_ignored(sample)
                 variant["kwargs"] = {**variant["kwargs"], "reduction": reduction}
                 cases.append(pytest.param(variant, id=f"{_case_id(index, variant)}-all-ignored"))

@@ -24,7 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from helpers import assert_normwise_close, rounding_bound
+from helpers import REDUCTIONS, assert_normwise_close, rounding_bound
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
@@ -47,7 +47,6 @@ if settings.get_current_profile_name() == "default":
     settings.load_profile("ci")
 
 SHAPES = [(1, 2), (3, 5), (2, 3, 4)]
-REDUCTIONS = ["none", "sum", "mean"]
 EXTREMES = [1e4, -1e4, 1e30, -1e30, 0.0]
 IGNORE = -100
 

@@ -15,6 +15,7 @@ import pytest
 from helpers import (
     EIGHT_DEVICES_FLAG,
     EIGHT_DEVICES_XLA_FLAG,
+    REDUCTIONS,
     rounding_bound,
     run_on_eight_host_devices,
 )
@@ -124,7 +125,7 @@ else:
                 jaxce.softmax_cross_entropy_with_integer_labels(
                     logits, labels, reduction=reduction, **options
                 )
-                for reduction in ("none", "sum", "mean")
+                for reduction in REDUCTIONS
             )
 
         return losses
@@ -182,7 +183,7 @@ else:
         logits, labels = jnp.asarray(inputs["logits"]), jnp.asarray(inputs["labels"])
         expected = values_and_gradients(single, logits, labels, cotangent)
         actual = values_and_gradients(sharded, logits, labels, cotangent)
-        for name, a, e in zip(("none", "sum", "mean"), actual[0], expected[0], strict=True):
+        for name, a, e in zip(REDUCTIONS, actual[0], expected[0], strict=True):
             assert_close(a, e, f"{case}: reduction={name}")
         assert_close(actual[1], expected[1], f"{case}: grad of the mean")
         assert_close(actual[2], expected[2], f"{case}: grad of the per-example loss")
