@@ -8,14 +8,15 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _reduce
+from jaxce import _checks, _formulas, _reduce
+from jaxce._reduce import Reduction
 
 
 def elementwise_inputs(
     logits: ArrayLike,
     labels: ArrayLike,
     where: ArrayLike | None,
-    reduction: str,
+    reduction: Reduction,
     argument: str = "logits",
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, Any]:
     """Checks and converts the inputs every elementwise loss shares.
@@ -56,14 +57,6 @@ def elementwise_weight(
     return jnp.broadcast_to(weight, shape)
 
 
-def masked_reduce(loss: jax.Array, mask: jax.Array | None, reduction: str) -> jax.Array:
-    """Zeroes excluded elements; ``"mean"`` divides by the number of included ones."""
-    if mask is None:
-        return _reduce.reduce(loss, reduction)
-    loss = jnp.where(mask, loss, 0)
-    return _reduce.reduce(loss, reduction, denominator=jnp.sum(mask, dtype=loss.dtype))
-
-
 @jax.custom_jvp
 def softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(softplus(x), softplus(-x)) = (-log(1 - sigmoid(x)), -log sigmoid(x))``.
@@ -96,7 +89,7 @@ def sigmoid_binary_cross_entropy(
     pos_weight: ArrayLike | None = None,
     label_smoothing: ArrayLike = 0.0,
     where: ArrayLike | None = None,
-    reduction: str = "none",
+    reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Binary cross-entropy from logits (PyTorch's ``binary_cross_entropy_with_logits``).
 
@@ -145,23 +138,20 @@ def sigmoid_binary_cross_entropy(
     weight = elementwise_weight(weight, x.shape, "weight")
     pos_weight = elementwise_weight(pos_weight, x.shape, "pos_weight")
     if not _checks.is_concrete_zero(label_smoothing):
-        smoothing = jnp.asarray(label_smoothing, x.dtype)
-        y = (1 - smoothing) * y + 0.5 * smoothing
+        y = _formulas.smoothed_targets(y, jnp.asarray(label_smoothing, x.dtype), 2)
     softplus_x, softplus_neg_x = softplus_pair(x)
     positive = y * softplus_neg_x
     if pos_weight is not None:
         positive = pos_weight.astype(x.dtype) * positive
-        loss = positive + (softplus_x - y * softplus_x)
-    else:
-        # (1 - y) s = s - y s: the same value, and no [..] temporary for `1 - y` on
-        # XLA:CPU, so value and gradient take one pass each (measured).
-        loss = positive + (softplus_x - y * softplus_x)
+    # (1 - y) s = s - y s: the same value, and no [..] temporary for `1 - y` on
+    # XLA:CPU, so value and gradient take one pass each (measured).
+    loss = positive + (softplus_x - y * softplus_x)
     if weight is not None:
         loss = weight.astype(x.dtype) * loss
     loss = _checks.nan_unless(
         _checks.option_valid(label_smoothing, "label_smoothing", high=1.0), loss
     )
-    return masked_reduce(loss, mask, reduction)
+    return _reduce.reduce_elements(loss, mask, reduction)
 
 
 def sigmoid_focal_loss(
@@ -171,7 +161,7 @@ def sigmoid_focal_loss(
     alpha: ArrayLike | None = None,
     gamma: ArrayLike = 2.0,
     where: ArrayLike | None = None,
-    reduction: str = "none",
+    reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Focal loss (Lin et al., 2017) from logits, as in ``optax.sigmoid_focal_loss``.
 
@@ -215,17 +205,17 @@ def sigmoid_focal_loss(
     softplus_x, softplus_neg_x = softplus_pair(x)
     cross_entropy = y * softplus_neg_x + (1 - y) * softplus_x
     # log(1 - p_t) = log(y e^{-softplus(x)} + (1 - y) e^{-softplus(-x)}).
-    log_miss = jnp.logaddexp(_safe_log(y) - softplus_x, _safe_log(1 - y) - softplus_neg_x)
+    log_miss = jnp.logaddexp(safe_log(y) - softplus_x, safe_log(1 - y) - softplus_neg_x)
     loss = jnp.exp(jnp.asarray(gamma, x.dtype) * log_miss) * cross_entropy
     if alpha is not None:
         positive_weight = jnp.asarray(alpha, x.dtype)
         loss = (positive_weight * y + (1 - positive_weight) * (1 - y)) * loss
         alpha_valid = _checks.option_valid(alpha, "alpha", high=1.0, closed_right=True)
         loss = _checks.nan_unless(alpha_valid, loss)
-    return masked_reduce(loss, mask, reduction)
+    return _reduce.reduce_elements(loss, mask, reduction)
 
 
-def _safe_log(x: jax.Array) -> jax.Array:
+def safe_log(x: jax.Array) -> jax.Array:
     """``log(x)`` with ``log(0) = -inf`` and no ``inf`` in the gradient at 0."""
     positive = x > 0
     return jnp.where(positive, jnp.log(jnp.where(positive, x, 1)), -jnp.inf)

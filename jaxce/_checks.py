@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-REDUCTIONS = ("none", "sum", "mean")
+from jaxce._reduce import REDUCTIONS, Reduction
 
 # Set by `jaxce.checked` while it traces the user's function, so that checks
 # on its concrete (closed-over) arguments are emitted too.
@@ -134,7 +134,7 @@ def optional_float(x: Any, argument: str) -> jax.Array | None:
     return None if x is None else as_float_array(x, argument)
 
 
-def check_reduction(reduction: str) -> None:
+def check_reduction(reduction: Reduction) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
 

@@ -19,67 +19,27 @@ gradient. `jaxce.derivatives` calls the same functions.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from jaxce import _formulas
+
 
 def softmax_parts(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``(row_max, log_normalizer, p, total)`` over the last axis of compute-dtype ``x``.
 
-    ``row_max`` is the stop-gradient row maximum, 0 where it is infinite
-    (so ``x - row_max`` never makes ``inf - inf``) and NaN where a logit is; ``log_normalizer`` is
-    ``log sum_c exp(x_c - row_max)`` (``-inf`` for a row of ``-inf``); ``p`` the
-    softmax, exactly 0 at ``-inf`` entries and on empty rows (never NaN);
-    ``total`` the row sum of ``exp(x - row_max)``. Excluded classes are ``-inf``.
+    ``row_max`` is the stop-gradient finite shift (`_formulas.finite_shift`);
+    ``log_normalizer`` is ``log sum_c exp(x_c - row_max)`` (``-inf`` for a row
+    of ``-inf``); ``p`` the softmax, exactly 0 at ``-inf`` entries and on empty
+    rows (never NaN); ``total`` the row sum of ``exp(x - row_max)``. Excluded
+    classes are ``-inf``.
     """
-    row_max = jax.lax.stop_gradient(finite_shift(jnp.max(x, axis=-1, keepdims=True)))
-    # Every exp(x - max) is at most 1: no overflow; the largest term is 1, so
-    # the sum is at least 1 on any row with a finite entry.
-    unnormalised = jnp.exp(x - row_max)
-    total = jnp.sum(unnormalised, axis=-1)
-    return row_max[..., 0], log_of_total(total), unnormalised * reciprocal_of_total(total), total
-
-
-def finite_shift(row_max: jax.Array) -> jax.Array:
-    """The row maximum as a shift: 0 for an infinite one (no ``inf - inf``), NaN kept.
-
-    A NaN logit makes the maximum NaN, and so the whole row NaN, as it must:
-    a row with a NaN in it has no meaningful loss.
-    """
-    return jnp.where(jnp.isinf(row_max), jnp.zeros_like(row_max), row_max)
-
-
-def log_of_total(total: jax.Array) -> jax.Array:
-    """``log(total)`` of a row sum of exponentials: ``-inf`` for an empty row, NaN kept.
-
-    ``log(0)`` stays out of the differentiated path, so an empty row (every
-    class excluded or ``-inf``) has a zero gradient, not ``0 * inf``. The test
-    is ``total == 0``, not ``total > 0``: a NaN sum must stay NaN.
-    """
-    empty = total == 0
-    return jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1, total)))
-
-
-def reciprocal_of_total(total: jax.Array) -> jax.Array:
-    """``1 / total`` as ``[..., 1]``: 0 for an empty row (so ``p = 0``, never NaN), NaN kept."""
-    empty = total == 0
-    return jnp.where(empty, 0, 1 / jnp.where(empty, 1, total))[..., None]
-
-
-def label_logit(x: jax.Array, labels: jax.Array) -> jax.Array:
-    """``x[..., labels]`` with labels clipped into range (callers mask invalid ones)."""
-    safe = jnp.clip(labels, 0, x.shape[-1] - 1)
-    return jnp.take_along_axis(x, safe[..., None], axis=-1)[..., 0]
-
-
-def one_hot_select(labels: jax.Array, values: jax.Array) -> jax.Array:
-    """``values`` (shape ``[..., C]``) where the class equals the label, else 0."""
-    classes = jax.lax.broadcasted_iota(labels.dtype, values.shape, values.ndim - 1)
-    return jnp.where(classes == labels[..., None], values, 0)
+    row_max, unnormalised, total = _formulas.shifted_exponentials(x)
+    p = unnormalised * _formulas.reciprocal_of_total(total)[..., None]
+    return row_max[..., 0], _formulas.log_of_total(total), p, total
 
 
 def label_gradient(p: jax.Array, labels: jax.Array) -> jax.Array:
@@ -100,67 +60,41 @@ def _row_total(weights: jax.Array, num_classes: int) -> jax.Array:
     return total * num_classes if weights.shape[-1] == 1 else total
 
 
-def z_loss_term(z: jax.Array, log_partition: jax.Array) -> jax.Array:
-    """``z (log Z)^2``, evaluated as ``(z log Z) log Z``.
-
-    The order matters: a zero coefficient (traced or not) gives exactly 0 even
-    when ``(log Z)^2`` overflows (logits of 1e30 in float32), where
-    ``z * square(log Z)`` gives ``0 * inf = nan``; its gradients stay finite.
-    """
-    return (z * log_partition) * log_partition
-
-
 def z_loss_gradient(p: jax.Array, z: jax.Array, log_partition: jax.Array) -> jax.Array:
     """``d(z (log Z)^2)/dx = 2 z log Z p`` (0 for ``z = 0``, even when ``log Z`` is huge)."""
-    return (2 * z * log_partition)[..., None] * p
+    return _formulas.z_loss_slope(z, log_partition)[..., None] * p
 
 
 def _weighted_shifted_sum(
-    weights: jax.Array, x: jax.Array, row_max: jax.Array, zero_times_inf: bool
+    weights: jax.Array, x: jax.Array, row_max: jax.Array, included: jax.Array | None
 ) -> jax.Array:
-    """``sum_c a_c (x_c - m)`` over the last axis of ``x``.
+    """``sum_c a_c (x_c - m)`` over the last axis of ``x``, under `_formulas.weighted_terms`' rule.
 
-    Written so that XLA:CPU sums it in the pass that reads the logits, with no
-    ``[..., C]`` temporary: no select inside the sum (a select makes XLA
-    materialise its operand), and ``-m`` is negated apart so that its
-    broadcast is not shared with ``exp(x - m)``'s (a shared operand is
-    materialised too); the barrier keeps the weights' broadcast apart from the
-    gradient's. The logits come first in each product: XLA:CPU's fused sum
-    of ``w * (x - m)`` runs several times slower than that of ``(x - m) * w``.
-
-    With ``zero_times_inf`` a zero weight on a ``-inf`` logit contributes 0
-    (``0 log 0 = 0``) and positive (negative) weight on one gives ``-inf``
-    (``+inf``): the terms are clamped at ``-finfo.max`` (so ``0 * -inf`` never
-    happens) and two more, equally fused sums find the weight that sits on
-    ``-inf`` logits. Without
-    it the plain product is summed (a zero weight on a ``-inf`` logit gives NaN).
+    Without ``included`` it is written so that XLA:CPU sums it in the pass
+    that reads the logits, with no ``[..., C]`` temporary: no select inside
+    the sum (a select makes XLA materialise its operand), and ``-m`` is
+    negated apart so that its broadcast is not shared with ``exp(x - m)``'s (a
+    shared operand is materialised too); the barrier keeps the weights'
+    broadcast apart from the gradient's. The logits come first in each
+    product: XLA:CPU's fused sum of ``w * (x - m)`` runs several times slower
+    than that of ``(x - m) * w``.
     """
     shifted = x + (-row_max)[..., None]
-    if not zero_times_inf and weights.shape[-1] == 1:
+    if included is None and weights.shape[-1] == 1:
         # One weight for every class (smoothing without class weights): no
         # [..., C] product at all.
         return jnp.sum(shifted, axis=-1) * weights[..., 0]
     weights = jnp.broadcast_to(jax.lax.optimization_barrier(weights), x.shape)
-    if not zero_times_inf:
-        return jnp.sum(shifted * weights, axis=-1)
-    lowest = jnp.finfo(x.dtype).min
-    clamped = jnp.sum(jnp.maximum(shifted, lowest) * weights, axis=-1)
-    on_minus_inf = (x == -jnp.inf).astype(x.dtype)
-    positive = jnp.sum(on_minus_inf * jnp.maximum(weights, 0), axis=-1) > 0
-    negative = jnp.sum(on_minus_inf * jnp.minimum(weights, 0), axis=-1) < 0
-    # a * -inf is -inf for a > 0 and +inf for a < 0 (negative class weights);
-    # both in one row is -inf + inf.
-    infinite = jnp.where(positive, jnp.where(negative, jnp.nan, -jnp.inf), jnp.inf)
-    return jnp.where(positive | negative, infinite, clamped)
+    return jnp.sum(_formulas.weighted_terms(weights, shifted, included), axis=-1)
 
 
 def _terms(
-    x: jax.Array, labels: jax.Array | None, weights: jax.Array | None, zero_times_inf: bool
+    x: jax.Array, labels: jax.Array | None, weights: jax.Array | None, included: jax.Array | None
 ) -> tuple[Any, jax.Array]:
     row_max, log_normalizer, p, _ = softmax_parts(x)
     nll = None
     if labels is not None:
-        nll = log_normalizer - (label_logit(x, labels) - row_max)
+        nll = log_normalizer - (_formulas.label_logit(x, labels) - row_max)
     weighted = None
     if weights is not None:
         # sum_c a_c (-log p_c) = L sum_c a_c - sum_c a_c (x_c - m): for a >= 0
@@ -172,16 +106,16 @@ def _terms(
         # be -inf) contributes 0, never -inf * 0.
         has_weight = total_weight != 0
         normalizer_part = jnp.where(has_weight, log_normalizer, 0) * total_weight
-        weighted = normalizer_part - _weighted_shifted_sum(weights, x, row_max, zero_times_inf)
+        weighted = normalizer_part - _weighted_shifted_sum(weights, x, row_max, included)
     return (row_max, log_normalizer, nll, weighted), p
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(3,))
+@jax.custom_jvp
 def softmax_terms(
     x: jax.Array,
     labels: jax.Array | None,
     weights: jax.Array | None,
-    zero_times_inf: bool = True,
+    included: jax.Array | None = None,
 ) -> Any:
     """``(row_max, log_normalizer, nll, weighted_nll)`` per row of ``x`` (``[..., C]``).
 
@@ -190,15 +124,18 @@ def softmax_terms(
     ``a`` broadcastable to ``x`` (``None`` without; a class axis of length 1
     is the same weight for every class). Every term lives in the
     shifted frame, so large logits lose nothing to ``lse(x) - x_y``
-    cancellation. With ``zero_times_inf`` a zero weight on a ``-inf`` logit
-    contributes 0 (one more fused sum over the logits); without it, NaN.
+    cancellation. ``included`` (boolean, broadcastable to ``x``; None: every
+    class) says which classes take part in the weighted sum: the others
+    contribute 0 whatever their weight and logit; a class that takes part
+    multiplies as PyTorch does, so a zero weight on a ``-inf`` logit is NaN
+    (`_formulas.weighted_terms`).
 
     Derivatives (the rule below): ``row_max`` is a constant shift (tangent 0);
     the others use `label_gradient`, `weighted_gradient` and ``p``; the weights
-    may be differentiated too (gradient ``-log p``; 0 where a zero weight meets
-    a ``-inf`` logit).
+    may be differentiated too (gradient ``-log p`` for the classes that take
+    part, 0 for the others).
     """
-    outputs, _ = _terms(x, labels, weights, zero_times_inf)
+    outputs, _ = _terms(x, labels, weights, included)
     return outputs
 
 
@@ -206,12 +143,10 @@ def _row_dot(gradient: jax.Array, tangent: jax.Array) -> jax.Array:
     return jnp.sum(gradient * tangent, axis=-1)
 
 
-def _softmax_terms_jvp(
-    zero_times_inf: bool, primals: tuple[Any, ...], tangents: tuple[Any, ...]
-) -> tuple[Any, Any]:
-    x, labels, weights = primals
-    dx, _, dweights = tangents
-    outputs, p = _terms(x, labels, weights, zero_times_inf)
+def _softmax_terms_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
+    x, labels, weights, included = primals
+    dx, _, dweights, _ = tangents
+    outputs, p = _terms(x, labels, weights, included)
     row_max, log_normalizer, _, _ = outputs
     if isinstance(dx, SymbolicZero):
         # Only the weights vary (e.g. a gradient with respect to soft labels).
@@ -222,12 +157,10 @@ def _softmax_terms_jvp(
     if weights is not None:
         tangent_weighted = _row_dot(weighted_gradient(p, weights), dx)
         if not isinstance(dweights, SymbolicZero):
-            # d/da_c sum_c a_c (-log p_c) = -log p_c; where a_c = 0 and p_c = 0
-            # (a -inf or excluded logit) it is taken as 0, the value's 0 log 0.
+            # d/da_c sum_c a_c (-log p_c) = -log p_c for the classes that take part.
             neg_log_p = log_normalizer[..., None] - (x - row_max[..., None])
-            counts = (weights != 0) | jnp.isfinite(neg_log_p)
             tangent_weighted = tangent_weighted + jnp.sum(
-                jnp.where(counts, dweights * neg_log_p, 0), axis=-1
+                _formulas.weighted_terms(dweights, neg_log_p, included), axis=-1
             )
     return outputs, (
         jnp.zeros_like(row_max),

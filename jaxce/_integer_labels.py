@@ -1,17 +1,19 @@
 """The integer-label rules, written once.
 
-Four places compute the per-row terms of an integer-label loss their own way:
-`softmax_cross_entropy_with_integer_labels` (from the logits), the
-vocabulary-parallel loss in `jaxce.sharded` (from per-shard partial sums),
-`jaxce.derivatives` (the closed-form gradient) and `linear_cross_entropy`
-(chunk by chunk). What they share is here:
+Every path computes the per-row terms of an integer-label loss in its own loop,
+with the row formulas of `jaxce._formulas`:
+`softmax_cross_entropy_with_integer_labels` (from the logits, or the Pallas
+kernels), the vocabulary-parallel loss in `jaxce.sharded` (from per-shard
+partial sums), `jaxce.derivatives` (the closed-form gradient) and
+`linear_cross_entropy` (chunk by chunk). What combines the terms is here:
 
 - which examples count: a label in ``[0, C)`` that is not ``ignore_index``, in a
   row with an included class; a label that is neither in range nor ignored is
   invalid and makes the loss NaN (an error under ``jaxce.checked``);
 - PyTorch's class weighting and smoothing mix,
-  ``(1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c)``, and the
-  z-loss ``z (log Z)^2`` (not class-weighted);
+  ``(1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c)``
+  (`jaxce._formulas.smoothing_mix`), and the z-loss ``z (log Z)^2`` (not
+  class-weighted);
 - the reductions: ``"mean"`` divides the cross-entropy by the summed ``w_y`` of
   counted examples (their number without class weights; PyTorch's weighted
   mean, which divides by zero when counted weights sum to zero, as PyTorch
@@ -32,12 +34,15 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _closed_form
+from jaxce import _checks, _formulas
+from jaxce._reduce import Reduction
 
 Total = Callable[[jax.Array], jax.Array]
 
 
-def check_options(reduction: str, label_smoothing: Any, z_loss: Any, ignore_index: Any) -> None:
+def check_options(
+    reduction: Reduction, label_smoothing: Any, z_loss: Any, ignore_index: Any
+) -> None:
     """The eager checks of the integer-label options every caller takes."""
     _checks.check_reduction(reduction)
     _checks.check_unit_interval(label_smoothing, "label_smoothing")
@@ -102,21 +107,17 @@ def label_rule(
 
 
 def mix(
-    nll: jax.Array,
-    smooth: jax.Array | None,
-    label_weight: jax.Array | None,
-    label_smoothing: ArrayLike,
-    num_classes: int,
+    label: jax.Array, smooth: jax.Array | None, label_smoothing: ArrayLike, num_classes: int
 ) -> jax.Array:
     """PyTorch's ``(1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c)``.
 
-    ``smooth`` is ``sum_c w_c (-log p_c)`` (None without smoothing).
+    ``label`` is ``w_y (-log p_y)`` and ``smooth`` ``sum_c w_c (-log p_c)``
+    (None without smoothing), or their gradients.
     """
-    loss = nll if label_weight is None else label_weight * nll
     if smooth is None:
-        return loss
-    smoothing = jnp.asarray(label_smoothing, loss.dtype)
-    return (1 - smoothing) * loss + (smoothing / num_classes) * smooth
+        return label
+    smoothing = jnp.asarray(label_smoothing, label.dtype)
+    return _formulas.smoothing_mix(label, smooth, smoothing, num_classes)
 
 
 def loss(
@@ -131,14 +132,14 @@ def loss(
     row_included: jax.Array | None,
     label_smoothing: ArrayLike,
     z_loss: ArrayLike,
-    reduction: str,
+    reduction: Reduction,
     total: Total = jnp.sum,
 ) -> jax.Array:
     """The reduced integer-label loss from its per-row terms.
 
     ``nll`` is ``-log p_y``, ``smooth`` ``sum_c w_c (-log p_c)`` (None without
     smoothing) and ``log_partition`` ``log Z``; `label_rule`, `row_terms` and
-    `reduce` do the rest.
+    `reduce_terms` do the rest.
     """
     rule = label_rule(
         labels,
@@ -158,7 +159,7 @@ def loss(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
     )
-    return reduce(rule, terms, reduction, total)
+    return reduce_terms(rule, terms, reduction, total)
 
 
 class Terms(NamedTuple):
@@ -175,7 +176,7 @@ class Terms(NamedTuple):
     num_classes: int
 
     def mixed(self, label: jax.Array, smooth: jax.Array | None) -> jax.Array:
-        return mix(label, smooth, None, self.label_smoothing, self.num_classes)
+        return mix(label, smooth, self.label_smoothing, self.num_classes)
 
 
 def row_terms(
@@ -189,20 +190,25 @@ def row_terms(
     z_loss: ArrayLike,
 ) -> Terms:
     """The per-example `Terms` of the loss from ``-log p_y``, the smoothing sum and ``log Z``."""
-    label = nll if rule.label_weight is None else rule.label_weight * nll
-    label = jnp.where(rule.counted, label, 0)
+    # Selected before the class weight multiplies it: an uncounted row's -log p_y
+    # may be NaN or inf (every class excluded), and its weight's gradient must be 0.
+    label = jnp.where(rule.counted, nll, 0)
+    if rule.label_weight is not None:
+        label = rule.label_weight * label
     if smooth is not None:
         smooth = jnp.where(rule.counted, smooth, 0)
     z_term = None
     if not _checks.is_concrete_zero(z_loss):
         # Uncounted rows (an empty row has log Z = -inf) stay out of the product.
         log_partition = jnp.where(rule.counted, log_partition, 0)
-        z_term = _closed_form.z_loss_term(jnp.asarray(z_loss, log_partition.dtype), log_partition)
+        z_term = _formulas.z_loss_term(jnp.asarray(z_loss, log_partition.dtype), log_partition)
         z_term = jnp.where(rule.counted, z_term, 0)
     return Terms(label, smooth, z_term, label_smoothing, num_classes)
 
 
-def reduce(rule: LabelRule, terms: Terms, reduction: str, total: Total = jnp.sum) -> jax.Array:
+def reduce_terms(
+    rule: LabelRule, terms: Terms, reduction: Reduction, total: Total = jnp.sum
+) -> jax.Array:
     """Applies ``reduction`` to the `Terms`, with NaN for invalid input."""
     smooth = terms.smooth
     if reduction == "none":
@@ -275,7 +281,7 @@ class GradientScales(NamedTuple):
 
 
 def gradient_scales(
-    rule: LabelRule, reduction: str, dtype: Any, total: Total = jnp.sum
+    rule: LabelRule, reduction: Reduction, dtype: Any, total: Total = jnp.sum
 ) -> GradientScales:
     """1 (``"none"``, ``"sum"``) or the mean's ``1 / denominator`` for counted examples.
 

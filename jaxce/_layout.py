@@ -135,3 +135,11 @@ def dense_labels(labels: jax.Array, layout: ClassLayout) -> jax.Array:
     """Probability labels broadcast to the logits' shape, classes last."""
     _checks.check_broadcastable(labels, layout.full_shape(), "labels", "`logits`")
     return layout.classes_last(jnp.broadcast_to(labels, layout.full_shape()))
+
+
+def per_class(class_weight: jax.Array, ndim: int) -> jax.Array:
+    """``[C]`` class weights as ``[1, ..., 1, C]``, to broadcast against ``ndim``-d classes-last arrays.
+
+    Explicit leading axes keep this valid under ``jax_numpy_rank_promotion="raise"``.
+    """
+    return class_weight.reshape((1,) * (ndim - 1) + class_weight.shape)

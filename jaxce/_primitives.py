@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _closed_form
+from jaxce import _checks, _formulas
 
 
 def log_sigmoid(x: ArrayLike) -> jax.Array:
@@ -56,16 +56,6 @@ def log1m_sigmoid(x: ArrayLike) -> jax.Array:
     return -jnp.logaddexp(x, jnp.zeros((), x.dtype))
 
 
-def _stable_max(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.Array:
-    """Row maximum over `axes` (kept): 0 where it is infinite, NaN where a logit is.
-
-    It is a constant shift (`stop_gradient`): log-sum-exp does not depend on it,
-    so its gradient would only add `0 * (...)` terms.
-    """
-    row_max = jnp.max(x, axis=axes, keepdims=True, where=mask, initial=-jnp.inf)
-    return jax.lax.stop_gradient(_closed_form.finite_shift(row_max))
-
-
 def shifted_logits(
     x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None
 ) -> tuple[jax.Array, jax.Array]:
@@ -74,11 +64,10 @@ def shifted_logits(
     ``m`` is 0 for rows without a finite entry, so ``x - m`` never makes
     ``inf - inf = nan``.
     """
-    row_max = _stable_max(x, axes, mask)
-    shifted = x - row_max
     if mask is not None:
-        shifted = jnp.where(mask, shifted, -jnp.inf)
-    return shifted, row_max
+        x = jnp.where(mask, x, -jnp.inf)
+    row_max = _formulas.row_shift(x, axes)
+    return x - row_max, row_max
 
 
 def log_sum_exp_shifted(shifted: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -87,7 +76,7 @@ def log_sum_exp_shifted(shifted: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     The guard keeps ``log(0)`` out of the differentiated path, so an all-excluded
     row has a zero gradient instead of ``0 * inf = nan``.
     """
-    return _closed_form.log_of_total(jnp.sum(jnp.exp(shifted), axis=axes, keepdims=True))
+    return _formulas.log_of_total(jnp.sum(jnp.exp(shifted), axis=axes, keepdims=True))
 
 
 def _float_axes(x: jax.Array, axis: int | Sequence[int] | None) -> tuple[int, ...]:

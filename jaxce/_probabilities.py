@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxce import _binary, _checks, _layout, _reduce
+from jaxce._reduce import Reduction
 
 # PyTorch's BCELoss clamps each log at -100 so that p = 0 or 1 gives a finite loss.
 LOG_CLAMP = -100.0
@@ -36,7 +37,7 @@ def binary_cross_entropy(
     *,
     weight: ArrayLike | None = None,
     where: ArrayLike | None = None,
-    reduction: str = "none",
+    reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Binary cross-entropy from probabilities (PyTorch's ``BCELoss``).
 
@@ -78,7 +79,7 @@ def binary_cross_entropy(
     if weight is not None:
         loss = weight.astype(p.dtype) * loss
     loss = jnp.where(valid, loss, jnp.nan)
-    return _binary.masked_reduce(loss, mask, reduction)
+    return _reduce.reduce_elements(loss, mask, reduction)
 
 
 class CategoricalInputs(NamedTuple):
@@ -96,7 +97,7 @@ def categorical_inputs(
     axis: int | Sequence[int],
     weight: ArrayLike | None,
     where: ArrayLike | None,
-    reduction: str,
+    reduction: Reduction,
 ) -> CategoricalInputs:
     """Checks and lays out the inputs; shared by the loss and its closed-form derivative."""
     probs = _checks.as_float_array(probs, "probs")
@@ -120,7 +121,7 @@ def categorical_cross_entropy(
     axis: int | Sequence[int] = -1,
     weight: ArrayLike | None = None,
     where: ArrayLike | None = None,
-    reduction: str = "none",
+    reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Categorical cross-entropy from predicted probabilities.
 

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _closed_form, _integer_labels, _layout, _reduce
+from jaxce import _checks, _closed_form, _formulas, _integer_labels, _layout, _reduce
+from jaxce._reduce import Reduction
 
 Implementation = Literal["xla", "pallas"]
 IMPLEMENTATIONS = (None, "xla", "pallas")
@@ -25,11 +26,6 @@ def check_implementation(implementation: object) -> None:
         )
 
 
-def _trailing(class_weight: jax.Array, ndim: int) -> jax.Array:
-    """``[C]`` class weights as ``[1, ..., 1, C]``, to broadcast against ``ndim``-d logits."""
-    return class_weight.reshape((1,) * (ndim - 1) + class_weight.shape)
-
-
 def integer_label_loss(
     logits: jax.Array,
     labels: jax.Array,
@@ -39,7 +35,7 @@ def integer_label_loss(
     ignore_index: int | None,
     label_smoothing: ArrayLike,
     z_loss: ArrayLike,
-    reduction: str,
+    reduction: Reduction,
 ) -> jax.Array:
     """The integer-label loss on `[..., C]` logits (compute dtype), labels `[...]`.
 
@@ -59,7 +55,7 @@ def integer_label_loss(
         smooth_weights = (
             jnp.ones((1,) * logits.ndim, logits.dtype)
             if class_weight is None
-            else _trailing(class_weight, logits.ndim)
+            else _layout.per_class(class_weight, logits.ndim)
         )
         if mask is not None:
             smooth_weights = jnp.where(mask, smooth_weights, 0)
@@ -68,11 +64,9 @@ def integer_label_loss(
     # `lse(x) - x_y` cancellation in float32, and in the same pass over the
     # logits as exp(x - m). The derivative rules (softmax minus one-hot, and
     # p sum_c w_c - w) live in `_closed_form`, shared with `jaxce.derivatives`.
-    # Without a mask every class weight multiplies a logit as given (PyTorch:
-    # a zero weight on a -inf logit is NaN); with one, excluded classes are
-    # -inf logits of weight 0 that must contribute 0.
+    # Excluded classes contribute nothing; the others multiply as PyTorch does.
     row_max, log_normalizer, nll, smooth = _closed_form.softmax_terms(
-        logits, labels, smooth_weights, mask is not None
+        logits, labels, smooth_weights, mask
     )
     return _integer_labels.loss(
         labels,
@@ -99,7 +93,7 @@ def softmax_cross_entropy_with_integer_labels(
     ignore_index: int | None = None,
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
-    reduction: str = "none",
+    reduction: Reduction = "none",
     implementation: Implementation | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy with integer class labels (PyTorch's ``cross_entropy``).
@@ -215,6 +209,18 @@ def softmax_cross_entropy_with_integer_labels(
     )
 
 
+def soft_label_classes(x: jax.Array, targets: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The classes that take part in a soft-label loss: included, and not ``0 log 0``.
+
+    A zero target on a ``-inf`` logit contributes 0 (``0 log 0 = 0``, where
+    optax gives NaN); every other included class multiplies as PyTorch does,
+    so a zero class weight under a positive target on a ``-inf`` logit is NaN,
+    as with integer labels.
+    """
+    included = (targets != 0) | (x != -jnp.inf)
+    return included if mask is None else included & mask
+
+
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -223,7 +229,7 @@ def softmax_cross_entropy(
     *,
     weight: ArrayLike | None = None,
     label_smoothing: ArrayLike = 0.0,
-    reduction: str = "none",
+    reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Softmax cross-entropy against probability (one-hot or soft) labels.
 
@@ -285,21 +291,23 @@ def softmax_cross_entropy(
     targets = _layout.dense_labels(labels, layout).astype(compute)
     if not _checks.is_concrete_zero(label_smoothing):
         smoothing = jnp.asarray(label_smoothing, compute)
-        targets = (1 - smoothing) * targets + smoothing / layout.num_classes
+        targets = _formulas.smoothed_targets(targets, smoothing, layout.num_classes)
     weighted_targets = (
         targets
         if class_weight is None
-        else targets * _trailing(class_weight.astype(compute), x.ndim)
+        else targets * _layout.per_class(class_weight.astype(compute), x.ndim)
     )
     weighted_targets = jnp.broadcast_to(weighted_targets, x.shape)
     if mask is not None:
         x = jnp.where(mask, x, -jnp.inf)
         weighted_targets = jnp.where(mask, weighted_targets, 0)
     # -sum_c a_c log p_c = sum_c a_c (L - (x_c - m)) in the shifted frame, in
-    # the pass that computes exp(x - m); a zero target contributes 0 even on a
-    # -inf logit. The derivative rule (p sum_c a_c - a, and -log p for the
-    # targets) lives in `_closed_form`, shared with `jaxce.derivatives`.
-    _, _, _, loss = _closed_form.softmax_terms(x, None, weighted_targets, True)
+    # the pass that computes exp(x - m). The derivative rule (p sum_c a_c - a,
+    # and -log p for the targets) lives in `_closed_form`, shared with
+    # `jaxce.derivatives`.
+    _, _, _, loss = _closed_form.softmax_terms(
+        x, None, weighted_targets, soft_label_classes(x, targets, mask)
+    )
     loss = _checks.nan_unless(
         _checks.option_valid(label_smoothing, "label_smoothing", high=1.0), loss
     )

@@ -36,7 +36,18 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _binary, _checks, _closed_form, _integer_labels, _layout, _linear, _probabilities
+from jaxce import (
+    _binary,
+    _checks,
+    _closed_form,
+    _formulas,
+    _integer_labels,
+    _layout,
+    _linear,
+    _probabilities,
+    _reduce,
+)
+from jaxce._reduce import Reduction
 
 __all__ = [
     "binary_cross_entropy",
@@ -51,35 +62,6 @@ __all__ = [
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
 ]
-
-
-def _per_class(class_weight: jax.Array, ndim: int) -> jax.Array:
-    """`[C]` class weights as `[1, ..., 1, C]`, explicitly broadcastable to rank `ndim`."""
-    return class_weight.reshape((1,) * (ndim - 1) + class_weight.shape)
-
-
-def _mean_scale(count: jax.Array, reduction: str) -> jax.Array:
-    """The factor the per-example gradient is multiplied by: 1, or 1/n (0 when n = 0)."""
-    if reduction != "mean":
-        return jnp.ones((), count.dtype)
-    nonzero = count != 0
-    return jnp.where(nonzero, 1 / jnp.where(nonzero, count, 1), 0)
-
-
-def _elementwise_scale(mask: jax.Array | None, shape: tuple[int, ...], reduction: str, dtype):
-    """Mask times the mean's 1/n for the elementwise (binary) losses."""
-    if mask is None:
-        count = jnp.asarray(_size(shape), dtype)
-        return _mean_scale(count, reduction)
-    count = jnp.sum(mask, dtype=dtype)
-    return jnp.where(mask, _mean_scale(count, reduction), 0)
-
-
-def _size(shape: tuple[int, ...]) -> int:
-    size = 1
-    for d in shape:
-        size *= d
-    return size
 
 
 def _sigmoid(x: jax.Array) -> jax.Array:
@@ -226,7 +208,7 @@ def sigmoid_binary_cross_entropy(
     pos_weight: ArrayLike | None = None,
     label_smoothing: ArrayLike = 0.0,
     where: ArrayLike | None = None,
-    reduction: str = "none",
+    reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Gradient of :func:`jaxce.sigmoid_binary_cross_entropy` with respect to ``logits``.
 
@@ -267,8 +249,7 @@ def sigmoid_binary_cross_entropy(
     pos_weight = _binary.elementwise_weight(pos_weight, x.shape, "pos_weight")
     y = jnp.broadcast_to(y, x.shape)
     if not _checks.is_concrete_zero(label_smoothing):
-        smoothing = jnp.asarray(label_smoothing, x.dtype)
-        y = (1 - smoothing) * y + 0.5 * smoothing
+        y = _formulas.smoothed_targets(y, jnp.asarray(label_smoothing, x.dtype), 2)
     s = _sigmoid(x)
     if pos_weight is None:
         gradient = s - y
@@ -278,7 +259,7 @@ def sigmoid_binary_cross_entropy(
         gradient = (1 - y) * s - pw * y * (1 - s)
     if weight is not None:
         gradient = jnp.broadcast_to(weight, x.shape).astype(x.dtype) * gradient
-    gradient = gradient * _elementwise_scale(mask, x.shape, reduction, x.dtype)
+    gradient = gradient * _reduce.element_gradient_scale(mask, x.shape, reduction, x.dtype)
     return jnp.broadcast_to(gradient, x.shape).astype(dtype)
 
 
@@ -289,7 +270,7 @@ def sigmoid_focal_loss(
     alpha: ArrayLike | None = None,
     gamma: ArrayLike = 2.0,
     where: ArrayLike | None = None,
-    reduction: str = "none",
+    reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Gradient of :func:`jaxce.sigmoid_focal_loss` with respect to ``logits``.
 
@@ -335,20 +316,15 @@ def sigmoid_focal_loss(
     log_s = -jnp.logaddexp(-x, 0)
     log_1ms = -jnp.logaddexp(x, 0)
     cross_entropy = -y * log_s - (1 - y) * log_1ms
-    log_q = jnp.logaddexp(_log_or_minus_inf(y) + log_1ms, _log_or_minus_inf(1 - y) + log_s)
+    log_q = jnp.logaddexp(_binary.safe_log(y) + log_1ms, _binary.safe_log(1 - y) + log_s)
     modulation = jnp.exp(g * log_q)
     slope = jnp.exp((g - 1) * log_q + log_s + log_1ms)
     gradient = g * (1 - 2 * y) * slope * cross_entropy + modulation * (jnp.exp(log_s) - y)
     if alpha is not None:
         a = jnp.asarray(alpha, x.dtype)
         gradient = (a * y + (1 - a) * (1 - y)) * gradient
-    gradient = gradient * _elementwise_scale(mask, x.shape, reduction, x.dtype)
+    gradient = gradient * _reduce.element_gradient_scale(mask, x.shape, reduction, x.dtype)
     return jnp.broadcast_to(gradient, x.shape).astype(dtype)
-
-
-def _log_or_minus_inf(x: jax.Array) -> jax.Array:
-    positive = x > 0
-    return jnp.where(positive, jnp.log(jnp.where(positive, x, 1)), -jnp.inf)
 
 
 def binary_cross_entropy(
@@ -357,7 +333,7 @@ def binary_cross_entropy(
     *,
     weight: ArrayLike | None = None,
     where: ArrayLike | None = None,
-    reduction: str = "none",
+    reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Gradient of :func:`jaxce.binary_cross_entropy` with respect to ``probs``.
 
@@ -405,7 +381,7 @@ def binary_cross_entropy(
     if weight is not None:
         gradient = jnp.broadcast_to(weight, p.shape).astype(p.dtype) * gradient
     gradient = jnp.where((p >= 0) & (p <= 1), gradient, 0)
-    gradient = gradient * _elementwise_scale(mask, p.shape, reduction, p.dtype)
+    gradient = gradient * _reduce.element_gradient_scale(mask, p.shape, reduction, p.dtype)
     return jnp.broadcast_to(gradient, p.shape).astype(dtype)
 
 
@@ -416,7 +392,7 @@ def categorical_cross_entropy(
     axis: int | Sequence[int] = -1,
     weight: ArrayLike | None = None,
     where: ArrayLike | None = None,
-    reduction: str = "none",
+    reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Gradient of :func:`jaxce.categorical_cross_entropy` with respect to ``probs``.
 
@@ -458,16 +434,10 @@ def categorical_cross_entropy(
     # Entries excluded by `where` take no part: their values are not checked.
     valid_row = jnp.all(in_range if mask is None else in_range | ~mask, axis=-1, keepdims=True)
     gradient = jnp.where(valid_row, gradient, 0)
-    gradient = gradient * _example_scale(mask, layout.batch_shape, reduction, compute)
+    gradient = gradient * _reduce.example_gradient_scale(
+        mask, layout.batch_shape, reduction, compute
+    )
     return layout.unlayout(gradient).astype(jnp.result_type(probs))
-
-
-def _example_scale(mask: jax.Array | None, batch_shape: tuple[int, ...], reduction: str, dtype):
-    """1 or 1/n for multiclass losses, n the number of examples with an included class."""
-    if mask is None:
-        return _mean_scale(jnp.asarray(_size(batch_shape), dtype), reduction)
-    counted = jnp.broadcast_to(jnp.any(mask, axis=-1), batch_shape)
-    return _mean_scale(jnp.sum(counted, dtype=dtype), reduction)
 
 
 def softmax_cross_entropy(
@@ -478,7 +448,7 @@ def softmax_cross_entropy(
     *,
     weight: ArrayLike | None = None,
     label_smoothing: ArrayLike = 0.0,
-    reduction: str = "none",
+    reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Gradient of :func:`jaxce.softmax_cross_entropy` with respect to ``logits``.
 
@@ -524,17 +494,19 @@ def softmax_cross_entropy(
     targets = _layout.dense_labels(labels, layout).astype(compute)
     if not _checks.is_concrete_zero(label_smoothing):
         smoothing = jnp.asarray(label_smoothing, compute)
-        targets = (1 - smoothing) * targets + smoothing / layout.num_classes
+        targets = _formulas.smoothed_targets(targets, smoothing, layout.num_classes)
     weighted = targets
     if class_weight is not None:
-        weighted = targets * _per_class(class_weight.astype(compute), targets.ndim)
+        weighted = targets * _layout.per_class(class_weight.astype(compute), targets.ndim)
     weighted = jnp.broadcast_to(weighted, x.shape)
     if mask is not None:
         weighted = jnp.where(mask, weighted, 0)
     p, _, _, _ = _softmax_parts(x, mask)
     # p_j sum_c a_c - a_j: the function the loss's derivative rule uses.
     gradient = _closed_form.weighted_gradient(p, weighted)
-    gradient = gradient * _example_scale(mask, layout.batch_shape, reduction, compute)
+    gradient = gradient * _reduce.example_gradient_scale(
+        mask, layout.batch_shape, reduction, compute
+    )
     return layout.unlayout(gradient).astype(logits.dtype)
 
 
@@ -547,7 +519,7 @@ def _integer_label_logit_gradient(
     ignore_index: int | None,
     label_smoothing: ArrayLike,
     z_loss: ArrayLike,
-    reduction: str,
+    reduction: Reduction,
 ) -> jax.Array:
     """Gradient of the integer-label loss on `[..., C]` compute-dtype logits (classes last).
 
@@ -574,11 +546,11 @@ def _integer_label_logit_gradient(
     if not _checks.is_concrete_zero(label_smoothing):
         # d/dx_j sum_c w_c (-log p_c) = p_j sum_c w_c - w_j.
         weights = jnp.ones((num_classes,), x.dtype) if class_weight is None else class_weight
-        weights = _per_class(weights, x.ndim)
+        weights = _layout.per_class(weights, x.ndim)
         smooth = _closed_form.weighted_gradient(
             p, weights if mask is None else jnp.where(mask, weights, 0)
         )
-    gradient = _integer_labels.mix(gradient, smooth, None, label_smoothing, num_classes)
+    gradient = _integer_labels.mix(gradient, smooth, label_smoothing, num_classes)
     gradient = gradient * scales.cross_entropy[..., None]
 
     if not _checks.is_concrete_zero(z_loss):
@@ -604,7 +576,7 @@ def softmax_cross_entropy_with_integer_labels(
     ignore_index: int | None = None,
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
-    reduction: str = "none",
+    reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Gradient of :func:`jaxce.softmax_cross_entropy_with_integer_labels` w.r.t. ``logits``.
 
@@ -681,7 +653,7 @@ def linear_cross_entropy(
     shift: int = 0,
     chunk_size: int | None = None,
     plan: _linear.LinearCrossEntropyPlan | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     temperature: ArrayLike | None = None,
     token_weights: ArrayLike | None = None,
     vocab_size: int | None = None,
@@ -730,20 +702,17 @@ def linear_cross_entropy(
     implementation; ``python -m jaxce verify`` checks it against ``jax.grad``
     of an independent materialised formulation and finite differences.
     """
-    return _linear.gradients(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
+    options = _linear.Options(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=softcap,
+        temperature=temperature,
         shift=shift,
+        token_weights=token_weights,
+        vocab_size=vocab_size,
         chunk_size=chunk_size,
         plan=plan,
         reduction=reduction,
-        temperature=temperature,
-        token_weights=token_weights,
-        vocab_size=vocab_size,
     )
+    return _linear.gradients(hidden, weight, labels, bias, options)

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _closed_form, _integer_labels, _layout, _linear
-from jaxce._linear.prepare import prepare as _prepare_linear
+from jaxce import _checks, _formulas, _integer_labels, _layout, _linear
+from jaxce._reduce import Reduction
 
 __all__ = ["linear_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
 
@@ -79,7 +79,7 @@ def _vocab_parallel_loss(
     ignore_index: int | None,
     label_smoothing: ArrayLike,
     z_loss: ArrayLike,
-    reduction: str,
+    reduction: Reduction,
     batch_axis_name: AxisName | None,
 ) -> jax.Array:
     """``_softmax.integer_label_loss`` on ``[..., V / n]`` logits (compute dtype).
@@ -89,14 +89,16 @@ def _vocab_parallel_loss(
     shard_classes = logits_shard.shape[-1]
     num_classes, offset = _shard_layout(axis_name, shard_classes)
 
-    # The shift m = max_j x_j is a constant (stop_gradient): log-sum-exp does
-    # not depend on it. pmax of the shard maxima is the global row maximum.
-    local_max = jnp.max(logits_shard, axis=-1, where=mask, initial=-jnp.inf)
-    row_max = jax.lax.pmax(jax.lax.stop_gradient(local_max), axis_name)
-    row_max = _closed_form.finite_shift(row_max)
-    shifted = logits_shard - row_max[..., None]
     if mask is not None:
-        shifted = jnp.where(mask, shifted, -jnp.inf)
+        logits_shard = jnp.where(mask, logits_shard, -jnp.inf)
+    # The shift m = max_j x_j is a constant (stop_gradient): log-sum-exp does
+    # not depend on it. pmax of the shard maxima is the global row maximum;
+    # the sums are completed below, in one psum.
+    shift, _, sum_exp = _formulas.shifted_exponentials(
+        logits_shard, lambda local_max: jax.lax.pmax(local_max, axis_name)
+    )
+    shifted = logits_shard - shift
+    row_max = shift[..., 0]
     classes = offset + jax.lax.broadcasted_iota(labels.dtype, shifted.shape, shifted.ndim - 1)
     is_label = classes == labels[..., None]
     smoothing_on = not _checks.is_concrete_zero(label_smoothing)
@@ -108,7 +110,7 @@ def _vocab_parallel_loss(
 
     # Every per-row partial sum goes into one psum: O(rows) words per device.
     partial = _PartialSums(
-        sum_exp=jnp.sum(jnp.exp(shifted), axis=-1),
+        sum_exp=sum_exp,
         # x_y - m from the one shard that holds class y (0 elsewhere), picked
         # with a select so that its gradient fuses with the softmax term.
         label_shifted=jnp.sum(jnp.where(is_label, shifted, 0), axis=-1),
@@ -118,20 +120,22 @@ def _vocab_parallel_loss(
         # sum_c w_c (-log p_c) = L sum_c w_c - sum_c w_c (x_c - m) with
         # L = log sum_j exp(x_j - m) >= 0 and x_c - m <= 0: for w >= 0 both
         # terms are non-negative, so the split adds without cancellation.
-        included = jnp.ones_like(is_label) if mask is None else mask
         weights = (
             jnp.ones_like(shifted)
             if shard_weight is None
             else jnp.broadcast_to(shard_weight, shifted.shape)
         )
+        weighted = _formulas.weighted_terms(weights, shifted, mask)
+        if mask is not None:
+            weights = jnp.where(mask, weights, 0)
         partial = partial._replace(
-            weight_total=jnp.sum(jnp.where(included, weights, 0), axis=-1),
-            weighted_shifted=jnp.sum(jnp.where(included, weights * shifted, 0), axis=-1),
+            weight_total=jnp.sum(weights, axis=-1),
+            weighted_shifted=jnp.sum(weighted, axis=-1),
         )
     total = jax.lax.psum(partial, axis_name)
 
     # log(0) stays out of the differentiated path: an empty row has a zero gradient.
-    log_normalizer = _closed_form.log_of_total(total.sum_exp)
+    log_normalizer = _formulas.log_of_total(total.sum_exp)
     # -log p_y = L - (x_y - m), both in the shifted frame (no lse(x) - x_y cancellation).
     nll = log_normalizer - total.label_shifted
     smooth = None
@@ -179,7 +183,7 @@ def softmax_cross_entropy_with_integer_labels(
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
     where: ArrayLike | None = None,
-    reduction: str = "none",
+    reduction: Reduction = "none",
     batch_axis_name: AxisName | None = None,
 ) -> jax.Array:
     r"""Integer-label softmax cross-entropy with the classes sharded over ``axis_name``.
@@ -293,7 +297,7 @@ def linear_cross_entropy(
     shift: int = 0,
     chunk_size: int | None = None,
     plan: _linear.LinearCrossEntropyPlan | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     batch_axis_name: AxisName | None = None,
     temperature: ArrayLike | None = None,
     token_weights: ArrayLike | None = None,
@@ -317,7 +321,7 @@ def linear_cross_entropy(
     shift: int = 0,
     chunk_size: int | None = None,
     plan: _linear.LinearCrossEntropyPlan | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     batch_axis_name: AxisName | None = None,
     temperature: ArrayLike | None = None,
     token_weights: ArrayLike | None = None,
@@ -341,7 +345,7 @@ def linear_cross_entropy(
     shift: int = 0,
     chunk_size: int | None = None,
     plan: _linear.LinearCrossEntropyPlan | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     batch_axis_name: AxisName | None = None,
     temperature: ArrayLike | None = None,
     token_weights: ArrayLike | None = None,
@@ -364,7 +368,7 @@ def linear_cross_entropy(
     shift: int = 0,
     chunk_size: int | None = None,
     plan: _linear.LinearCrossEntropyPlan | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     batch_axis_name: AxisName | None = None,
     temperature: ArrayLike | None = None,
     token_weights: ArrayLike | None = None,
@@ -466,24 +470,21 @@ def linear_cross_entropy(
         x = jnp.sum(x)
         return x if batch_axis_name is None else jax.lax.psum(x, batch_axis_name)
 
-    prepared = _prepare_linear(
-        hidden,
-        weight_shard,
-        labels,
-        bias=bias_shard,
+    options = _linear.Options(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=softcap,
+        temperature=temperature,
         shift=shift,
+        token_weights=token_weights,
+        vocab_size=vocab_size,
         chunk_size=chunk_size,
         plan=plan,
         reduction=reduction,
-        temperature=temperature,
-        token_weights=token_weights,
-        vocab_size=vocab_size,
         return_aux=return_aux,
-        axis_name=axis_name,
-        total=batch_total,
     )
-    return _linear.reduce(prepared, reduction, shift, batch_total)
+    prepared = _linear.prepare_call(
+        hidden, weight_shard, labels, bias_shard, options, axis_name=axis_name, total=batch_total
+    )
+    return _linear.reduced_loss(prepared, batch_total)

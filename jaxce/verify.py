@@ -64,6 +64,7 @@ import numpy as np
 import jaxce
 from jaxce import _references, derivatives
 from jaxce._progress import Progress
+from jaxce._reduce import Reduction
 
 __all__ = [
     "TOLERANCES",
@@ -509,7 +510,7 @@ def _cases() -> list[Case]:
 
 
 def _labels_kept_by_where(
-    logits: jax.Array, rng: np.random.Generator, reduction: str
+    logits: jax.Array, rng: np.random.Generator, reduction: Reduction
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Integer labels over axis 0 and a class mask that never excludes the label itself.
 

@@ -204,20 +204,9 @@ def test_bfloat16_gradients_as_precise_as_float32_products(bias):
 
 
 def _bfloat16_case_arguments(h, w, labels, options):
-    prepared = prepare.prepare(
-        h,
-        w,
-        labels,
-        bias=None,
-        ignore_index=options["ignore_index"],
-        label_smoothing=options["label_smoothing"],
-        z_loss=options["z_loss"],
-        softcap=options["softcap"],
-        shift=0,
-        chunk_size=16,
-        plan=None,
-        reduction="mean",
-    )
+    settings = {name: options[name] for name in ("ignore_index", "label_smoothing", "z_loss")}
+    call_options = _linear.Options(softcap=options["softcap"], chunk_size=16, **settings)
+    prepared = prepare.prepare_call(h, w, labels, None, call_options)
     return prepared.config, prepared.inputs
 
 
@@ -587,6 +576,7 @@ def test_temporaries_bounded_by_chunk_not_tokens_times_vocab(dtype, reduction, m
         + 2 * block * dim * 4
         + 8 * chunk * dim * 4
         + 8 * num_tokens * 4  # per-token vectors: losses, log-normalisers, tangents
+        + vocab * 4  # the column indices the label's mask compares with
         + 2**20
     )
     if dtype == "bfloat16":
@@ -625,7 +615,9 @@ def test_gradients_equal_autodiff_and_float64_reference(options, reduction):
         def reference(h, w, b):
             return jnp.sum(materialised(h, w, labels, bias=b, **kwargs))
 
-        got = _linear.gradients(hidden, weight, labels, bias=bias, chunk_size=8, **kwargs)
+        got = _linear.gradients(
+            hidden, weight, labels, bias, _linear.Options(chunk_size=8, **kwargs)
+        )
         autodiff = jax.grad(fused, argnums=(0, 1, 2))(hidden, weight, bias)
         expected = jax.grad(reference, argnums=(0, 1, 2))(hidden, weight, bias)
         for mine, auto, exact in zip(got, autodiff, expected, strict=True):
@@ -638,7 +630,9 @@ def test_gradients_float32_without_bias_and_jit():
     hidden, weight, _, labels = make_inputs(11, (33,), 8, 40)
     hidden, weight = jnp.asarray(hidden, jnp.float32), jnp.asarray(weight, jnp.float32)
     d_hidden, d_weight, d_bias = jax.jit(
-        lambda h, w: _linear.gradients(h, w, labels, ignore_index=-100, chunk_size=16)
+        lambda h, w: _linear.gradients(
+            h, w, labels, None, _linear.Options(ignore_index=-100, chunk_size=16)
+        )
     )(hidden, weight)
     assert d_bias is None and d_hidden.dtype == d_weight.dtype == jnp.float32
     with jax.enable_x64(True):

@@ -151,7 +151,9 @@ def test_estimated_temporaries_agree_with_xla_within_15_percent(
 def _documented_band(dtype, platform, reduction):
     """The accuracy :class:`jaxce.LinearCrossEntropyPlan` documents for its estimate."""
     if dtype == "bfloat16" and reduction == "mean":
-        return (0.85, 1.3) if platform == "cpu" else (0.7, 1.15)
+        return (0.85, 1.35) if platform == "cpu" else (0.7, 1.15)
+    if dtype == "bfloat16" and platform != "cpu":
+        return (0.8, 1.2)
     return (0.85, 1.15)
 
 
@@ -265,6 +267,36 @@ def test_accelerator_plan_runs_on_cpu_and_equals_float64_and_the_cpu_plan(platfo
         scale = float(np.max(np.abs(np.asarray(want))))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5 * scale)
         np.testing.assert_allclose(np.asarray(got), np.asarray(same), atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_accelerator_chunk_rule_at_every_batch_size(platform):
+    """N/8 rounded down to a multiple of 256, at least 512, clipped to N: for every N, not only
+    multiples of 2048 (small batches, the README's 10 tokens, used to raise IndexError)."""
+    sizes = [*range(0, 1100), *range(1100, 40000, 37), 65536, 100001]
+    for tokens in sizes:
+        plan = jaxce.plan_linear_cross_entropy(tokens, 64, 1000, "bfloat16", platform=platform)
+        expected = min(max(tokens // 8 // 256 * 256, 512), max(tokens, 1))
+        assert plan.chunk_size == expected, (tokens, plan.chunk_size, expected)
+        assert plan.vocab_block == 1000
+
+
+def test_accelerator_plans_run_small_batches():
+    """A 10-token call with a GPU plan runs and equals the CPU plan (it used to fail to plan)."""
+    rng = np.random.default_rng(8)
+    hidden = jnp.asarray(rng.normal(size=(10, 16)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(50, 16)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 50, 10))
+    losses = [
+        jax.value_and_grad(jaxce.linear_cross_entropy, argnums=(0, 1))(
+            hidden, weight, labels, plan=jaxce.plan_linear_cross_entropy(10, 16, 50, "float32",
+                                                                           platform=platform)
+        )
+        for platform in ("gpu", "tpu", "cpu")
+    ]  # fmt: skip
+    for loss in losses[:2]:
+        for ours, theirs in zip(jax.tree.leaves(loss), jax.tree.leaves(losses[2]), strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
 def test_plan_arguments_are_checked():

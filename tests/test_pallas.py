@@ -203,6 +203,77 @@ def test_extreme_and_infinite_logits(small_blocks: None) -> None:
     np.testing.assert_array_equal(np.asarray(kernel[1])[np.isneginf(x)], 0.0)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_rows_far_below_zero_and_rows_of_minus_inf(small_blocks: None, smoothing: float) -> None:
+    """Rows whose logits all lie below -88.7 (exp overflows for the first rescaling) and rows of -inf.
+
+    The online log-sum-exp starts at the shift 0; the first block of such a row
+    moves the shift down to its maximum, where ``exp(0 - m')`` overflows, and
+    the empty running sum must stay 0 instead of becoming ``0 * inf = NaN``.
+    A row of -inf logits has a NaN loss (no probability anywhere) on every path.
+    """
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(5, 300)) - 100.0  # every logit below -88.7
+    x[1] -= 1e4
+    x[2, :150] = -np.inf  # -inf first, then logits far below zero
+    x[3] = -np.inf
+    x[4, 200:] = -np.inf
+    labels = np.array([0, 7, 250, 3, 17])
+    logits = jnp.asarray(x, jnp.float32)
+    for reduction in ("none", "sum", "mean"):
+        cotangent = np.linspace(0.5, 1.5, 5) if reduction == "none" else None
+        options = {"reduction": reduction, "label_smoothing": smoothing}
+        kernel = value_and_grad(logits, labels, cotangent, implementation="pallas", **options)
+        xla = value_and_grad(logits, labels, cotangent, implementation="xla", **options)
+        for ours, theirs in zip(kernel, xla, strict=True):
+            assert_normwise_close(ours, theirs, 2 * tolerance(jnp.float32, 300), reduction)
+        if reduction == "none":
+            per_example = np.asarray(kernel[0])
+            assert np.isfinite(per_example[:2]).all() and np.isnan(per_example[3])
+            if smoothing:  # mass on the -inf logits of rows 2 and 4: +inf there
+                np.testing.assert_array_equal(per_example[[2, 4]], np.inf)
+            else:
+                assert np.isfinite(per_example[[2, 4]]).all()
+    if smoothing:
+        return
+    # Rows 0, 1, 2 and 4 alone (no NaN row): finite means and gradients, equal to the XLA path's.
+    keep = np.array([0, 1, 2, 4])
+    kernel = value_and_grad(logits[keep], labels[keep], None, implementation="pallas",
+                            reduction="mean")  # fmt: skip
+    xla = value_and_grad(logits[keep], labels[keep], None, implementation="xla", reduction="mean")
+    assert np.isfinite(kernel[0]) and np.isfinite(np.asarray(kernel[1])).all()
+    np.testing.assert_allclose(kernel[0], xla[0], rtol=1e-6)
+
+
+def test_a_zero_class_weight_on_a_minus_inf_logit(small_blocks: None) -> None:
+    """Excluded by ``where``: no part, finite everywhere; taking part: NaN, as PyTorch's ``0 * inf``.
+
+    The per-example mask runs the kernel; the class weights' gradient of the
+    excluded row is 0 on both paths.
+    """
+    logits, labels = make_inputs(12, (4,), 300, "float32")
+    logits = logits.at[:, 5].set(-jnp.inf)
+    weight = _weights(300).at[5].set(0.0)
+    excluded = jnp.array([True, False, True, True])[:, None]  # row 1 excluded
+
+    def loss(x: jax.Array, w: jax.Array, where: Any, implementation: str) -> jax.Array:
+        return loss_fn(x, labels, where=where, weight=w, label_smoothing=0.1,
+                       reduction="sum", implementation=implementation)  # fmt: skip
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=3)
+    for where in (None, jnp.ones((4, 1), bool)):
+        # Class 5 takes part in every row: the smoothing term is 0 * inf.
+        for implementation in ("pallas", "xla"):
+            assert np.isnan(loss(logits, weight, where, implementation))
+    # Row 1 excluded, the others taking part: still NaN (rows 0, 2, 3 take part).
+    # With class 5 also finite in the excluded row only, nothing is infinite where it counts:
+    finite = logits.at[jnp.array([0, 2, 3]), 5].set(0.0)
+    kernel, xla = grad(finite, weight, excluded, "pallas"), grad(finite, weight, excluded, "xla")
+    for ours, theirs in zip(jax.tree.leaves(kernel), jax.tree.leaves(xla), strict=True):
+        assert np.isfinite(np.asarray(ours)).all()
+        assert_normwise_close(ours, theirs, 2 * tolerance(jnp.float32, 300))
+
+
 def test_invalid_labels_and_nan_logits_are_nan(small_blocks: None) -> None:
     logits, _ = make_inputs(5, (4,), 300, "float32")
     logits = logits.at[3, 17].set(jnp.nan)
@@ -337,16 +408,16 @@ def test_value_and_grad_lowers_to_triton_kernels_for_cuda(dtype: str, num_classe
 
 
 FALLBACK_SPECS = [
-    (None, False, "float32"),
-    ("uniform", False, "bfloat16"),
-    ("weighted", False, "float32"),
-    ("weighted", True, "float16"),
+    (None, "float32"),
+    ("uniform", "bfloat16"),
+    ("weighted", "float32"),
+    ("weighted", "float16"),
 ]
 
 
-@pytest.mark.parametrize(("smoothing", "zero_times_inf", "dtype"), FALLBACK_SPECS)
+@pytest.mark.parametrize(("smoothing", "dtype"), FALLBACK_SPECS)
 def test_platforms_without_a_kernel_compute_what_the_kernel_writes(
-    small_blocks: None, smoothing: Any, zero_times_inf: bool, dtype: str
+    small_blocks: None, smoothing: Any, dtype: str
 ) -> None:
     """TPU and ROCm run ``forward_xla`` / ``backward_xla``: equal to the interpreted kernels.
 
@@ -359,9 +430,7 @@ def test_platforms_without_a_kernel_compute_what_the_kernel_writes(
     logits = logits.at[1, :7].set(-jnp.inf)  # -inf logits, and a zero weight on them below
     labels = jnp.asarray(labels, jnp.int32)
     weight = _weights(num_classes).at[:3].set(0.0) if smoothing == "weighted" else None
-    spec = kernels.RowSpec(
-        num_classes, kernels.kernel_config(logits.dtype, num_classes), smoothing, zero_times_inf
-    )
+    spec = kernels.RowSpec(num_classes, kernels.kernel_config(logits.dtype, num_classes), smoothing)
     interpreted = kernels.forward(logits, labels, weight, spec)
     plain = kernels.forward_xla(logits, labels, weight, spec=spec)
     assert len(interpreted) == len(plain) == (3 if smoothing is None else 4)
@@ -369,7 +438,7 @@ def test_platforms_without_a_kernel_compute_what_the_kernel_writes(
     for got, want, name in zip(plain, interpreted, ("shift", "lse", "nll", "smooth"), strict=False):
         assert_normwise_close(got, want, bound, name)
     rng = np.random.default_rng(4)
-    coefficients = kernels.Coefficients(
+    coefficients = kernels.RowCoefficients(
         jnp.asarray(rng.uniform(0.5, 1.5, num_rows), jnp.float32).at[2].set(0.0),
         jnp.asarray(rng.uniform(0.5, 1.5, num_rows), jnp.float32).at[2].set(0.0),
         None if smoothing is None else jnp.asarray(rng.uniform(0, 0.1, num_rows), jnp.float32),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Literal, cast, overload
@@ -13,8 +14,10 @@ from jax.typing import ArrayLike
 
 from jaxce import _checks, _integer_labels
 from jaxce._linear import chunks
+from jaxce._linear.options import Options
 from jaxce._linear.plan import LinearCrossEntropyPlan
-from jaxce._linear.prepare import Config, Inputs, Prepared, prepare
+from jaxce._linear.prepare import Config, Inputs, PreparedCall, prepare_call
+from jaxce._reduce import Reduction
 
 Aux = chunks.LinearCrossEntropyAux
 
@@ -138,7 +141,7 @@ def linear_cross_entropy(
     shift: int = 0,
     chunk_size: int | None = None,
     plan: LinearCrossEntropyPlan | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     temperature: ArrayLike | None = None,
     token_weights: ArrayLike | None = None,
     vocab_size: int | None = None,
@@ -160,7 +163,7 @@ def linear_cross_entropy(
     shift: int = 0,
     chunk_size: int | None = None,
     plan: LinearCrossEntropyPlan | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     temperature: ArrayLike | None = None,
     token_weights: ArrayLike | None = None,
     vocab_size: int | None = None,
@@ -182,7 +185,7 @@ def linear_cross_entropy(
     shift: int = 0,
     chunk_size: int | None = None,
     plan: LinearCrossEntropyPlan | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     temperature: ArrayLike | None = None,
     token_weights: ArrayLike | None = None,
     vocab_size: int | None = None,
@@ -203,7 +206,7 @@ def linear_cross_entropy(
     shift: int = 0,
     chunk_size: int | None = None,
     plan: LinearCrossEntropyPlan | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     temperature: ArrayLike | None = None,
     token_weights: ArrayLike | None = None,
     vocab_size: int | None = None,
@@ -315,69 +318,63 @@ def linear_cross_entropy(
         "Better & Faster Large Language Models via Multi-token Prediction", ICML
         2024 (``shift=k``). https://arxiv.org/abs/2404.19737
     """
-    prepared = prepare(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
+    options = Options(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=softcap,
+        temperature=temperature,
         shift=shift,
+        token_weights=token_weights,
+        vocab_size=vocab_size,
         chunk_size=chunk_size,
         plan=plan,
         reduction=reduction,
-        temperature=temperature,
-        token_weights=token_weights,
-        vocab_size=vocab_size,
         return_aux=return_aux,
     )
-    return reduce(prepared, reduction, shift)
+    return reduced_loss(prepare_call(hidden, weight, labels, bias, options))
 
 
-def reduce(
-    prepared: Prepared,
-    reduction: str,
-    shift: int,
-    total: Callable[[jax.Array], jax.Array] = jnp.sum,
+def reduced_loss(
+    prepared: PreparedCall, total: Callable[[jax.Array], jax.Array] = jnp.sum
 ) -> jax.Array | tuple[jax.Array, Aux]:
     """The loss of a prepared call (and its aux, if asked for).
 
     ``total`` adds the sums over a batch axis, if any.
     """
+    options = prepared.options
     aux = None
-    if reduction == "none":
-        loss, aux = _per_token_losses(prepared, shift)
+    if options.reduction == "none":
+        loss, aux = _per_token_losses(prepared)
     elif prepared.config is None:
         loss = jnp.zeros((), prepared.compute)
     else:
         loss, aux = _weighted_loss_jit(prepared.config, prepared.inputs)
         loss = total(loss)
         loss = loss + _integer_labels.nan_if_invalid(prepared.rule, prepared.compute, total)
-    if not prepared.return_aux:
+    if not options.return_aux:
         return loss
-    return loss, _per_token_aux(prepared, aux, shift)
+    return loss, _per_token_aux(prepared, aux)
 
 
-def _per_token(prepared: Prepared, values: jax.Array, shift: int) -> jax.Array:
+def _per_token(prepared: PreparedCall, values: jax.Array) -> jax.Array:
     """``[N]`` per-token values as ``[...]`` (``[..., T - k]`` with ``shift=k``)."""
-    labels_shape = prepared.labels_shape
+    labels_shape, shift = prepared.labels_shape, prepared.options.shift
     values = values.reshape(labels_shape)
     return values[..., : labels_shape[-1] - shift] if shift else values
 
 
-def _per_token_aux(prepared: Prepared, aux: Aux | None, shift: int) -> Aux:
+def _per_token_aux(prepared: PreparedCall, aux: Aux | None) -> Aux:
     """The aux in the shape of the per-token losses, cut off from the gradients."""
     if aux is None:  # no tokens
         empty = jnp.zeros(prepared.labels_shape, prepared.compute)
         aux = Aux(empty, empty, jnp.zeros(prepared.labels_shape, jnp.int32))
     else:
-        aux = Aux(*(_per_token(prepared, values, shift) for values in aux))
+        aux = Aux(*(_per_token(prepared, values) for values in aux))
     return jax.lax.stop_gradient(aux)
 
 
-def _per_token_losses(prepared: Prepared, shift: int) -> tuple[jax.Array, Aux | None]:
+def _per_token_losses(prepared: PreparedCall) -> tuple[jax.Array, Aux | None]:
     """``[...]`` (``[..., T - k]`` with ``shift=k``): 0 where not counted, NaN where invalid."""
     if prepared.config is None:
         return jnp.zeros(prepared.labels_shape, prepared.compute), None
@@ -386,34 +383,22 @@ def _per_token_losses(prepared: Prepared, shift: int) -> tuple[jax.Array, Aux | 
         loss = loss * prepared.token_weights
     loss = jnp.where(prepared.rule.counted, loss, 0)
     loss = _integer_labels.nan_where_invalid(prepared.rule, loss)
-    return _per_token(prepared, loss, shift), aux
+    return _per_token(prepared, loss), aux
 
 
 def gradients(
     hidden: ArrayLike,
     weight: ArrayLike,
     labels: ArrayLike,
-    *,
-    bias: ArrayLike | None = None,
-    ignore_index: int | None = None,
-    label_smoothing: ArrayLike = 0.0,
-    z_loss: ArrayLike = 0.0,
-    softcap: float | None = None,
-    shift: int = 0,
-    chunk_size: int | None = None,
-    plan: LinearCrossEntropyPlan | None = None,
-    reduction: str = "mean",
-    temperature: ArrayLike | None = None,
-    token_weights: ArrayLike | None = None,
-    vocab_size: int | None = None,
+    bias: ArrayLike | None,
+    options: Options,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Gradients of :func:`linear_cross_entropy` w.r.t. ``hidden``, ``weight``, ``bias``.
 
     Computed by the code of the loss's own derivative rule (chunk by chunk,
     three matrix products, no ``[N, V]`` logits, no autodiff). For
     ``reduction="none"`` they are the gradients of the summed per-token loss.
-    Arguments as in :func:`linear_cross_entropy`; ``chunk_size`` changes only
-    rounding.
+    ``options.chunk_size`` and ``options.plan`` change only rounding.
 
     Returns:
       ``(d_hidden, d_weight, d_bias)`` in the shapes and dtypes of ``hidden``,
@@ -422,23 +407,9 @@ def gradients(
       ``shift=1`` leaves out, or whose label is out of range get zero
       ``hidden`` gradients and contribute nothing.
     """
-    prepared = prepare(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        shift=shift,
-        chunk_size=chunk_size,
-        plan=plan,
-        reduction="sum" if reduction == "none" else reduction,
-        temperature=temperature,
-        token_weights=token_weights,
-        vocab_size=vocab_size,
-    )
+    if options.reduction == "none":
+        options = dataclasses.replace(options, reduction="sum")
+    prepared = prepare_call(hidden, weight, labels, bias, options)
     # The gradients come back in the (floating) dtypes of the inputs.
     hidden_dtype = _checks.as_float_array(hidden, "hidden").dtype
     weight_dtype = _checks.as_float_array(weight, "weight").dtype

@@ -4,7 +4,7 @@
   reduction), one matrix product.
 - :func:`weighted_loss_and_grads`: that sum and its gradients in one pass,
   three matrix products, by :func:`_gradients_blocked` (float32, float16,
-  float64) or :func:`_gradients_bfloat16`.
+  float64) or :func:`_gradients_whole` (bfloat16, or a vocabulary shard).
 - :func:`per_token_forward` and :func:`per_token_tangent`: the per-token losses
   (keeping one log-normaliser per token) and the tangent map that reverse mode
   transposes, recomputing each chunk's logits once.
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jaxce import _closed_form, _integer_labels
+from jaxce import _formulas, _integer_labels
 from jaxce._linear import xla_cpu
 from jaxce._linear.prepare import Config, Inputs
 
@@ -118,25 +118,9 @@ def label_mask(target: jax.Array, vocab: int) -> jax.Array:
     return jnp.arange(vocab)[None, :] == target[:, None]
 
 
-def _cap(config: Config, logits: jax.Array) -> jax.Array:
-    """The soft cap ``c * tanh(logits / c)``, if any."""
-    if config.softcap is None:
-        return logits
-    return config.softcap * jnp.tanh(logits / config.softcap)
-
-
 def _logit_chain(config: Config, inputs: Inputs, x: jax.Array) -> jax.Array | None:
-    """``dx / dz`` for the logits ``x = cap(z) / T`` (None when ``x = z``), from ``x``.
-
-    ``d cap(z) / dz = 1 - (cap(z) / c)^2``, and the temperature divides.
-    """
-    chain = None
-    if config.softcap is not None:
-        capped = x * inputs.temperature if config.temperature else x
-        chain = 1 - jnp.square(capped / config.softcap)
-    if config.temperature:
-        chain = 1 / inputs.temperature if chain is None else chain / inputs.temperature
-    return chain
+    """``dx / dz`` for the logits ``x = cap(z) / T`` (None when ``x = z``), from ``x``."""
+    return _formulas.soften_slope(x, config.softcap, _temperature(config, inputs))
 
 
 def _real_classes(config: Config, local_vocab: int, start: Any, width: int) -> jax.Array | None:
@@ -177,20 +161,21 @@ class Chunk(NamedTuple):
     hidden: jax.Array  # [C, D] in the matmul dtype
     target: jax.Array  # [C] label columns among this device's classes
     logits: jax.Array  # [C, V] in the compute dtype, capped, tempered, -inf at padding
+    local_max: jax.Array  # [C, 1] the largest of this device's logits, per row
     label_logit: jax.Array  # [C], capped and tempered
-    label_rows: jax.Array | None  # [C, D] `weight[target]`; None for bfloat16 or vocab shards
 
 
 def chunk_logits(config: Config, inputs: Inputs, index: jax.Array, compute: Any) -> Chunk:
-    """The logits of chunk ``index``, their label column and the label rows of ``weight``.
+    """The logits of chunk ``index``, their row maximum and their label column.
 
-    The label column is not gathered from the logits: XLA fuses such a gather
-    into the first consumer of the log-sum-exp, after the exponential, so the
-    logits would stay alive beside their exponential instead of being written
-    over by it (two ``[C, V]`` buffers instead of one). It is the dot product
-    of the hidden rows with their label rows of ``weight`` (which the
-    gradient's one-hot term reads too), or for bfloat16 a masked row sum
-    (:func:`xla_cpu.label_column`).
+    The label column comes from the same product as the log-sum-exp, so that
+    both round alike (a label that is the largest logit has ``x_y - m = 0``
+    exactly, and ``-log p_y >= 0``). It is not gathered from the logits: XLA
+    fuses such a gather into the first consumer of the log-sum-exp, after the
+    exponential, so the logits would stay alive beside their exponential
+    instead of being written over by it (two ``[C, V]`` buffers instead of
+    one); it is read in the pass that finds the row maximum
+    (:func:`xla_cpu.max_and_label_column`).
     """
     start, fresh = chunk_rows(config, index)
     hidden = xla_cpu.take_rows(inputs.hidden, start, config.chunk)
@@ -203,24 +188,25 @@ def chunk_logits(config: Config, inputs: Inputs, index: jax.Array, compute: Any)
     logits = jax.lax.dot_general(hidden, weight, _CONTRACT_DIM, preferred_element_type=compute)
     if bias is not None:
         logits = logits + bias.astype(compute)[None, :]
-    logits = _temper(config, inputs, _cap(config, logits))
+    logits = soften(config, inputs, logits)
     real = _real_classes(config, weight.shape[0], 0, weight.shape[0])
     if real is not None:
         logits = jnp.where(real[None, :], logits, -jnp.inf)
-    if weight.dtype == jnp.bfloat16 or config.axis_name is not None:
-        label_logit = xla_cpu.label_column(logits, label_mask(target, logits.shape[-1]))
-        return Chunk(start, fresh, hidden, target, logits, vocab_sum(config, label_logit), None)
-    label_rows = jnp.take(weight, target, axis=0).astype(compute)
-    label_logit = jnp.sum(hidden.astype(compute) * label_rows, axis=-1)
-    if bias is not None:
-        label_logit = label_logit + jnp.take(bias, target).astype(compute)
-    label_logit = _temper(config, inputs, _cap(config, label_logit))
-    return Chunk(start, fresh, hidden, target, logits, label_logit, label_rows)
+    local_max, label_logit = xla_cpu.max_and_label_column(
+        logits, label_mask(target, logits.shape[-1])
+    )
+    label_logit = vocab_sum(config, label_logit)
+    return Chunk(start, fresh, hidden, target, logits, local_max, label_logit)
 
 
-def _temper(config: Config, inputs: Inputs, x: jax.Array) -> jax.Array:
-    """The logits divided by the temperature, if any."""
-    return x / inputs.temperature if config.temperature else x
+def _temperature(config: Config, inputs: Inputs) -> Any:
+    """The temperature, None when it is not set."""
+    return inputs.temperature if config.temperature else None
+
+
+def soften(config: Config, inputs: Inputs, logits: jax.Array) -> jax.Array:
+    """The soft cap and the temperature, if any (`_formulas.soften`)."""
+    return _formulas.soften(logits, config.softcap, _temperature(config, inputs))
 
 
 class RowLoss(NamedTuple):
@@ -247,8 +233,12 @@ def row_loss(
     vocab = config.num_classes(local_vocab)
     # lse = m + log sum_j exp(x_j - m) with m the row max: no exp overflows, and
     # -log p_y = log sum_j exp(x_j - m) - (x_y - m) has no lse - x_y cancellation.
-    local_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    row_max = vocab_max(config, local_max)
+    row_max, exps, sum_exp = _formulas.shifted_exponentials(
+        logits,
+        functools.partial(vocab_max, config),
+        functools.partial(vocab_sum, config),
+        chunk.local_max,
+    )
     # sum_c -log p_c = V log sum_j exp(x_j - m) - sum_c (x_c - m)
     shifted_sum = None
     if config.smoothing:
@@ -257,17 +247,15 @@ def row_loss(
         if real is not None:
             shifted = jnp.where(real[None, :], shifted, 0)
         shifted_sum = vocab_sum(config, jnp.sum(shifted, axis=-1))
-    exps = jnp.exp(logits - row_max)
-    sum_exp = vocab_sum(config, jnp.sum(exps, axis=-1))
-    log_normalizer = jnp.log(sum_exp)
+    log_normalizer = _formulas.log_of_total(sum_exp)
     nll = log_normalizer - (chunk.label_logit - row_max[:, 0])
     log_partition = log_normalizer + row_max[:, 0]
     loss, smooth = nll, None
     if shifted_sum is not None:
         smooth = vocab * log_normalizer - shifted_sum
-        loss = _integer_labels.mix(nll, smooth, None, inputs.smoothing, vocab)
+        loss = _integer_labels.mix(nll, smooth, inputs.smoothing, vocab)
     if config.z_loss:
-        loss = loss + _closed_form.z_loss_term(inputs.z_coefficient, log_partition)
+        loss = loss + _formulas.z_loss_term(inputs.z_coefficient, log_partition)
     expected = None
     if mean_shifted or config.aux:
         # sum_c p_c (x_c - m) = sum_c e_c log e_c / sum_c e_c with e = exp(x - m),
@@ -281,11 +269,18 @@ def row_loss(
             # The first class of the largest logit: the lowest index among the
             # shards that hold the row maximum.
             offset = jax.lax.axis_index(config.axis_name) * local_vocab
-            candidate = jnp.where(local_max[:, 0] == row_max[:, 0], argmax + offset, vocab)
+            candidate = jnp.where(chunk.local_max[:, 0] == row_max[:, 0], argmax + offset, vocab)
             argmax = jax.lax.pmin(candidate, config.axis_name)
     return RowLoss(
         loss, nll, smooth, exps, sum_exp, row_max, log_partition, shifted_sum, expected, argmax
     )
+
+
+def _smoothing(config: Config, inputs: Inputs, local_vocab: int) -> tuple[Any, Any]:
+    """``(1 - eps, eps / V)``, the label's and every class's weight (``(1, 0)`` without smoothing)."""
+    if not config.smoothing:
+        return 1, 0
+    return _formulas.smoothing_coefficients(inputs.smoothing, config.num_classes(local_vocab))
 
 
 def _temperature_derivative(
@@ -302,13 +297,13 @@ def _temperature_derivative(
     row_max = losses.row_max[:, 0]
     p_term = row_max + losses.mean_shifted
     if config.z_loss:
-        p_term = p_term * (1 + 2 * inputs.z_coefficient * losses.log_partition)
-    label_term = chunk.label_logit
+        p_term = p_term * (1 + _formulas.z_loss_slope(inputs.z_coefficient, losses.log_partition))
+    on_label, per_class = _smoothing(config, inputs, chunk.logits.shape[-1])
+    label_term = on_label * chunk.label_logit
     if config.smoothing:
         assert losses.shifted_sum is not None
         vocab = config.num_classes(chunk.logits.shape[-1])
-        label_term = (1 - inputs.smoothing) * label_term
-        p_term = p_term - (inputs.smoothing / vocab) * (losses.shifted_sum + vocab * row_max)
+        p_term = p_term - per_class * (losses.shifted_sum + vocab * row_max)
     return -(p_term - label_term) / inputs.temperature
 
 
@@ -423,7 +418,7 @@ class Gradients(NamedTuple):
     bias: jax.Array | None  # [V]
 
 
-class Coefficients(NamedTuple):
+class ChunkCoefficients(NamedTuple):
     """Per-row coefficients of a chunk's logit gradient (rows weighted by the reduction)."""
 
     row_scale: jax.Array  # [C, 1] weight (1 + 2 z lse) / sum exps: times exps, p's term
@@ -433,19 +428,17 @@ class Coefficients(NamedTuple):
 
 def _coefficients(
     config: Config, inputs: Inputs, chunk: Chunk, losses: RowLoss, weights: jax.Array
-) -> Coefficients:
-    vocab = config.num_classes(chunk.logits.shape[-1])
+) -> ChunkCoefficients:
     scale = weights
     if config.z_loss:
-        scale = scale * (1 + 2 * inputs.z_coefficient * losses.log_partition)
-    label = weights
-    if config.smoothing:
-        label = (1 - inputs.smoothing) * weights
+        scale = scale * (1 + _formulas.z_loss_slope(inputs.z_coefficient, losses.log_partition))
+    on_label, per_class = _smoothing(config, inputs, chunk.logits.shape[-1])
+    label = on_label * weights
     chain = _logit_chain(config, inputs, chunk.label_logit)
     if chain is not None:
         label = label * chain
-    offset = (inputs.smoothing / vocab) * weights[:, None]
-    return Coefficients((scale / losses.sum_exp)[:, None], offset, label)
+    offset = per_class * weights[:, None]
+    return ChunkCoefficients((scale / losses.sum_exp)[:, None], offset, label)
 
 
 def _dense_gradient(
@@ -453,7 +446,7 @@ def _dense_gradient(
     inputs: Inputs,
     exps: jax.Array,
     logits: jax.Array,
-    coefficients: Coefficients,
+    coefficients: ChunkCoefficients,
     real: jax.Array | None,
 ) -> jax.Array:
     """The gradient w.r.t. the logit columns ``logits``, all but the one-hot term.
@@ -674,10 +667,9 @@ def _gradients_blocked(
     # The one-hot term, -coefficients.label at (row, label).
     label = coefficients.label
     if wants.hidden:
-        assert blocks.hidden is not None and chunk.label_rows is not None
-        totals = _store_hidden(
-            config, totals, chunk, blocks.hidden - label[:, None] * chunk.label_rows
-        )
+        assert blocks.hidden is not None
+        label_rows = jnp.take(inputs.weight, chunk.target, axis=0).astype(compute)
+        totals = _store_hidden(config, totals, chunk, blocks.hidden - label[:, None] * label_rows)
     if wants.weight:
         assert blocks.weight is not None
         totals = totals._replace(
@@ -865,18 +857,18 @@ def _tile(
     x = jax.lax.dot_general(hidden, w_block, _CONTRACT_DIM, preferred_element_type=compute)
     if inputs.bias is not None:
         x = x + jax.lax.dynamic_slice_in_dim(inputs.bias, v_start, block).astype(compute)[None, :]
-    x = _temper(config, inputs, _cap(config, x))
+    x = soften(config, inputs, x)
     lse = jax.lax.dynamic_slice_in_dim(log_partition, start, config.chunk)
-    p = jnp.exp(x - lse[:, None])
+    p = _formulas.probabilities(x, lse[:, None])
     if config.z_loss:
-        p = p * (1 + 2 * inputs.z_coefficient * lse)[:, None]
+        p = p * (1 + _formulas.z_loss_slope(inputs.z_coefficient, lse))[:, None]
     target = jax.lax.dynamic_slice_in_dim(inputs.target, start, config.chunk) - v_start
     if config.axis_name is not None:
         target = target - jax.lax.axis_index(config.axis_name) * vocab
-    label = 1 - inputs.smoothing if config.smoothing else 1
-    g = p - jnp.where(label_mask(target, block), label, 0)
+    on_label, per_class = _smoothing(config, inputs, vocab)
+    g = p - jnp.where(label_mask(target, block), on_label, 0)
     if config.smoothing:
-        g = g - inputs.smoothing / config.num_classes(vocab)
+        g = g - per_class
     chain = _logit_chain(config, inputs, x)
     if chain is not None:
         g = g * chain

@@ -8,11 +8,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from jaxce import _checks, _integer_labels
-from jaxce._linear.plan import LinearCrossEntropyPlan, plan_linear_cross_entropy
+from jaxce._linear.options import Options
+from jaxce._linear.plan import plan_linear_cross_entropy
+from jaxce._reduce import Reduction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,7 @@ class Inputs(NamedTuple):
     temperature: jax.Array  # the logits' divisor (1 without one), in the compute dtype
 
 
-class Prepared(NamedTuple):
+class PreparedCall(NamedTuple):
     """One call, checked: its configuration (None without tokens), inputs and label rule."""
 
     config: Config | None
@@ -74,31 +75,20 @@ class Prepared(NamedTuple):
     compute: Any  # the dtype of the logits and of every accumulation
     labels_shape: tuple[int, ...]
     token_weights: jax.Array | None  # [N], shifted like the labels
-    return_aux: bool
+    options: Options
 
 
-def prepare(
+def prepare_call(
     hidden: ArrayLike,
     weight: ArrayLike,
     labels: ArrayLike,
-    *,
     bias: ArrayLike | None,
-    ignore_index: int | None,
-    label_smoothing: ArrayLike,
-    z_loss: ArrayLike,
-    softcap: float | None,
-    shift: int,
-    chunk_size: int | None,
-    plan: LinearCrossEntropyPlan | None,
-    reduction: str,
-    temperature: ArrayLike | None = None,
-    token_weights: ArrayLike | None = None,
-    vocab_size: int | None = None,
-    return_aux: bool = False,
+    options: Options,
+    *,
     axis_name: Hashable | None = None,
     total: Callable[[jax.Array], jax.Array] = jnp.sum,
-) -> Prepared:
-    """Checks the arguments and flattens the tokens; no work on the logits.
+) -> PreparedCall:
+    """Checks the arrays against the options and flattens the tokens; no work on the logits.
 
     With ``axis_name`` (inside ``shard_map``), ``weight`` is this device's
     slice of the classes along that mesh axis and ``labels`` are global;
@@ -109,43 +99,68 @@ def prepare(
     weight = _checks.as_float_array(weight, "weight")
     labels = _checks.as_integer_labels(labels)
     bias = _checks.optional_float(bias, "bias")
-    _integer_labels.check_options(reduction, label_smoothing, z_loss, ignore_index)
-    _check_arguments(hidden, weight, labels, bias, softcap, shift, chunk_size)
-    temperature_valid = check_temperature(temperature)
-    if token_weights is not None:
-        token_weights = _checks.as_float_array(token_weights, "token_weights")
-        if token_weights.shape != labels.shape:
-            raise ValueError(
-                f"`token_weights` must have the shape of `labels`, {labels.shape} (one "
-                f"weight per token, aligned with the labels), got {token_weights.shape}."
-            )
-    if not isinstance(return_aux, bool):
-        raise TypeError(f"`return_aux` must be True or False, got {return_aux!r}.")
-    if plan is not None and not isinstance(plan, LinearCrossEntropyPlan):
-        raise TypeError(
-            "`plan` must be a LinearCrossEntropyPlan from "
-            f"`jaxce.plan_linear_cross_entropy`, got {type(plan).__name__}."
-        )
-    if plan is not None and chunk_size is not None:
-        raise ValueError(
-            "Pass `chunk_size` or `plan`, not both (`chunk_size` is a shortcut for a "
-            "plan's chunk size)."
-        )
-
+    _check_arrays(hidden, weight, labels, bias, options)
     compute = jnp.result_type(_checks.compute_dtype(hidden), _checks.compute_dtype(weight))
     matmul_dtype = jnp.result_type(hidden.dtype, weight.dtype)
     hidden, weight = hidden.astype(matmul_dtype), weight.astype(matmul_dtype)
     vocab, dim = weight.shape  # this device's classes
     num_shards = 1 if axis_name is None else jax.lax.axis_size(axis_name)
-    check_vocab_size(vocab_size, vocab * num_shards)
-    num_classes = vocab * num_shards if vocab_size is None else vocab_size
-    labels_shape = labels.shape
+    check_vocab_size(options.vocab_size, vocab * num_shards)
+    num_classes = vocab * num_shards if options.vocab_size is None else options.vocab_size
 
-    position_counts = None
+    shifted = _shift_labels(labels, options)
+    rule = _integer_labels.label_rule(
+        shifted.labels,
+        num_classes,
+        class_weight=None,
+        ignore_index=options.ignore_index,
+        row_included=shifted.positions,
+        label_smoothing=options.label_smoothing,
+        z_loss=options.z_loss,
+    )
+    options_valid = _checks.all_valid(rule.options_valid, options.temperature_valid())
+    rule = rule._replace(options_valid=options_valid)
+    token_weights = None
+    if shifted.token_weights is not None:
+        token_weights = shifted.token_weights.astype(compute)
+    flat_hidden = hidden.reshape(-1, dim)
+    num_tokens = flat_hidden.shape[0]
+    config = None
+    if num_tokens:
+        config = _config(options, num_tokens, dim, vocab, matmul_dtype, axis_name, num_shards)
+    inputs = Inputs(
+        hidden=flat_hidden,
+        weight=weight,
+        bias=bias,
+        target=jnp.clip(shifted.labels, 0, num_classes - 1).astype(jnp.int32),
+        row_weight=_row_weights(rule, token_weights, options.reduction, compute, total),
+        smoothing=jnp.asarray(options.label_smoothing, compute),
+        z_coefficient=jnp.asarray(options.z_loss, compute),
+        temperature=jnp.asarray(
+            1.0 if options.temperature is None else options.temperature, compute
+        ),
+    )
+    return PreparedCall(config, inputs, rule, compute, labels.shape, token_weights, options)
+
+
+class _ShiftedLabels(NamedTuple):
+    """The flattened labels (and token weights) each position predicts."""
+
+    labels: jax.Array  # [N]
+    token_weights: jax.Array | None  # [N]
+    positions: jax.Array | None  # [N] False at the last k positions with shift=k; None: all
+
+
+def _shift_labels(labels: jax.Array, options: Options) -> _ShiftedLabels:
+    """Position ``t`` takes label ``t + k``; the last ``k`` positions predict nothing.
+
+    The labels are shifted, not ``hidden`` (which slicing would copy); the last
+    ``k`` positions get the valid label 0 and are left out of the count.
+    """
+    shift = options.shift
+    token_weights = None if options.token_weights is None else jnp.asarray(options.token_weights)
+    positions = None
     if shift:
-        # Shift the labels, not `hidden` (which slicing would copy): position t
-        # takes label t + k, and the last k positions (padded with the valid
-        # label 0) are left out.
         labels = jnp.concatenate(
             [labels[..., shift:], jnp.zeros_like(labels[..., :shift])], axis=-1
         )
@@ -153,79 +168,75 @@ def prepare(
             token_weights = jnp.concatenate(
                 [token_weights[..., shift:], jnp.zeros_like(token_weights[..., :shift])], axis=-1
             )
-        position_counts = jnp.arange(labels.shape[-1]) < labels.shape[-1] - shift
-        position_counts = jnp.broadcast_to(position_counts, labels.shape).reshape(-1)
-    labels = labels.reshape(-1)
-    rule = _integer_labels.label_rule(
-        labels,
-        num_classes,
-        class_weight=None,
-        ignore_index=ignore_index,
-        row_included=position_counts,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-    )
-    rule = rule._replace(options_valid=_checks.all_valid(rule.options_valid, temperature_valid))
-    target = jnp.clip(labels, 0, num_classes - 1).astype(jnp.int32)
-    flat_hidden = hidden.reshape(-1, dim)
-    num_tokens = flat_hidden.shape[0]
-    # Without class weights the cross-entropy and z-loss terms of a token are
-    # scaled alike: 1 for a counted token, or 1 / (number counted) for "mean".
-    # Token weights scale both; "mean" then divides by their sum over the
-    # counted tokens (as for class weights).
-    flat_weights = None
+        positions = jnp.arange(labels.shape[-1]) < labels.shape[-1] - shift
+        positions = jnp.broadcast_to(positions, labels.shape).reshape(-1)
+    flat_weights = None if token_weights is None else jnp.reshape(token_weights, -1)
+    return _ShiftedLabels(labels.reshape(-1), flat_weights, positions)
+
+
+def _row_weights(
+    rule: _integer_labels.LabelRule,
+    token_weights: jax.Array | None,
+    reduction: Reduction,
+    compute: Any,
+    total: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+    """``[N]``: what each token's loss is multiplied by in the reduced sum.
+
+    Without class weights the cross-entropy and z-loss terms of a token are
+    scaled alike: 1 for a counted token, or 1 / (number counted) for "mean".
+    Token weights scale both; "mean" then divides by their sum over the
+    counted tokens (as for class weights).
+    """
     if token_weights is not None:
-        flat_weights = token_weights.reshape(-1).astype(compute)
-        rule = rule._replace(label_weight=flat_weights)
+        rule = rule._replace(label_weight=token_weights)
     row_weight = _integer_labels.gradient_scales(rule, reduction, compute, total).cross_entropy
-    if flat_weights is not None:
-        row_weight = row_weight * flat_weights
+    return row_weight if token_weights is None else row_weight * token_weights
 
-    config = None
-    bfloat16 = matmul_dtype == jnp.bfloat16
-    if num_tokens:
-        if plan is None:
-            plan = plan_linear_cross_entropy(
-                num_tokens, dim, vocab, matmul_dtype, reduction=reduction
-            )
-        config = Config(
-            num_tokens=num_tokens,
-            chunk=min(plan.chunk_size if chunk_size is None else chunk_size, num_tokens),
-            vocab_block=min(plan.vocab_block, vocab),
-            softcap=None if softcap is None else float(softcap),
-            smoothing=not _checks.is_concrete_zero(label_smoothing),
-            z_loss=not _checks.is_concrete_zero(z_loss),
-            axis_name=axis_name,
-            num_shards=num_shards,
-            temperature=temperature is not None,
-            vocab_size=None if vocab_size == vocab * num_shards else vocab_size,
-            aux=return_aux,
-            bfloat16_products=bfloat16 and plan.gradient_products == "bfloat16",
-            split_weight_product=bfloat16
-            and plan.gradient_products == "split"
-            and plan.platform != "cpu",
+
+def _config(
+    options: Options,
+    num_tokens: int,
+    dim: int,
+    vocab: int,
+    matmul_dtype: Any,
+    axis_name: Hashable | None,
+    num_shards: int,
+) -> Config:
+    """The trace-time configuration: the plan's chunk and block, and which options are on."""
+    plan = options.plan
+    if plan is None:
+        plan = plan_linear_cross_entropy(
+            num_tokens, dim, vocab, matmul_dtype, reduction=options.reduction
         )
-    inputs = Inputs(
-        hidden=flat_hidden,
-        weight=weight,
-        bias=bias,
-        target=target,
-        row_weight=row_weight,
-        smoothing=jnp.asarray(label_smoothing, compute),
-        z_coefficient=jnp.asarray(z_loss, compute),
-        temperature=jnp.asarray(1.0 if temperature is None else temperature, compute),
+    chunk = plan.chunk_size if options.chunk_size is None else options.chunk_size
+    bfloat16 = matmul_dtype == jnp.bfloat16
+    vocab_size = options.vocab_size
+    return Config(
+        num_tokens=num_tokens,
+        chunk=min(chunk, num_tokens),
+        vocab_block=min(plan.vocab_block, vocab),
+        softcap=None if options.softcap is None else float(options.softcap),
+        smoothing=not _checks.is_concrete_zero(options.label_smoothing),
+        z_loss=not _checks.is_concrete_zero(options.z_loss),
+        axis_name=axis_name,
+        num_shards=num_shards,
+        temperature=options.temperature is not None,
+        vocab_size=None if vocab_size == vocab * num_shards else vocab_size,
+        aux=options.return_aux,
+        bfloat16_products=bfloat16 and plan.gradient_products == "bfloat16",
+        split_weight_product=bfloat16
+        and plan.gradient_products == "split"
+        and plan.platform != "cpu",
     )
-    return Prepared(config, inputs, rule, compute, labels_shape, flat_weights, return_aux)
 
 
-def _check_arguments(
+def _check_arrays(
     hidden: jax.Array,
     weight: jax.Array,
     labels: jax.Array,
     bias: jax.Array | None,
-    softcap: Any,
-    shift: Any,
-    chunk_size: Any,
+    options: Options,
 ) -> None:
     if hidden.ndim < 1:
         raise ValueError("`hidden` must have shape [..., D], got a scalar.")
@@ -247,44 +258,19 @@ def _check_arguments(
         )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"`bias` must have shape ({weight.shape[0]},), got {bias.shape}.")
-    check_softcap(softcap)
-    check_shift(shift, labels.shape)
-    if chunk_size is not None and (
-        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-    ):
-        raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
-
-
-def check_softcap(softcap: Any) -> None:
-    if softcap is not None and (
-        isinstance(softcap, (jax.core.Tracer, bool))
-        or not isinstance(softcap, (int, float))
-        or not softcap > 0
-        or softcap == float("inf")
-    ):
+    token_weights = options.token_weights
+    if token_weights is not None and jnp.shape(token_weights) != labels.shape:
         raise ValueError(
-            f"`softcap` must be a positive, finite Python float or None, got {softcap!r}."
+            f"`token_weights` must have the shape of `labels`, {labels.shape} (one "
+            f"weight per token, aligned with the labels), got {jnp.shape(token_weights)}."
         )
-
-
-def check_temperature(temperature: Any) -> jax.Array | None:
-    """A positive, finite temperature: raises if concrete, else the validity flag (traced)."""
-    if temperature is None:
-        return None
-    if isinstance(temperature, jax.core.Tracer):
-        _checks.check_scalar(temperature, "temperature")
-        valid = (temperature > 0) & jnp.isfinite(temperature)
-        _checks.check_values(valid, temperature, "temperature", "positive and finite")
-        return valid
-    try:
-        value = np.asarray(temperature, np.float64)
-    except (TypeError, ValueError):
-        value = np.asarray(np.nan)
-    if value.ndim != 0 or not 0 < value < np.inf:
+    shift = options.shift
+    if shift and (not labels.shape or labels.shape[-1] <= shift):
         raise ValueError(
-            f"`temperature` must be a positive, finite scalar or None, got {temperature!r}."
+            f"`shift={shift}` needs `hidden` of shape [..., T, D] and `labels` [..., T] "
+            f"with T > {shift} (position t predicts label t + {shift}); got `labels` of "
+            f"shape {labels.shape}."
         )
-    return None
 
 
 def check_vocab_size(vocab_size: Any, rows: int) -> None:
@@ -299,16 +285,4 @@ def check_vocab_size(vocab_size: Any, rows: int) -> None:
         raise ValueError(
             f"`vocab_size` must be an int in [1, {rows}] (the rows of `weight`; the rows "
             f"past it are padding) or None, got {vocab_size!r}."
-        )
-
-
-def check_shift(shift: Any, labels_shape: tuple[int, ...]) -> None:
-    """``shift = k >= 0``: position ``t`` predicts label ``t + k``, so ``T > k``."""
-    if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
-        raise ValueError(f"`shift` must be a non-negative int, got {shift!r}.")
-    if shift and (not labels_shape or labels_shape[-1] <= shift):
-        raise ValueError(
-            f"`shift={shift}` needs `hidden` of shape [..., T, D] and `labels` [..., T] "
-            f"with T > {shift} (position t predicts label t + {shift}); got `labels` of "
-            f"shape {labels_shape}."
         )

@@ -6,8 +6,8 @@ one program's registers or shared memory), upcasting each block to float32:
 
 - forward: one read of the row. An online log-sum-exp keeps the running
   maximum ``M`` and ``S = sum_c exp(x_c - m)`` for the finite shift ``m``
-  (``M``, or 0 where ``M`` is infinite, as in `jaxce._closed_form`); when the
-  shift grows from ``m`` to ``m'``, ``S <- S exp(m - m') + sum_block exp(x - m')``.
+  (`jaxce._formulas.finite_shift`); when the shift moves from ``m`` to ``m'``,
+  ``S <- S exp(m - m') + sum_block exp(x - m')`` (`jaxce._formulas.online_total`).
   With label smoothing it also keeps ``T = sum_c w_c (x_c - m)`` and the
   weight seen so far ``W``: ``T <- T - (m' - m) W + sum_block w (x - m')``,
   every term of one sign for ``w >= 0``, so nothing cancels. It writes four
@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
+
+from jaxce import _formulas
 
 # Logits read by one program per loop step: 4096 float32 or 8192 bfloat16 /
 # float16, so 16 bytes per thread per load at 8 warps. A guess for Hopper until
@@ -72,24 +74,18 @@ class RowSpec:
     """The static shape of one launch.
 
     ``smoothing``: None (no smoothing term), ``"uniform"`` (every class weight
-    1) or ``"weighted"`` (a ``[C]`` class-weight input). ``zero_times_inf``: a
-    zero class weight on a ``-inf`` logit contributes 0 to the smoothing term
-    (the rule of rows under a ``where`` mask), else NaN (PyTorch's product).
+    1) or ``"weighted"`` (a ``[C]`` class-weight input). Every class of a row
+    takes part (a ``where`` mask reaches the kernels per row only), so a zero
+    class weight on a ``-inf`` logit is NaN, as PyTorch's product.
     """
 
     num_classes: int
     config: KernelConfig
     smoothing: Smoothing | None
-    zero_times_inf: bool
 
     @property
     def num_blocks(self) -> int:
         return pl.cdiv(self.num_classes, self.config.block_classes)
-
-
-def finite_shift(row_max: jax.Array) -> jax.Array:
-    """The running maximum as a shift: 0 while it is infinite, so ``x - shift`` is never ``inf - inf``."""
-    return jnp.where(jnp.isinf(row_max), jnp.zeros_like(row_max), row_max)
 
 
 class _Block(NamedTuple):
@@ -134,9 +130,9 @@ def _smoothing_sums(
         width = spec.config.block_classes
         existing = jnp.clip(spec.num_classes - block.start, 0, width).astype(jnp.float32)
         return jnp.sum(jnp.where(block.valid, block.x - shift, 0.0)), existing
-    # Padding has weight 0 and a -inf logit: kept out of the product either way.
-    keep = weights != 0 if spec.zero_times_inf else block.valid
-    return jnp.sum(jnp.where(keep, weights * (block.x - shift), 0.0)), jnp.sum(weights)
+    # Padding (weight 0, a -inf logit) takes no part; every class of the row does.
+    products = _formulas.weighted_terms(weights, block.x - shift, block.valid)
+    return jnp.sum(products), jnp.sum(weights)
 
 
 def _forward_step(
@@ -144,10 +140,10 @@ def _forward_step(
 ) -> _Running:
     block = _Block.load(x_ref, index, spec)
     new_max = jnp.maximum(run.max, jnp.max(block.x))
-    shift, new_shift = finite_shift(run.max), finite_shift(new_max)
-    # Every exp(x - new_shift) is at most 1 (no overflow), and the rescaling
-    # factor exp(shift - new_shift) is at most 1 while the shift only grows.
-    total = run.total * jnp.exp(shift - new_shift) + jnp.sum(jnp.exp(block.x - new_shift))
+    shift, new_shift = _formulas.finite_shift(run.max), _formulas.finite_shift(new_max)
+    # Every exp(x - new_shift) is at most 1 (no overflow).
+    total = _formulas.online_total(run.total, shift, new_shift)
+    total = total + jnp.sum(jnp.exp(block.x - new_shift))
     if spec.smoothing is None:
         return _Running(new_max, total, run.shifted, run.weight)
     block_shifted, block_weight = _smoothing_sums(
@@ -167,9 +163,8 @@ def _forward_kernel(x_ref: Any, label_ref: Any, *refs: Any, spec: RowSpec) -> No
         functools.partial(_forward_step, x_ref, weight_ref, spec),
         _Running(jnp.float32(-jnp.inf), zero, zero, zero),
     )
-    shift = finite_shift(run.max)
-    # log(0) = -inf for a row of -inf logits, as `_closed_form.log_of_total`.
-    log_normalizer = jnp.log(run.total)
+    shift = _formulas.finite_shift(run.max)
+    log_normalizer = _formulas.log_of_total(run.total)
     label_logit = x_ref[label_ref[...]].astype(jnp.float32)
     outputs[0][...] = shift
     outputs[1][...] = log_normalizer
@@ -195,9 +190,7 @@ def _backward_kernel(
     dx_ref = refs[-1]
     label = label_ref[...]
     shift = shift_ref[...]
-    # p = exp((x - m) - L); a row of -inf logits (L = -inf) has p = 0.
     log_normalizer = log_normalizer_ref[...]
-    log_normalizer = jnp.where(log_normalizer == -jnp.inf, jnp.inf, log_normalizer)
     a = probability_ref[...]
     b = label_coefficient_ref[...]
     c = zero = jnp.float32(0)
@@ -210,7 +203,7 @@ def _backward_kernel(
     @pl.loop(0, spec.num_blocks)
     def _(index: jax.Array) -> None:
         block = _Block.load(x_ref, index, spec)
-        p = jnp.exp((block.x - shift) - log_normalizer)
+        p = _formulas.probabilities(block.x - shift, log_normalizer)
         dx = a * p - jnp.where(block.classes == label, b, zero)
         if spec.smoothing is not None:
             weights = block.weights(weight_ref, spec)
@@ -306,10 +299,11 @@ def forward_xla(
 ) -> list[jax.Array]:
     """What :func:`forward`'s kernel writes, with XLA operations (platforms without the kernel)."""
     x = logits.astype(jnp.float32)
-    shift = finite_shift(jnp.max(x, axis=-1))
-    shifted = x - shift[:, None]
-    log_normalizer = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
-    label_logit = jnp.take_along_axis(x, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    shift, _, total = _formulas.shifted_exponentials(x)
+    shifted = x - shift
+    shift = shift[:, 0]
+    log_normalizer = _formulas.log_of_total(total)
+    label_logit = _formulas.label_logit(x, labels)
     outputs = [shift, log_normalizer, log_normalizer - (label_logit - shift)]
     if spec.smoothing is None:
         return outputs
@@ -318,15 +312,14 @@ def forward_xla(
         weight = jnp.full_like(shift, spec.num_classes)
     else:
         assert class_weight is not None
-        keep = class_weight != 0 if spec.zero_times_inf else jnp.ones_like(class_weight, bool)
-        products = class_weight[None, :] * shifted
-        weighted_shifted = jnp.sum(jnp.where(keep[None, :], products, 0.0), axis=-1)
+        products = _formulas.weighted_terms(class_weight[None, :], shifted, None)
+        weighted_shifted = jnp.sum(products, axis=-1)
         weight = jnp.broadcast_to(jnp.sum(class_weight), shift.shape)
     smooth = jnp.where(weight != 0, log_normalizer, 0.0) * weight - weighted_shifted
     return [*outputs, smooth]
 
 
-class Coefficients(NamedTuple):
+class RowCoefficients(NamedTuple):
     """Per row, float32 ``[N]``: the gradient is ``probability p - label onehot(y) - weight w``."""
 
     probability: jax.Array
@@ -339,7 +332,7 @@ def backward(
     labels: jax.Array,
     shift: jax.Array,
     log_normalizer: jax.Array,
-    coefficients: Coefficients,
+    coefficients: RowCoefficients,
     class_weight: jax.Array | None,
     spec: RowSpec,
 ) -> jax.Array:
@@ -386,7 +379,7 @@ def _backward_xla_arrays(
     """:func:`backward_xla` from the kernel's argument list."""
     weight = rest[0] if spec.smoothing is not None else None
     class_weight = rest[1] if spec.smoothing == "weighted" else None
-    coefficients = Coefficients(probability, label, weight)
+    coefficients = RowCoefficients(probability, label, weight)
     return backward_xla(logits, labels, shift, log_normalizer, coefficients, class_weight, spec)
 
 
@@ -395,14 +388,13 @@ def backward_xla(
     labels: jax.Array,
     shift: jax.Array,
     log_normalizer: jax.Array,
-    coefficients: Coefficients,
+    coefficients: RowCoefficients,
     class_weight: jax.Array | None,
     spec: RowSpec,
 ) -> jax.Array:
     """What :func:`backward`'s kernel writes, with XLA operations (platforms without the kernel)."""
     x = logits.astype(jnp.float32)
-    log_normalizer = jnp.where(log_normalizer == -jnp.inf, jnp.inf, log_normalizer)
-    p = jnp.exp((x - shift[:, None]) - log_normalizer[:, None])
+    p = _formulas.probabilities(x - shift[:, None], log_normalizer[:, None])
     a, b = coefficients.probability[:, None], coefficients.label[:, None]
     classes = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
     dx = a * p - jnp.where(classes == labels[:, None], b, 0.0)

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _integer_labels
+from jaxce import _checks, _formulas, _integer_labels
 from jaxce._pallas import kernels
+from jaxce._reduce import Reduction
 
 
 def runs_kernel(logits: jax.Array, mask: jax.Array | None) -> bool:
@@ -43,14 +44,20 @@ def runs_kernel(logits: jax.Array, mask: jax.Array | None) -> bool:
     return logits.dtype != jnp.float64 and logits.size > 0 and not per_class_mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def softmax_terms(
-    logits: jax.Array, labels: jax.Array, class_weight: jax.Array | None, spec: kernels.RowSpec
+    logits: jax.Array,
+    labels: jax.Array,
+    class_weight: jax.Array | None,
+    row_included: jax.Array | None,
+    spec: kernels.RowSpec,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """``(shift, log_normalizer, nll, smooth)``, float32 ``[N]``, of ``[N, C]`` logits.
 
     ``labels``: int32 ``[N]`` in ``[0, C)``; ``class_weight``: float32 ``[C]``
     for weighted smoothing, else None; ``smooth`` is None without smoothing.
+    ``row_included``: bool ``[N]``, False for rows a ``where`` mask excludes
+    (None: all), whose classes take no part in the class weights' gradient.
     """
     return _as_terms(kernels.forward(logits, labels, class_weight, spec))
 
@@ -61,15 +68,19 @@ def _as_terms(outputs: list[jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array
 
 
 def _softmax_terms_forward(
-    logits: jax.Array, labels: jax.Array, class_weight: jax.Array | None, spec: kernels.RowSpec
+    logits: jax.Array,
+    labels: jax.Array,
+    class_weight: jax.Array | None,
+    row_included: jax.Array | None,
+    spec: kernels.RowSpec,
 ) -> tuple[Any, Any]:
     terms = _as_terms(kernels.forward(logits, labels, class_weight, spec))
     shift, log_normalizer, _, _ = terms
-    return terms, (logits, labels, class_weight, shift, log_normalizer)
+    return terms, (logits, labels, class_weight, row_included, shift, log_normalizer)
 
 
 def _softmax_terms_backward(spec: kernels.RowSpec, residuals: Any, cotangents: Any) -> Any:
-    logits, labels, class_weight, shift, log_normalizer = residuals
+    logits, labels, class_weight, row_included, shift, log_normalizer = residuals
     # The shift is a constant (tangent 0, as in `_closed_form`): its cotangent plays no part.
     _, d_log_normalizer, d_nll, d_smooth = cotangents
     # The row's gradient: d_L p + d_nll (p - onehot(y)) + d_smooth (p W - w), W = sum_c w_c.
@@ -79,7 +90,7 @@ def _softmax_terms_backward(spec: kernels.RowSpec, residuals: Any, cotangents: A
             jnp.float32(spec.num_classes) if class_weight is None else jnp.sum(class_weight)
         )
         on_probability = on_probability + d_smooth * total_weight
-    coefficients = kernels.Coefficients(
+    coefficients = kernels.RowCoefficients(
         on_probability, d_nll, None if spec.smoothing is None else d_smooth
     )
     d_logits = kernels.backward(
@@ -88,9 +99,9 @@ def _softmax_terms_backward(spec: kernels.RowSpec, residuals: Any, cotangents: A
     d_class_weight = None
     if class_weight is not None:
         d_class_weight = _class_weight_gradient(
-            logits, shift, log_normalizer, d_smooth, class_weight, spec.zero_times_inf
+            logits, shift, log_normalizer, d_smooth, row_included
         )
-    return d_logits, None, d_class_weight
+    return d_logits, None, d_class_weight, None
 
 
 def _class_weight_gradient(
@@ -98,8 +109,7 @@ def _class_weight_gradient(
     shift: jax.Array,
     log_normalizer: jax.Array,
     d_smooth: jax.Array,
-    class_weight: jax.Array,
-    zero_times_inf: bool,
+    row_included: jax.Array | None,
 ) -> jax.Array:
     """``sum_n d_smooth_n (-log p_nc)``, the smoothing term's gradient in the class weights.
 
@@ -107,11 +117,8 @@ def _class_weight_gradient(
     respect to ``weight`` uses it (under ``jit``, XLA drops it otherwise).
     """
     neg_log_p = log_normalizer[:, None] - (logits.astype(jnp.float32) - shift[:, None])
-    terms = d_smooth[:, None] * neg_log_p
-    if zero_times_inf:
-        # 0 log 0 = 0: a zero weight on a -inf logit, as in the value.
-        terms = jnp.where((class_weight[None, :] != 0) | jnp.isfinite(neg_log_p), terms, 0)
-    return jnp.sum(terms, axis=0)
+    included = None if row_included is None else row_included[:, None]
+    return jnp.sum(_formulas.weighted_terms(d_smooth[:, None], neg_log_p, included), axis=0)
 
 
 softmax_terms.defvjp(_softmax_terms_forward, _softmax_terms_backward)
@@ -126,7 +133,7 @@ def integer_label_loss(
     ignore_index: int | None,
     label_smoothing: ArrayLike,
     z_loss: ArrayLike,
-    reduction: str,
+    reduction: Reduction,
 ) -> jax.Array:
     """`jaxce._softmax.integer_label_loss` with the per-row terms from the kernels.
 
@@ -143,7 +150,6 @@ def integer_label_loss(
         num_classes,
         kernels.kernel_config(logits.dtype, num_classes),
         smoothing,
-        zero_times_inf=row_included is not None,
     )
     # Out-of-range labels are NaN (or ignored) by `_integer_labels`' rule; the
     # kernels read a class in range either way.
@@ -152,6 +158,7 @@ def integer_label_loss(
         logits.reshape(-1, num_classes),
         kernel_labels,
         class_weight if smoothing == "weighted" else None,
+        None if row_included is None else row_included.reshape(-1),
         spec,
     )
     shift, log_normalizer, nll, smooth = terms
