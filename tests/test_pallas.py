@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_normwise_close, half_precision_output_bound
+from helpers import REDUCTIONS, assert_normwise_close, half_precision_output_bound
 from jax._src.ad_checkpoint import saved_residuals
 
 import jaxce
@@ -220,7 +220,7 @@ def test_rows_far_below_zero_and_rows_of_minus_inf(small_blocks: None, smoothing
     x[4, 200:] = -np.inf
     labels = np.array([0, 7, 250, 3, 17])
     logits = jnp.asarray(x, jnp.float32)
-    for reduction in ("none", "sum", "mean"):
+    for reduction in REDUCTIONS:
         cotangent = np.linspace(0.5, 1.5, 5) if reduction == "none" else None
         options = {"reduction": reduction, "label_smoothing": smoothing}
         kernel = value_and_grad(logits, labels, cotangent, implementation="pallas", **options)
@@ -283,7 +283,7 @@ def test_invalid_labels_and_nan_logits_are_nan(small_blocks: None) -> None:
     def losses(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         return tuple(
             loss_fn(x, labels, reduction=reduction, implementation="pallas")
-            for reduction in ("none", "sum", "mean")
+            for reduction in REDUCTIONS
         )
 
     per_example, total, mean = losses(logits)

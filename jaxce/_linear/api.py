@@ -23,13 +23,20 @@ Aux = chunks.LinearCrossEntropyAux
 
 
 def _zero_tangents(aux: Aux | None) -> Aux | None:
-    """The aux's tangents: zeros (float0 for the integer argmax)."""
+    """The aux's tangents: zeros (float0 for the integer argmax).
+
+    Inside ``shard_map`` each zero varies over the mesh axes its primal varies
+    over (a batch axis), as JAX requires of a rule's tangents.
+    """
     if aux is None:
         return None
-    return Aux(
+    zeros = Aux(
         jnp.zeros_like(aux.logsumexp),
         jnp.zeros_like(aux.entropy),
         cast(jax.Array, np.zeros(aux.argmax.shape, jax.dtypes.float0)),
+    )
+    return Aux(
+        *(chunks.varying_like(zero, primal) for zero, primal in zip(zeros, aux, strict=True))
     )
 
 

@@ -60,7 +60,7 @@ def vocab_max(config: Config, partial: jax.Array) -> jax.Array:
     return partial if config.axis_name is None else jax.lax.pmax(partial, config.axis_name)
 
 
-def _varying_like(init: Any, *references: Any) -> Any:
+def varying_like(init: Any, *references: Any) -> Any:
     """``init`` (a loop's initial carry) typed as varying over every mesh axis the references vary over.
 
     Inside ``shard_map`` a loop's carry must keep its type: an accumulator
@@ -193,7 +193,7 @@ def chunk_logits(config: Config, inputs: Inputs, index: jax.Array, compute: Any)
     if real is not None:
         logits = jnp.where(real[None, :], logits, -jnp.inf)
     local_max, label_logit = xla_cpu.max_and_label_column(
-        logits, label_mask(target, logits.shape[-1])
+        logits, label_mask(target, logits.shape[-1]), index
     )
     label_logit = vocab_sum(config, label_logit)
     return Chunk(start, fresh, hidden, target, logits, local_max, label_logit)
@@ -339,7 +339,7 @@ def _empty_aux(config: Config, inputs: Inputs) -> LinearCrossEntropyAux | None:
         return None
     compute = inputs.row_weight.dtype
     floats = jnp.zeros((config.num_tokens,), compute)
-    return _varying_like(
+    return varying_like(
         LinearCrossEntropyAux(floats, floats, jnp.zeros((config.num_tokens,), jnp.int32)),
         _token_side(inputs),
     )
@@ -382,7 +382,7 @@ def weighted_loss(config: Config, inputs: Inputs) -> tuple[jax.Array, LinearCros
         total = total + _weighted_sum(_row_weights(config, inputs, chunk), losses.loss)
         return total, _chunk_aux(aux, chunk, losses)
 
-    init = (_varying_like(jnp.zeros((), compute), _token_side(inputs)), _empty_aux(config, inputs))
+    init = (varying_like(jnp.zeros((), compute), _token_side(inputs)), _empty_aux(config, inputs))
     return jax.lax.fori_loop(0, config.num_chunks, body, init)
 
 
@@ -576,7 +576,7 @@ def weighted_loss_and_grads(config: Config, inputs: Inputs, wants: Wants) -> Tot
 
     # The sums are per token (the same on every vocabulary shard); the
     # gradients are each shard's own.
-    total, smoothing, z_loss, temperature, token_losses = _varying_like(
+    total, smoothing, z_loss, temperature, token_losses = varying_like(
         (
             jnp.zeros((), compute),
             zeros(config.smoothing, ()),
@@ -586,7 +586,7 @@ def weighted_loss_and_grads(config: Config, inputs: Inputs, wants: Wants) -> Tot
         ),
         _token_side(inputs),
     )
-    hidden, weight, bias = _varying_like(
+    hidden, weight, bias = varying_like(
         (
             zeros(wants.hidden, (config.num_tokens, dim)),
             zeros(wants.weight, (vocab, dim)),
@@ -656,7 +656,7 @@ def _gradients_blocked(
         return _add_weight_and_bias(carry._replace(hidden=hidden), g, hidden_up, v_start)
 
     blocks = Gradients(
-        hidden=_varying_like(jnp.zeros((config.chunk, dim), compute), inputs)
+        hidden=varying_like(jnp.zeros((config.chunk, dim), compute), inputs)
         if wants.hidden
         else None,
         weight=totals.weight,
@@ -809,7 +809,7 @@ def per_token_forward(config: Config, inputs: Inputs, *, temperature: bool = Fal
         out = _put_rows(out._replace(aux=None), chunk.start, rows)
         return out._replace(aux=aux)
 
-    empty = _varying_like(jnp.zeros((config.num_tokens,), compute), _token_side(inputs))
+    empty = varying_like(jnp.zeros((config.num_tokens,), compute), _token_side(inputs))
     init = PerToken(
         empty,
         empty,
@@ -930,7 +930,7 @@ def per_token_tangent(
     if t_hidden is not None or t_weight is not None or t_bias is not None:
         tiles = jnp.arange(config.num_chunks * num_blocks)
         tangent, _ = jax.lax.scan(
-            step, _varying_like(tangent, inputs, t_hidden, t_weight, t_bias), tiles
+            step, varying_like(tangent, inputs, t_hidden, t_weight, t_bias), tiles
         )
         tangent = vocab_sum(config, tangent)
     t_smoothing = nonzero_tangent(tangents.smoothing, compute)

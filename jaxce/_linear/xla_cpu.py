@@ -39,8 +39,9 @@ def _take_rows_jvp(
     return take_rows(array, start, size), tangent
 
 
-@jax.custom_jvp
-def max_and_label_column(logits: jax.Array, label_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def max_and_label_column(
+    logits: jax.Array, label_mask: jax.Array, loop_index: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """The row maximum ``[C, 1]`` and ``logits[i, target[i]]`` ``[C]``, in one pass over the logits.
 
     The label column comes from the logits themselves, so it rounds as the
@@ -49,31 +50,17 @@ def max_and_label_column(logits: jax.Array, label_mask: jax.Array) -> tuple[jax.
     which keeps the logits alive beside their exponentials (two ``[C, V]``
     buffers instead of one); one variadic reduction with the maximum reads
     them before the exponential is written over them. The other columns are
-    zeroed by masking their bits, not by a select: XLA:CPU hoists the select's
-    broadcast zero out of the chunk loop as a ``[C, V]`` buffer of its own,
-    and a product with the one-hot mask would make ``0 * -inf`` NaN at
-    padding columns. The maximum is a shift (no tangent, as `_formulas.row_shift`
-    makes it); the label column's tangent is that of the logits at the label.
+    selected away with a zero made from ``loop_index`` (exactly 0): XLA:CPU
+    hoists a constant zero's ``[C, V]`` broadcast out of the chunk loop as a
+    buffer of its own, and a product with the one-hot mask would make
+    ``0 * -inf`` NaN at padding columns.
     """
     dtype = logits.dtype
-    bits_dtype = jnp.dtype(f"uint{8 * dtype.itemsize}")
-    bits = jax.lax.bitcast_convert_type(logits, bits_dtype)
-    keep = jnp.zeros((), bits_dtype) - label_mask.astype(bits_dtype)  # all ones at the label
-    at_label = jax.lax.bitcast_convert_type(bits & keep, dtype)
+    zero = loop_index.astype(dtype) * 0
     row_max, label = jax.lax.reduce(
-        (logits, at_label),
+        (logits, jnp.where(label_mask, logits, zero)),
         (jnp.array(-jnp.inf, dtype), jnp.array(0, dtype)),
         lambda x, y: (jnp.maximum(x[0], y[0]), x[1] + y[1]),
         (logits.ndim - 1,),
     )
     return row_max[..., None], label
-
-
-@max_and_label_column.defjvp
-def _max_and_label_column_jvp(
-    primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]
-) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-    logits, label_mask = primals
-    row_max, label = max_and_label_column(logits, label_mask)
-    t_label = jnp.sum(jnp.where(label_mask, tangents[0], 0), axis=-1)
-    return (row_max, label), (jnp.zeros_like(row_max), t_label)
