@@ -15,11 +15,117 @@ from jaxce._reduce import Reduction
 # PyTorch's BCELoss clamps each log at -100 so that p = 0 or 1 gives a finite loss.
 LOG_CLAMP = -100.0
 
+# A positive float32 subnormal is p = f 2^-126 with a fraction f = m 2^-23, its bits m an
+# integer in (0, 2^23). XLA:CPU (and GPU code built with flush-to-zero) reads a subnormal
+# operand as 0, so `log(p)` is -inf and `1 / p` is inf there, and `exp(-100)` (3.7e-44) is
+# itself 0; PyTorch takes the log of a subnormal (87.5 at p = 1e-38) and clamps only the log.
+# Subnormals are read from their bits instead: f is an exact normal float32. In float64
+# every subnormal lies far below e^-100 and is clamped.
+_FLOAT32_MIN_NORMAL_BITS = 0x00800000
+_FLOAT32_ONE_BITS = 0x3F800000
+_LOG_2_POW_126 = 126 * 0.6931471805599453
+
+
+def _float32_subnormal(p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Whether float32 ``p`` is a positive subnormal, and its fraction ``f = p 2^126`` there.
+
+    ``f = (1 + f) - 1``, where ``1 + f`` has ``p``'s fraction bits under 1's
+    exponent: exact (Sterbenz), and out of reach of constant folding, which
+    could merge two power-of-two factors into an infinite ``2^149``.
+    """
+    bits = jax.lax.bitcast_convert_type(p, jnp.int32)
+    subnormal = (bits > 0) & (bits < _FLOAT32_MIN_NORMAL_BITS)
+    one_plus_fraction = jax.lax.bitcast_convert_type(
+        jnp.where(subnormal, bits, 1) | _FLOAT32_ONE_BITS, jnp.float32
+    )
+    return subnormal, one_plus_fraction - 1
+
+
+def _log(p: jax.Array) -> jax.Array:
+    """``log p``, subnormal float32 included: ``log f - 126 log 2``."""
+    if p.dtype != jnp.float32:
+        return jnp.log(p)
+    subnormal, fraction = _float32_subnormal(p)
+    return jnp.where(subnormal, jnp.log(fraction) - _LOG_2_POW_126, jnp.log(p))
+
+
+def _scaled_reciprocal(scale: jax.Array, p: jax.Array) -> jax.Array:
+    """``scale / p``, subnormal float32 ``p`` included: ``(scale / f) 2^126``.
+
+    The power of two is an exact factor; it overflows to inf where ``scale /
+    p`` does (``1 / p`` is beyond float32's range below ``p`` = 3e-39).
+    """
+    if p.dtype != jnp.float32:
+        return scale / p
+    subnormal, fraction = _float32_subnormal(p)
+    return jnp.where(subnormal, (scale / fraction) * 2.0**126, scale / p)
+
+
+def clamped_log_slope(p: jax.Array, scale: jax.Array) -> jax.Array:
+    """``d/dp scale * max(log p, -100)``: ``scale / p`` above the clamp, 0 at and below it.
+
+    0 where ``scale`` is 0 too: the term ``0 * max(log p, -100)`` is 0 whatever
+    ``p``, so a label of 0 on a tiny ``p`` (whose ``1 / p`` overflows) gives no
+    ``0 * inf``. The closed forms and the losses' derivative rule both use it.
+    """
+    above = (_log(p) > LOG_CLAMP) & (scale != 0)
+    return jnp.where(above, _scaled_reciprocal(jnp.where(above, scale, 0), p), 0)
+
 
 def clamped_log(p: jax.Array) -> jax.Array:
-    """``max(log p, -100)``; its gradient is ``1/p`` above the clamp and 0 below (never NaN)."""
-    above = p > jnp.exp(jnp.asarray(LOG_CLAMP, p.dtype))
-    return jnp.where(above, jnp.log(jnp.where(above, p, 1)), LOG_CLAMP)
+    """``max(log p, -100)``, the log of a subnormal ``p`` included (finite, never NaN for NaN ``p``)."""
+    log_p = _log(p)
+    return jnp.where(log_p > LOG_CLAMP, log_p, LOG_CLAMP)
+
+
+@jax.custom_jvp
+def weighted_clamped_log(scale: jax.Array, p: jax.Array) -> jax.Array:
+    """``scale * max(log p, -100)``; its derivative in ``p`` is `clamped_log_slope`."""
+    return scale * clamped_log(p)
+
+
+@weighted_clamped_log.defjvp
+def _weighted_clamped_log_jvp(
+    primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    (scale, p), (scale_dot, p_dot) = primals, tangents
+    log_p = clamped_log(p)
+    return scale * log_p, log_p * scale_dot + clamped_log_slope(p, scale) * p_dot
+
+
+@jax.custom_jvp
+def binary_terms(p: jax.Array, y: jax.Array, weight: jax.Array) -> jax.Array:
+    """PyTorch's BCELoss element ``-w [y max(log p, -100) + (1 - y) max(log(1 - p), -100)]``.
+
+    Its derivative in ``p`` is `binary_slope`, 0 where the weight is 0 (the
+    term is 0 whatever ``p``, though ``1 / p`` overflows float32 below 3e-39).
+    """
+    return weight * -(y * clamped_log(p) + (1 - y) * clamped_log(1 - p))
+
+
+@binary_terms.defjvp
+def _binary_terms_jvp(
+    primals: tuple[jax.Array, jax.Array, jax.Array],
+    tangents: tuple[jax.Array, jax.Array, jax.Array],
+) -> tuple[jax.Array, jax.Array]:
+    (p, y, weight), (p_dot, y_dot, weight_dot) = primals, tangents
+    log_p, log_1mp = clamped_log(p), clamped_log(1 - p)
+    unweighted = -(y * log_p + (1 - y) * log_1mp)
+    tangent = (
+        unweighted * weight_dot
+        - weight * (log_p - log_1mp) * y_dot
+        + binary_slope(p, y, weight) * p_dot
+    )
+    return weight * unweighted, tangent
+
+
+def binary_slope(p: jax.Array, y: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+    """``d/dp`` of `binary_terms`: ``w [-y / p + (1 - y) / (1 - p)]`` where the logs are not
+    clamped; 0 where ``w`` is 0."""
+    slope = -clamped_log_slope(p, y) + clamped_log_slope(1 - p, 1 - y)
+    if weight is None:
+        return slope
+    return jnp.where(weight == 0, 0, weight * slope)
 
 
 def _valid_probabilities(probs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -45,6 +151,8 @@ def binary_cross_entropy(
         \ell = -w \left[ y \max(\log p, -100) + (1 - y) \max(\log(1 - p), -100) \right]
 
     The clamp at -100 is PyTorch's: ``p = 0`` or ``1`` gives a finite loss.
+    Only the log is clamped: a subnormal ``p`` has a finite log (87.5 at
+    ``p = 1e-38``, as in PyTorch), on every platform.
     Prefer :func:`sigmoid_binary_cross_entropy` on logits, which needs no clamp.
     Its derivative is :math:`w (p - y) / (p (1 - p))` per element, divided by
     :math:`n` under ``reduction="mean"``.
@@ -75,9 +183,7 @@ def binary_cross_entropy(
     p, y, mask, _ = _binary.elementwise_inputs(probs, labels, where, reduction, "probs")
     weight = _binary.elementwise_weight(weight, p.shape, "weight")
     valid = _valid_probabilities(p)
-    loss = -(y * clamped_log(p) + (1 - y) * clamped_log(1 - p))
-    if weight is not None:
-        loss = weight.astype(p.dtype) * loss
+    loss = binary_terms(p, y, jnp.ones((), p.dtype) if weight is None else weight.astype(p.dtype))
     loss = jnp.where(valid, loss, jnp.nan)
     return _reduce.reduce_elements(loss, mask, reduction)
 
@@ -165,6 +271,7 @@ def categorical_cross_entropy(
     inputs = categorical_inputs(probs, labels, axis, weight, where, reduction)
     p, targets, mask = inputs.p, inputs.targets, inputs.mask
     take_part = targets != 0 if mask is None else mask & (targets != 0)
-    loss = -jnp.sum(jnp.where(take_part, targets * clamped_log(p), 0), axis=-1)
+    # The scale of a class that takes no part is 0, so is its slope (no `0 * inf`).
+    loss = -jnp.sum(weighted_clamped_log(jnp.where(take_part, targets, 0), p), axis=-1)
     loss = jnp.where(jnp.all(_valid_probabilities(p, mask), axis=-1), loss, jnp.nan)
     return _reduce.reduce_examples(loss, mask, reduction)

@@ -363,23 +363,16 @@ def binary_cross_entropy(
       [-2.    1.25]
 
     :math:`y/p` overflows to ``inf`` in float32 for ``p`` below about ``y *
-    3e-39`` (as ``jax.grad`` does); a probability outside ``[0, 1]`` (NaN
-    loss) gives a zero gradient.
+    3e-39`` (a subnormal ``p`` above :math:`e^{-100}`; as ``jax.grad``
+    does), and is 0 where :math:`w y = 0`; a probability outside ``[0, 1]``
+    (NaN loss) gives a zero gradient.
     """
     dtype = _checks.as_float_array(probs, "probs").dtype
     p, y, mask, _ = _binary.elementwise_inputs(probs, labels, where, reduction)
     weight = _binary.elementwise_weight(weight, p.shape, "weight")
     y = jnp.broadcast_to(y, p.shape)
-    threshold = jnp.exp(jnp.asarray(_probabilities.LOG_CLAMP, p.dtype))
-    # d/dp max(log p, -100) = 1/p above the clamp and 0 below it.
-    inv_p = jnp.where(p > threshold, 1 / jnp.where(p > threshold, p, 1), 0)
-    one_minus = 1 - p
-    inv_1mp = jnp.where(
-        one_minus > threshold, 1 / jnp.where(one_minus > threshold, one_minus, 1), 0
-    )
-    gradient = -y * inv_p + (1 - y) * inv_1mp
-    if weight is not None:
-        gradient = jnp.broadcast_to(weight, p.shape).astype(p.dtype) * gradient
+    # d/dp max(log p, -100) = 1/p above the clamp (subnormal p included) and 0 below it.
+    gradient = _probabilities.binary_slope(p, y, None if weight is None else weight.astype(p.dtype))
     gradient = jnp.where((p >= 0) & (p <= 1), gradient, 0)
     gradient = gradient * _reduce.element_gradient_scale(mask, p.shape, reduction, p.dtype)
     return jnp.broadcast_to(gradient, p.shape).astype(dtype)
@@ -427,9 +420,7 @@ def categorical_cross_entropy(
     layout, p, targets, mask = inputs.layout, inputs.p, inputs.targets, inputs.mask
     compute = inputs.p.dtype
     take_part = targets != 0 if mask is None else mask & (targets != 0)
-    threshold = jnp.exp(jnp.asarray(_probabilities.LOG_CLAMP, compute))
-    above = p > threshold
-    gradient = jnp.where(take_part & above, -targets / jnp.where(above, p, 1), 0)
+    gradient = _probabilities.clamped_log_slope(p, jnp.where(take_part, -targets, 0))
     in_range = (p >= 0) & (p <= 1)
     # Entries excluded by `where` take no part: their values are not checked.
     valid_row = jnp.all(in_range if mask is None else in_range | ~mask, axis=-1, keepdims=True)

@@ -340,6 +340,76 @@ def test_bce_from_probabilities_clamps_log_at_minus_100() -> None:
     assert np.all(np.isfinite(grad))
 
 
+# Float32 probabilities from normal (1e-37) through subnormal (1e-38 to 1.4e-45, the smallest)
+# to 0 and the float32 just below 1. XLA:CPU flushes subnormals to 0, so a plain `log(p)` or
+# `p > exp(-100)` (itself subnormal) there reads a subnormal as 0 and clamps a finite log.
+SUBNORMAL_PROBS = [1e-37, 1e-38, 1e-40, 1e-45, 0.0, 1 - 1e-7]
+
+
+def _f64_clamped_log(p: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.maximum(np.log(p), -100.0)
+
+
+def _f64_clamped_log_slope(p: np.ndarray) -> np.ndarray:
+    """d/dp max(log p, -100) in float64: 1/p above the clamp, 0 at and below it."""
+    with np.errstate(divide="ignore"):
+        return np.where(np.log(p) > -100, 1 / np.where(p > 0, p, 1), 0.0)
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_probabilities_use_the_log_of_subnormals(mode: str) -> None:
+    """log of a subnormal is finite (-87.5 at 1e-38) and is used; only the log is clamped at -100.
+
+    PyTorch's BCELoss gives 87.4982 at p = 1e-38, y = 1; jaxce gave 100 (the subnormal read as 0).
+    """
+    import torch
+
+    p32 = np.array(SUBNORMAL_PROBS, np.float32)
+    p = p32.astype(np.float64)  # the float32 values, exactly
+    ones, zeros = np.ones_like(p32), np.zeros_like(p32)
+    expected = {1.0: -_f64_clamped_log(p), 0.0: -_f64_clamped_log(1 - p)}
+    slope = {1.0: -_f64_clamped_log_slope(p), 0.0: _f64_clamped_log_slope(1 - p)}
+    wrap = jax.jit if mode == "jit" else (lambda f: f)
+    bce = wrap(lambda q, y: jaxce.binary_cross_entropy(q, y))
+    bce_grad = wrap(jax.grad(lambda q, y: jaxce.binary_cross_entropy(q, y).sum()))
+    # Each class of a two-class row [p, 1 - p] whose label is the class of p.
+    rows = np.stack([p32, (1 - p).astype(np.float32)], axis=-1)
+    cce = wrap(
+        lambda q: jaxce.categorical_cross_entropy(q, np.eye(2, dtype=np.float32)[[0] * len(p)])
+    )
+    cce_grad = wrap(jax.grad(lambda q: cce(q).sum()))
+    for y, labels in ((1.0, ones), (0.0, zeros)):
+        loss = np.asarray(bce(p32, labels))
+        # float64 once rounded to float32, then a few float32 roundings of a log near -100.
+        np.testing.assert_allclose(
+            loss, expected[y].astype(np.float32), rtol=4e-7, err_msg=f"y={y}"
+        )
+        torch_loss = torch.nn.functional.binary_cross_entropy(
+            torch.tensor(p32), torch.tensor(labels), reduction="none"
+        ).numpy()
+        # PyTorch takes log1p(-p), which keeps -p (<= 1e-37 here) where log(1 - p) is 0.
+        np.testing.assert_allclose(loss, torch_loss, rtol=4e-7, atol=1e-36, err_msg=f"torch y={y}")
+        # The gradient 1/p above the clamp (inf where 1/p overflows float32), 0 below it.
+        with np.errstate(over="ignore"):
+            expected_grad = slope[y].astype(np.float32)
+        for gradient in (
+            bce_grad(p32, labels),
+            jaxce.derivatives.binary_cross_entropy(p32, labels),
+        ):
+            np.testing.assert_allclose(np.asarray(gradient), expected_grad, rtol=4e-7)
+    np.testing.assert_allclose(cce(rows), expected[1.0].astype(np.float32), rtol=4e-7)
+    with np.errstate(over="ignore"):
+        expected_grad = np.stack([slope[1.0], np.zeros_like(p)], -1).astype(np.float32)
+    for gradient in (
+        cce_grad(rows),
+        jaxce.derivatives.categorical_cross_entropy(
+            rows, np.eye(2, dtype=np.float32)[[0] * len(p)]
+        ),
+    ):
+        np.testing.assert_allclose(np.asarray(gradient), expected_grad, rtol=4e-7)
+
+
 # --------------------------------------------------------------------------- #
 # Bad values: NaN under jit, an error under jaxce.checked.
 # --------------------------------------------------------------------------- #
