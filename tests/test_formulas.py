@@ -156,3 +156,18 @@ def test_zero_weight_rule():
     got = np.asarray(_formulas.weighted_terms(weights, terms, included))
     assert got[0] == 0 and np.isnan(got[1]) and got[2] == -np.inf and got[3] == 0
     assert np.isnan(np.asarray(_formulas.weighted_terms(weights, terms, None))[0])
+
+
+def test_an_overflowing_loss_is_inf_on_every_path():
+    """-log p_y beyond float32's range is +inf with soft labels too, not a clamp at finfo.max."""
+    logits = jnp.asarray([[3e38, -3e38, 0.0], [1.0, 2.0, 3.0]], jnp.float32)
+    labels = jnp.asarray([1, 0])
+    integer = jaxce.softmax_cross_entropy_with_integer_labels(logits, labels)
+    soft = jaxce.softmax_cross_entropy(logits, jax.nn.one_hot(labels, 3))
+    assert float(integer[0]) == np.inf
+    np.testing.assert_array_equal(soft, integer)
+    weights = jnp.asarray([1.0, 2.0, 1.0])
+    weighted = jaxce.softmax_cross_entropy(logits, jax.nn.one_hot(labels, 3), weight=weights)
+    np.testing.assert_array_equal(
+        weighted, jaxce.softmax_cross_entropy_with_integer_labels(logits, labels, weight=weights)
+    )

@@ -642,3 +642,69 @@ def test_gradients_float32_without_bias_and_jit():
     tolerance = grad_tolerance("float32", 33, 8, 40)
     assert_normwise_close(d_hidden, expected[0], tolerance, "hidden", floor=0.0)
     assert_normwise_close(d_weight, expected[1], tolerance, "weight", floor=0.0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_float32_label_logit_rounds_with_the_log_sum_exp(reduction):
+    """Logits near 4e3 with the label the top class: no negative per-token loss.
+
+    The label logit comes from the product that feeds the log-sum-exp, so
+    ``x_y - m`` is exactly 0 for the top class and ``-log p_y >= 0``; a label
+    logit from a separate dot product rounds differently (a third of these
+    losses came out negative, down to -1e-3). The error against float64 is
+    that of the materialised float32 loss (same product), not 100x it.
+    """
+    rng = np.random.default_rng(21)
+    num_tokens, dim, vocab = 96, 64, 257
+    hidden = rng.normal(size=(num_tokens, dim)) * 8
+    weight = rng.normal(size=(vocab, dim)) * 8
+    exact_logits = hidden @ weight.T
+    labels = np.argmax(exact_logits, axis=-1)
+    assert np.max(np.abs(exact_logits)) > 2e3
+    h32, w32 = jnp.asarray(hidden, jnp.float32), jnp.asarray(weight, jnp.float32)
+    fused = jaxce.linear_cross_entropy(h32, w32, labels, reduction="none", chunk_size=32)
+    materialised_f32 = jaxce.softmax_cross_entropy_with_integer_labels(h32 @ w32.T, labels)
+    assert np.all(np.asarray(fused) >= 0), np.min(fused)
+    with jax.enable_x64(True):
+        exact = np.asarray(
+            jaxce.softmax_cross_entropy_with_integer_labels(
+                jnp.asarray(exact_logits), jnp.asarray(labels)
+            )
+        )
+    fused_error = np.max(np.abs(np.asarray(fused, np.float64) - exact))
+    materialised_error = np.max(np.abs(np.asarray(materialised_f32, np.float64) - exact))
+    # Both round the same float32 product (up to the GEMM's order): 4x leaves room for that.
+    assert fused_error <= 4 * materialised_error + 1e-6, (fused_error, materialised_error)
+    if reduction == "mean":
+        mean = jaxce.linear_cross_entropy(h32, w32, labels, chunk_size=32)
+        assert float(mean) >= 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_token_weights_that_mask_every_token_are_an_empty_mean(reduction):
+    """All-zero token weights: the loss of `ignore_index` on every token (0), zero gradients."""
+    hidden, weight, _, labels = make_inputs(22, (9,), 6, 11, ignore_fraction=0.0)
+    hidden, weight = jnp.asarray(hidden, jnp.float32), jnp.asarray(weight, jnp.float32)
+
+    def loss(h, w, token_weights):
+        value = jaxce.linear_cross_entropy(
+            h, w, labels, token_weights=token_weights, reduction=reduction, chunk_size=4
+        )
+        return jnp.sum(value)
+
+    value, grads = jax.value_and_grad(loss, (0, 1))(hidden, weight, jnp.zeros(9))
+    assert float(value) == 0.0
+    for grad in grads:
+        np.testing.assert_array_equal(grad, 0.0)
+    ignored = jaxce.linear_cross_entropy(
+        hidden, weight, jnp.full(9, -100), ignore_index=-100, reduction=reduction
+    )
+    assert float(jnp.sum(ignored)) == float(value)
+    # A partial mask is the mean over the tokens it keeps, weighted.
+    mask = jnp.asarray([0, 1, 1, 0, 0, 2, 0, 0, 1], jnp.float32)
+    value = loss(hidden, weight, mask)
+    per_token = jaxce.linear_cross_entropy(hidden, weight, labels, reduction="none")
+    expected = jnp.sum(mask * per_token)
+    if reduction == "mean":
+        expected = expected / jnp.sum(mask)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)

@@ -189,7 +189,10 @@ def _row_weights(
     counted tokens (as for class weights).
     """
     if token_weights is not None:
-        rule = rule._replace(label_weight=token_weights)
+        # A token of weight 0 is masked out: a mask that masks every token is
+        # an empty mean (0, with zero gradients), as `ignore_index` makes it.
+        counted = rule.counted & (token_weights != 0)
+        rule = rule._replace(counted=counted, label_weight=token_weights)
     row_weight = _integer_labels.gradient_scales(rule, reduction, compute, total).cross_entropy
     return row_weight if token_weights is None else row_weight * token_weights
 
