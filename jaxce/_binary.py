@@ -22,7 +22,9 @@ def elementwise_inputs(
     """Checks and converts the inputs every elementwise loss shares.
 
     Returns logits and labels in the compute dtype, the mask broadcast to the
-    logits' shape (or None), and the original dtype of `logits`.
+    logits' shape (or None), and the original dtype of `logits`. A NaN logit
+    that takes part fails under `jaxce.checked` (probabilities have their own
+    check, NaN included).
     """
     logits = _checks.as_float_array(logits, argument)
     labels = jnp.asarray(labels)
@@ -40,6 +42,9 @@ def elementwise_inputs(
     mask = None
     if where is not None:
         mask = jnp.broadcast_to(_checks.as_mask(where, logits.shape), logits.shape)
+    if argument == "logits":
+        _checks.check_not_nan(logits, mask, "logits")
+    if mask is not None:
         # An excluded element takes no part, in the loss or in any gradient: a
         # NaN there must not reach the gradient through `0 * NaN`.
         logits = jnp.where(mask, logits, 0)

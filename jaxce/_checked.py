@@ -20,8 +20,10 @@ def checked(fn: Callable[..., Out]) -> Callable[..., Out]:
     """Wraps ``fn`` (any function calling jaxce losses) so invalid values raise.
 
     Under ``jit`` a loss cannot raise on values: an out-of-range label, a
-    probability outside ``[0, 1]`` or a traced ``label_smoothing`` outside
-    ``[0, 1)`` makes the loss NaN.
+    probability outside ``[0, 1]``, a NaN logit or a traced ``label_smoothing``
+    outside ``[0, 1)`` makes the loss NaN. Only what takes part is checked:
+    not the label of an example excluded by ``where``, nor a NaN logit of an
+    excluded class.
     ``checked(fn)`` traces ``fn`` with jaxce's value checks on, compiles it with
     :func:`jax.experimental.checkify.checkify`, and raises
     ``checkify.JaxRuntimeError`` naming the argument, the first offending

@@ -46,7 +46,7 @@ def check_values(valid: jax.Array, values: jax.Array, argument: str, expectation
     plain calls; a trace cached without checks would skip them under
     `jaxce.checked`). Eager calls outside `jaxce.checked` skip the work.
     """
-    if not (_value_checks.get() or isinstance(values, jax.core.Tracer)):
+    if not checking_values(values):
         return
     valid, values = _whole_batch(valid, values)
     if not jnp.size(values):
@@ -61,6 +61,28 @@ def check_values(valid: jax.Array, values: jax.Array, argument: str, expectation
         value=flat_values[first_bad],
         index=jnp.stack([jnp.asarray(i) for i in index]) if index else first_bad,
     )
+
+
+def checking_values(values: Any) -> bool:
+    """Whether `check_values` emits checks on ``values`` (traced, or under `jaxce.checked`).
+
+    Lets a caller skip building a check's mask when no check is emitted.
+    """
+    return _value_checks.get() or isinstance(values, jax.core.Tracer)
+
+
+def check_not_nan(values: jax.Array, takes_part: jax.Array | None, argument: str) -> None:
+    """Under `jaxce.checked`, fails naming the first NaN of ``values`` that takes part.
+
+    ``takes_part`` is a boolean broadcastable to ``values`` (None: every
+    element); a NaN it excludes changes nothing and is not reported.
+    """
+    if not checking_values(values):
+        return
+    valid = ~jnp.isnan(values)
+    if takes_part is not None:
+        valid = valid | ~takes_part
+    check_values(valid, values, argument, "a number (not NaN) where it takes part")
 
 
 def _whole_batch(valid: Any, values: Any) -> tuple[Any, Any]:
