@@ -118,3 +118,22 @@ def test_linear_cross_entropy_outside_jit_compiles_once(what, reduction):
     counts = _count_compilations(call, 3)
     assert counts[0] > 0  # the listener sees compilations at all
     assert counts[1:] == [0, 0], counts
+
+
+@pytest.mark.parametrize("what", ["loss", "jax.grad"])
+def test_pallas_outside_jit_compiles_once(what):
+    """Eager `implementation="pallas"` calls reuse the compiled kernels (they once recompiled,
+    about 330 ms, on every call: the kernels were traced afresh each time)."""
+    tokens = {"loss": 7, "jax.grad": 9}[what]  # shapes of this case alone: the first call compiles
+    logits = jnp.asarray(RNG.standard_normal((tokens, 12), dtype=np.float32))
+    labels = jnp.asarray(RNG.integers(0, 12, size=tokens), jnp.int32)
+
+    def loss(x):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            x, labels, label_smoothing=0.1, reduction="mean", implementation="pallas"
+        )
+
+    call = (lambda: loss(logits)) if what == "loss" else (lambda: jax.grad(loss)(logits))
+    counts = _count_compilations(call, 3)
+    assert counts[0] > 0
+    assert counts[1:] == [0, 0], counts

@@ -123,6 +123,13 @@ def _class_weight_gradient(
 
 softmax_terms.defvjp(_softmax_terms_forward, _softmax_terms_backward)
 
+# Called eagerly, `pallas_call` traces its kernel and compiles it again on every
+# call (about 330 ms each): under `jit` the trace is cached per shape and spec.
+# Inside a caller's `jit` this one is inlined. Only the terms are jitted: the
+# label rules around them run in the caller's trace, where `jaxce.checked`
+# reports an index into the whole batch under `vmap`.
+_softmax_terms_jit = jax.jit(softmax_terms, static_argnums=4)
+
 
 def integer_label_loss(
     logits: jax.Array,
@@ -154,7 +161,7 @@ def integer_label_loss(
     # Out-of-range labels are NaN (or ignored) by `_integer_labels`' rule; the
     # kernels read a class in range either way.
     kernel_labels = jnp.clip(labels, 0, num_classes - 1).astype(jnp.int32).reshape(-1)
-    terms = softmax_terms(
+    terms = _softmax_terms_jit(
         logits.reshape(-1, num_classes),
         kernel_labels,
         class_weight if smoothing == "weighted" else None,
