@@ -137,3 +137,41 @@ def test_pallas_outside_jit_compiles_once(what):
     counts = _count_compilations(call, 3)
     assert counts[0] > 0
     assert counts[1:] == [0, 0], counts
+
+
+def _checked_integer_labels(x, y):
+    return jaxce.softmax_cross_entropy_with_integer_labels(x, y, reduction="mean")
+
+
+@pytest.mark.parametrize("wrap", ["once", "every_call"])
+@pytest.mark.parametrize("what", ["integer_labels", "linear_cross_entropy", "jax.grad"])
+def test_checked_outside_jit_compiles_once(what, wrap):
+    """`jaxce.checked(fn)` of an un-jitted `fn` compiles once per shape (it once traced,
+    checkified and compiled `fn` on every call), whether the wrapper is kept or made anew."""
+    tokens = 19 + 2 * ["integer_labels", "linear_cross_entropy", "jax.grad"].index(what)
+    tokens += wrap == "every_call"  # shapes of this case alone: the first call compiles
+    labels = jnp.asarray(RNG.integers(0, 30, size=tokens), jnp.int32)
+    if what == "linear_cross_entropy":
+        fn = jaxce.linear_cross_entropy
+        args = (
+            jnp.asarray(RNG.standard_normal((tokens, 8), dtype=np.float32)),
+            jnp.asarray(RNG.standard_normal((30, 8), dtype=np.float32)),
+            labels,
+        )
+        kwargs = {"chunk_size": 5, "label_smoothing": 0.1}
+    else:
+        fn = (
+            _checked_integer_labels
+            if what == "integer_labels"
+            else jax.grad(_checked_integer_labels)
+        )
+        args = (jnp.asarray(RNG.standard_normal((tokens, 30), dtype=np.float32)), labels)
+        kwargs = {}
+    kept = jaxce.checked(fn)
+    wrapper = (lambda: kept) if wrap == "once" else (lambda: jaxce.checked(fn))
+    counts = _count_compilations(lambda: wrapper()(*args, **kwargs), 3)
+    assert counts[0] > 0
+    assert counts[1:] == [0, 0], counts
+    # The cached function still checks: a label out of range raises.
+    with pytest.raises(Exception, match="`labels`"):
+        wrapper()(*args[:-1], labels.at[3].set(99), **kwargs)
