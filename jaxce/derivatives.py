@@ -150,7 +150,12 @@ def logsumexp(
     A row whose entries are all excluded or ``-inf`` has a zero gradient.
     """
     x = _checks.as_float_array(x, "x")
-    layout = _layout.ClassLayout.of(x.shape, tuple(range(x.ndim)) if axis is None else axis)
+    # As `jaxce.logsumexp` takes it: None is every axis; a list of axes as a tuple.
+    if axis is None:
+        axis = tuple(range(x.ndim))
+    elif isinstance(axis, Sequence):
+        axis = tuple(axis)
+    layout = _layout.ClassLayout.of(x.shape, axis)
     mask = None
     if where is not None:
         full = jnp.broadcast_to(_checks.as_mask(where, x.shape), x.shape)
@@ -434,7 +439,7 @@ def categorical_cross_entropy(
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    axis: int | Sequence[int] = -1,
+    axis: int | Sequence[int] | None = -1,
     where: ArrayLike | None = None,
     *,
     weight: ArrayLike | None = None,
@@ -476,6 +481,8 @@ def softmax_cross_entropy(
     labels = _checks.as_float_array(labels, "labels")
     _checks.check_reduction(reduction)
     _checks.check_unit_interval(label_smoothing, "label_smoothing")
+    if axis is None:  # every axis, as the loss (and optax) take it
+        axis = tuple(range(logits.ndim))
     layout = _layout.ClassLayout.of(logits.shape, axis)
     _layout.require_classes(layout)
     mask = layout.mask(where)
