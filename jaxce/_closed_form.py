@@ -157,10 +157,13 @@ def _softmax_terms_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> t
     if weights is not None:
         tangent_weighted = _row_dot(weighted_gradient(p, weights), dx)
         if not isinstance(dweights, SymbolicZero):
-            # d/da_c sum_c a_c (-log p_c) = -log p_c for the classes that take part.
+            # d/da_c sum_c a_c (-log p_c) = -log p_c for the classes that take
+            # part, and for those left out only for a zero target on a finite
+            # -log p (a soft label's gradient there); 0 for the others.
             neg_log_p = log_normalizer[..., None] - (x - row_max[..., None])
+            counts = None if included is None else included | jnp.isfinite(neg_log_p)
             tangent_weighted = tangent_weighted + jnp.sum(
-                _formulas.weighted_terms(dweights, neg_log_p, included), axis=-1
+                _formulas.weighted_terms(dweights, neg_log_p, counts), axis=-1
             )
     return outputs, (
         jnp.zeros_like(row_max),

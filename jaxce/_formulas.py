@@ -58,11 +58,14 @@ def row_shift(
     A constant: the log-sum-exp does not depend on it, so its gradient would
     only add ``0 * (...)`` terms. ``complete_max`` completes the maximum over
     the classes other devices hold (``pmax``); ``local_max`` is the maximum
-    over ``axis`` when the caller formed it already (kept axes).
+    over ``axis`` when the caller formed it already (axes reduced away).
     """
     if local_max is None:
-        local_max = jnp.max(x, axis=axis, keepdims=True)
-    return finite_shift(complete_max(jax.lax.stop_gradient(local_max)))
+        local_max = jnp.max(x, axis=axis)
+    # Shifted at the reduced shape, then expanded: with `keepdims` XLA:CPU
+    # fuses less of the row's work (up to 1.3x slower at ten classes, measured).
+    shift = finite_shift(complete_max(jax.lax.stop_gradient(local_max)))
+    return jnp.expand_dims(shift, axis)
 
 
 def shifted_exponentials(
@@ -78,7 +81,7 @@ def shifted_exponentials(
     sum is at least 1 on a row with a finite entry. ``complete_max`` and
     ``complete_sum`` complete the per-row maximum and sum over the classes
     other devices hold (``pmax`` / ``psum``); the identity on one device.
-    ``local_max`` (``[..., 1]``): the row maximum, when the caller formed it in
+    ``local_max`` (``[...]``): the row maximum, when the caller formed it in
     a pass that also read something else.
     """
     shift = row_shift(x, -1, complete_max, local_max)
@@ -205,5 +208,9 @@ def weighted_terms(weights: jax.Array, terms: jax.Array, included: jax.Array | N
     takes part multiplies as PyTorch does, so a zero weight on an infinite
     term is NaN. ``included`` None: every class takes part.
     """
-    products = terms * weights
-    return products if included is None else jnp.where(included, products, 0)
+    if included is None:
+        return terms * weights
+    # Selected before and after the product: an excluded class's infinite term
+    # never meets its weight (no 0 * inf in the value or in the weights'
+    # gradient), and its weight, whatever it is, never reaches the sum.
+    return jnp.where(included, jnp.where(included, terms, 0) * weights, 0)

@@ -62,6 +62,9 @@ class LabelRule(NamedTuple):
     invalid: jax.Array  # [...] bool: NaN loss
     label_weight: jax.Array | None  # [...] w_y; None without class weights
     options_valid: jax.Array | None  # scalar: traced hyperparameters in range
+    # No ignore_index and no `where`: every example counts but those with an
+    # invalid label, whose NaN is in any sum of the terms.
+    all_count: bool = False
 
 
 def label_rule(
@@ -88,8 +91,9 @@ def label_rule(
         ignored = labels == ignore_index
     else:  # an int64 ignore_index with int32 labels: no label equals it
         ignored = jnp.zeros_like(in_range)
+    # An example that `where` excludes takes no part: its label is not checked.
     _checks.check_values(
-        in_range | ignored,
+        in_range | ignored if row_included is None else in_range | ignored | ~row_included,
         labels,
         "labels",
         f"class indices in [0, {num_classes})"
@@ -103,7 +107,8 @@ def label_rule(
         _checks.option_valid(label_smoothing, "label_smoothing", high=1.0),
         _checks.option_valid(z_loss, "z_loss"),
     )
-    return LabelRule(active & in_range, active & ~in_range, label_weight, options_valid)
+    all_count = ignore_index is None and row_included is None
+    return LabelRule(active & in_range, active & ~in_range, label_weight, options_valid, all_count)
 
 
 def mix(
@@ -195,6 +200,12 @@ def row_terms(
     label = jnp.where(rule.counted, nll, 0)
     if rule.label_weight is not None:
         label = rule.label_weight * label
+    if rule.label_weight is None:
+        # An invalid label's NaN enters the sums with its example's term (no
+        # reduction of its own); selected, so the valid examples' gradients
+        # stay. Not with class weights: the weighted mean's denominator
+        # depends on them, and a NaN sum would reach their gradient.
+        label = jnp.where(rule.invalid, jnp.nan, label)
     if smooth is not None:
         smooth = jnp.where(rule.counted, smooth, 0)
     z_term = None
@@ -220,6 +231,8 @@ def reduce_terms(
         result = terms.mixed(total(terms.label), None if smooth is None else total(smooth))
         if terms.z is not None:
             result = result + total(terms.z)
+    elif _plain_mean(rule, terms, total):
+        result = _sum_over_count(terms.label, rule.counted)
     else:
         mean = _Denominators.of(rule, terms.label.dtype, total)
 
@@ -232,7 +245,49 @@ def reduce_terms(
         )
         if terms.z is not None:
             result = result + average(terms.z, mean.z_loss)
-    return result + nan_if_invalid(rule, result.dtype, total)
+    # Without class weights the invalid labels' NaN is in the sums already,
+    # except where a mean over no counted example selects 0.
+    in_sums = rule.label_weight is None and (reduction == "sum" or _plain_mean(rule, terms, total))
+    return result + nan_if_invalid(rule, result.dtype, total, labels=not in_sums)
+
+
+def _plain_mean(rule: LabelRule, terms: Terms, total: Total) -> bool:
+    """A mean without options on one device: only the label terms and their count."""
+    options = terms.smooth is not None or terms.z is not None or rule.label_weight is not None
+    return rule.all_count and not options and total is jnp.sum
+
+
+def _sum_over_count(label: jax.Array, counted: jax.Array) -> jax.Array:
+    """``sum(label) / sum(counted)`` with both sums in one pass over the examples.
+
+    The count is the mean's denominator (invalid labels are not counted: their
+    NaN is in the sum). One variadic reduction instead of two: at classifier
+    shapes (ten classes) a second pass over the examples costs as much as the
+    loss. A count of 0 is an empty batch (sum 0: the mean is 0) or one where
+    every label is invalid (sum NaN: the mean is NaN).
+    """
+    label_sum, count = _sum_and_count(label, counted.astype(label.dtype))
+    return label_sum / jnp.where(count > 0, count, 1)
+
+
+@jax.custom_jvp
+def _sum_and_count(values: jax.Array, counted: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sum(values), sum(counted))`` in one variadic reduction; the count has no tangent."""
+    dtype = values.dtype
+    zero = jnp.zeros((), dtype)
+    return jax.lax.reduce(
+        (values, counted), (zero, zero), lambda x, y: (x[0] + y[0], x[1] + y[1]),
+        tuple(range(values.ndim)),
+    )  # fmt: skip
+
+
+@_sum_and_count.defjvp
+def _sum_and_count_jvp(
+    primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    # JAX's own rule for a variadic reduction fails on an operand without a tangent.
+    values_sum, count = _sum_and_count(*primals)
+    return (values_sum, count), (jnp.sum(tangents[0]), jnp.zeros_like(count))
 
 
 def nan_where_invalid(rule: LabelRule, per_example: jax.Array) -> jax.Array:
@@ -241,15 +296,20 @@ def nan_where_invalid(rule: LabelRule, per_example: jax.Array) -> jax.Array:
     return _checks.nan_unless(rule.options_valid, per_example)
 
 
-def nan_if_invalid(rule: LabelRule, dtype: Any, total: Total = jnp.sum) -> jax.Array:
-    """NaN if any label is invalid or a traced option out of range, else 0.
+def nan_if_invalid(
+    rule: LabelRule, dtype: Any, total: Total = jnp.sum, *, labels: bool = True
+) -> jax.Array:
+    """NaN if any label is invalid (with ``labels``) or a traced option out of range, else 0.
 
     Added to a reduced loss, not selected, so that the gradients of the valid
     examples stay those of the summed per-example losses.
     """
-    poisoned = total(rule.invalid.astype(dtype)) > 0
+    poisoned = total(rule.invalid.astype(dtype)) > 0 if labels else None
     if rule.options_valid is not None:
-        poisoned = poisoned | ~rule.options_valid
+        valid = rule.options_valid
+        poisoned = ~valid if poisoned is None else poisoned | ~valid
+    if poisoned is None:
+        return jnp.zeros((), dtype)
     return jnp.where(poisoned, jnp.nan, 0).astype(dtype)
 
 

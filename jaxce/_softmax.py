@@ -210,14 +210,14 @@ def softmax_cross_entropy_with_integer_labels(
 
 
 def soft_label_classes(x: jax.Array, targets: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """The classes that take part in a soft-label loss: included, and not ``0 log 0``.
+    """The classes that take part in a soft-label loss: included, with a nonzero target.
 
-    A zero target on a ``-inf`` logit contributes 0 (``0 log 0 = 0``, where
-    optax gives NaN); every other included class multiplies as PyTorch does,
-    so a zero class weight under a positive target on a ``-inf`` logit is NaN,
-    as with integer labels.
+    A zero target contributes 0 whatever its logit (``0 log 0 = 0`` on a
+    ``-inf`` logit, or one whose ``x - m`` overflows; optax gives NaN); every
+    other included class multiplies as PyTorch does, so a zero class weight
+    under a positive target on a ``-inf`` logit is NaN, as with integer labels.
     """
-    included = (targets != 0) | (x != -jnp.inf)
+    included = targets != 0
     return included if mask is None else included & mask
 
 

@@ -103,7 +103,7 @@ _weighted_loss.defjvp(_weighted_loss_jvp, symbolic_zeros=True)
 def _per_token_loss(config: Config, inputs: Inputs) -> tuple[jax.Array, Aux | None]:
     """``[N]`` losses (``"none"``), and the aux if asked for.
 
-    Its rule keeps a log-normaliser per token and a tangent map that reverse
+    Its rule keeps a shift and a log-normaliser per token and a tangent map that reverse
     mode transposes into a second pass recomputing each (chunk, vocabulary
     block) tile once (:func:`chunks.per_token_tangent`): four matrix
     products, and the temporaries of "mean" give or take a chunk-sized buffer.

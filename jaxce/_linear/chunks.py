@@ -6,7 +6,7 @@
   three matrix products, by :func:`_gradients_blocked` (float32, float16,
   float64) or :func:`_gradients_whole` (bfloat16, or a vocabulary shard).
 - :func:`per_token_forward` and :func:`per_token_tangent`: the per-token losses
-  (keeping one log-normaliser per token) and the tangent map that reverse mode
+  (keeping a shift and a log-normaliser per token) and the tangent map that reverse mode
   transposes, recomputing each chunk's logits once.
 
 Vocabulary-parallel (``config.axis_name``, inside ``shard_map``): ``weight``
@@ -161,7 +161,7 @@ class Chunk(NamedTuple):
     hidden: jax.Array  # [C, D] in the matmul dtype
     target: jax.Array  # [C] label columns among this device's classes
     logits: jax.Array  # [C, V] in the compute dtype, capped, tempered, -inf at padding
-    local_max: jax.Array  # [C, 1] the largest of this device's logits, per row
+    local_max: jax.Array  # [C] the largest of this device's logits, per row
     label_logit: jax.Array  # [C], capped and tempered
 
 
@@ -269,7 +269,7 @@ def row_loss(
             # The first class of the largest logit: the lowest index among the
             # shards that hold the row maximum.
             offset = jax.lax.axis_index(config.axis_name) * local_vocab
-            candidate = jnp.where(chunk.local_max[:, 0] == row_max[:, 0], argmax + offset, vocab)
+            candidate = jnp.where(chunk.local_max == row_max[:, 0], argmax + offset, vocab)
             argmax = jax.lax.pmin(candidate, config.axis_name)
     return RowLoss(
         loss, nll, smooth, exps, sum_exp, row_max, log_partition, shifted_sum, expected, argmax
@@ -781,7 +781,10 @@ class PerToken(NamedTuple):
     """What the per-token forward pass keeps: a few floats per token."""
 
     loss: jax.Array  # [N]
-    log_partition: jax.Array  # [N] logsumexp of each token's logits
+    # [N] each token's log-sum-exp as its shift m and log-normaliser L, kept
+    # apart: m + L would round L away at logits of 1e30 (ties there have p = 1/k).
+    shift: jax.Array
+    log_normalizer: jax.Array
     d_smoothing: jax.Array | None  # [N] d loss_i / d label_smoothing, with smoothing
     d_temperature: jax.Array | None  # [N] d loss_i / d temperature, when asked for
     aux: LinearCrossEntropyAux | None
@@ -797,7 +800,12 @@ def per_token_forward(config: Config, inputs: Inputs, *, temperature: bool = Fal
     def body(index: jax.Array, out: PerToken) -> PerToken:
         chunk = chunk_logits(config, inputs, index, compute)
         losses = row_loss(config, inputs, chunk, mean_shifted=temperature)
-        rows = out._replace(loss=losses.loss, log_partition=losses.log_partition, aux=None)
+        rows = out._replace(
+            loss=losses.loss,
+            shift=losses.row_max[:, 0],
+            log_normalizer=_formulas.log_of_total(losses.sum_exp),
+            aux=None,
+        )
         if out.d_smoothing is not None:
             assert losses.smooth is not None
             vocab = config.num_classes(chunk.logits.shape[-1])
@@ -811,6 +819,7 @@ def per_token_forward(config: Config, inputs: Inputs, *, temperature: bool = Fal
 
     empty = varying_like(jnp.zeros((config.num_tokens,), compute), _token_side(inputs))
     init = PerToken(
+        empty,
         empty,
         empty,
         empty if config.smoothing else None,
@@ -833,7 +842,7 @@ class Tile(NamedTuple):
 def _tile(
     config: Config,
     inputs: Inputs,
-    log_partition: jax.Array,
+    forward: PerToken,
     index: jax.Array,
     v_index: jax.Array,
     compute: Any,
@@ -841,7 +850,7 @@ def _tile(
     """Chunk ``index``'s losses differentiated by the logits (before the cap) of block ``v_index``.
 
     The block's logits are recomputed from its rows of ``weight``, and
-    ``p = exp(x - lse)`` from the log-normaliser the forward pass kept, so no
+    ``p = exp((x - m) - L)`` from the shift and log-normaliser the forward pass kept, so no
     row maximum or sum is needed: every (chunk, block) tile stands alone.
     The gradient is exactly 0 on rows an earlier chunk covered, on columns an
     earlier block covered, and on padding columns, so that summing over all
@@ -858,9 +867,11 @@ def _tile(
     if inputs.bias is not None:
         x = x + jax.lax.dynamic_slice_in_dim(inputs.bias, v_start, block).astype(compute)[None, :]
     x = soften(config, inputs, x)
-    lse = jax.lax.dynamic_slice_in_dim(log_partition, start, config.chunk)
-    p = _formulas.probabilities(x, lse[:, None])
+    shift = jax.lax.dynamic_slice_in_dim(forward.shift, start, config.chunk)
+    log_normalizer = jax.lax.dynamic_slice_in_dim(forward.log_normalizer, start, config.chunk)
+    p = _formulas.probabilities(x - shift[:, None], log_normalizer[:, None])
     if config.z_loss:
+        lse = shift + log_normalizer
         p = p * (1 + _formulas.z_loss_slope(inputs.z_coefficient, lse))[:, None]
     target = jax.lax.dynamic_slice_in_dim(inputs.target, start, config.chunk) - v_start
     if config.axis_name is not None:
@@ -908,7 +919,7 @@ def per_token_tangent(
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def tile_tangent(index: jax.Array, v_index: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The tile's first row and its ``[C]`` part of the tangent."""
-        tile = _tile(config, inputs, forward.log_partition, index, v_index, compute)
+        tile = _tile(config, inputs, forward, index, v_index, compute)
         g = tile.gradient
         tangent = jnp.zeros((config.chunk,), compute)
         if t_hidden is not None:
@@ -939,7 +950,7 @@ def per_token_tangent(
         tangent = tangent + forward.d_smoothing * t_smoothing
     t_z = nonzero_tangent(tangents.z_coefficient, compute)
     if config.z_loss and t_z is not None:
-        tangent = tangent + jnp.square(forward.log_partition) * t_z
+        tangent = tangent + jnp.square(forward.shift + forward.log_normalizer) * t_z
     t_temperature = nonzero_tangent(tangents.temperature, compute)
     if config.temperature and t_temperature is not None:
         assert forward.d_temperature is not None

@@ -42,7 +42,7 @@ def _take_rows_jvp(
 def max_and_label_column(
     logits: jax.Array, label_mask: jax.Array, loop_index: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """The row maximum ``[C, 1]`` and ``logits[i, target[i]]`` ``[C]``, in one pass over the logits.
+    """The row maximum ``[C]`` and ``logits[i, target[i]]`` ``[C]``, in one pass over the logits.
 
     The label column comes from the logits themselves, so it rounds as the
     log-sum-exp's terms do. A gather (or a masked sum of its own) is fused by
@@ -63,4 +63,4 @@ def max_and_label_column(
         lambda x, y: (jnp.maximum(x[0], y[0]), x[1] + y[1]),
         (logits.ndim - 1,),
     )
-    return row_max[..., None], label
+    return row_max, label
