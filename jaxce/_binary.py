@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -195,7 +195,9 @@ def sigmoid_focal_loss(
       >>> print(jaxce.sigmoid_focal_loss(jnp.array([0.0]), jnp.array([1.0])))
       [0.1732868]
 
-    Finite, with finite gradients, for all finite logits.
+    Finite, with finite gradients, for all finite logits. A ``gamma`` below 0
+    or an ``alpha`` outside ``[0, 1]`` (NaN included) raises ``ValueError``;
+    traced, it makes the loss NaN (``jaxce.checked`` raises).
 
     References:
       - T.-Y. Lin, P. Goyal, R. Girshick, K. He and P. Dollár, "Focal Loss for
@@ -204,20 +206,48 @@ def sigmoid_focal_loss(
         https://optax.readthedocs.io/en/latest/api/losses.html
     """
     x, y, mask, _ = elementwise_inputs(logits, labels, where, reduction)
-    _checks.check_scalar(gamma, "gamma")
-    if alpha is not None:
-        _checks.check_unit_interval(alpha, "alpha", closed_right=True)
+    options = FocalOptions.of(alpha, gamma, x.dtype)
     softplus_x, softplus_neg_x = softplus_pair(x)
     cross_entropy = y * softplus_neg_x + (1 - y) * softplus_x
     # log(1 - p_t) = log(y e^{-softplus(x)} + (1 - y) e^{-softplus(-x)}).
     log_miss = jnp.logaddexp(safe_log(y) - softplus_x, safe_log(1 - y) - softplus_neg_x)
-    loss = jnp.exp(jnp.asarray(gamma, x.dtype) * log_miss) * cross_entropy
-    if alpha is not None:
-        positive_weight = jnp.asarray(alpha, x.dtype)
-        loss = (positive_weight * y + (1 - positive_weight) * (1 - y)) * loss
-        alpha_valid = _checks.option_valid(alpha, "alpha", high=1.0, closed_right=True)
-        loss = _checks.nan_unless(alpha_valid, loss)
+    loss = jnp.exp(options.gamma * log_miss) * cross_entropy
+    if options.alpha is not None:
+        loss = (options.alpha * y + (1 - options.alpha) * (1 - y)) * loss
+    loss = _checks.nan_unless(options.valid, loss)
     return _reduce.reduce_elements(loss, mask, reduction)
+
+
+class FocalOptions(NamedTuple):
+    """``alpha`` (or None) and ``gamma`` in the compute dtype, checked."""
+
+    alpha: jax.Array | None
+    gamma: jax.Array
+    valid: jax.Array | None  # traced options in range; None when both are concrete
+
+    @classmethod
+    def of(cls, alpha: ArrayLike | None, gamma: ArrayLike, dtype: Any) -> FocalOptions:
+        """Checks ``gamma >= 0`` and ``alpha`` in ``[0, 1]`` when concrete (NaN fails).
+
+        A traced one out of range cannot raise: ``valid`` is False (the loss
+        is NaN, and `jaxce.checked` names it), and it is replaced by 0, so
+        that no NaN reaches a gradient (zero, as for every invalid value).
+        """
+        _checks.check_nonnegative(gamma, "gamma")
+        if alpha is not None:
+            _checks.check_unit_interval(alpha, "alpha", closed_right=True)
+        valid = _checks.all_valid(
+            _checks.option_valid(gamma, "gamma"),
+            None
+            if alpha is None
+            else _checks.option_valid(alpha, "alpha", high=1.0, closed_right=True),
+        )
+        gamma = jnp.asarray(gamma, dtype)
+        alpha = None if alpha is None else jnp.asarray(alpha, dtype)
+        if valid is not None:
+            gamma = jnp.where(valid, gamma, 0)
+            alpha = None if alpha is None else jnp.where(valid, alpha, 0)
+        return cls(alpha, gamma, valid)
 
 
 def safe_log(x: jax.Array) -> jax.Array:

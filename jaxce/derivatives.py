@@ -312,11 +312,9 @@ def sigmoid_focal_loss(
     """
     dtype = _checks.as_float_array(logits, "logits").dtype
     x, y, mask, _ = _binary.elementwise_inputs(logits, labels, where, reduction)
-    _checks.check_scalar(gamma, "gamma")
-    if alpha is not None:
-        _checks.check_unit_interval(alpha, "alpha", closed_right=True)
+    options = _binary.FocalOptions.of(alpha, gamma, x.dtype)
     y = jnp.broadcast_to(y, x.shape)
-    g = jnp.asarray(gamma, x.dtype)
+    g = options.gamma
     # log s = -softplus(-x), log(1 - s) = -softplus(x), both without overflow.
     log_s = -jnp.logaddexp(-x, 0)
     log_1ms = -jnp.logaddexp(x, 0)
@@ -325,9 +323,11 @@ def sigmoid_focal_loss(
     modulation = jnp.exp(g * log_q)
     slope = jnp.exp((g - 1) * log_q + log_s + log_1ms)
     gradient = g * (1 - 2 * y) * slope * cross_entropy + modulation * (jnp.exp(log_s) - y)
-    if alpha is not None:
-        a = jnp.asarray(alpha, x.dtype)
+    if options.alpha is not None:
+        a = options.alpha
         gradient = (a * y + (1 - a) * (1 - y)) * gradient
+    if options.valid is not None:  # a traced option out of range: NaN loss, zero gradient
+        gradient = jnp.where(options.valid, gradient, 0)
     gradient = gradient * _reduce.element_gradient_scale(mask, x.shape, reduction, x.dtype)
     return jnp.broadcast_to(gradient, x.shape).astype(dtype)
 

@@ -657,3 +657,29 @@ def test_closed_form_accepts_every_axis_its_loss_accepts(name: str, axis_id: str
         closed = getattr(derivatives, name)(first, *rest, **options)
         expected = _autodiff(getattr(jaxce, name), 0, jnp.asarray(first), *rest, **options)
     _assert_grads_close(closed, expected)
+
+
+@pytest.mark.parametrize("gamma", [-0.5, float("nan")], ids=["negative", "nan"])
+def test_focal_closed_form_checks_gamma_as_the_loss_does(gamma: float) -> None:
+    """A concrete gamma < 0 (or NaN) raises; a traced one gives the loss's gradient, 0 (the
+    loss is NaN), and `jaxce.checked` names it. The docstring says gamma >= 0; neither the
+    loss nor the closed form checked it."""
+    from jax.experimental import checkify
+
+    rng = np.random.default_rng(92)
+    x = jnp.asarray(rng.normal(size=SHAPE), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 2, size=SHAPE), jnp.float32)
+    for fn in (jaxce.sigmoid_focal_loss, derivatives.sigmoid_focal_loss):
+        with pytest.raises(ValueError, match="`gamma`"):
+            fn(x, y, gamma=gamma)
+    traced = jax.jit(
+        lambda x, g: (
+            derivatives.sigmoid_focal_loss(x, y, gamma=g, reduction="mean"),
+            jax.grad(lambda z: jaxce.sigmoid_focal_loss(z, y, gamma=g, reduction="mean"))(x),
+        )
+    )
+    closed, expected = traced(x, gamma)
+    np.testing.assert_array_equal(closed, expected)
+    np.testing.assert_array_equal(closed, np.zeros(SHAPE, np.float32))
+    with pytest.raises(checkify.JaxRuntimeError, match="`gamma`"):
+        jaxce.checked(traced)(x, gamma)

@@ -1040,15 +1040,20 @@ def _hyper_setup(function: str, dtype: str) -> tuple[tuple[jax.Array, ...], Call
     return (logits,), lambda z, **o: jaxce.sigmoid_focal_loss(z, binary, **o)
 
 
-# (function, argument, out-of-range values, in-range values)
+NAN = float("nan")
+# (function, argument, out-of-range values, in-range values); NaN is out of every range (a
+# check written `x < 0 or x >= 1` lets it through).
 HYPERPARAMETERS = [
-    (function, "label_smoothing", (1.5, -0.1, 1.0), (0.0, 0.3))
+    (function, "label_smoothing", (1.5, -0.1, 1.0, NAN), (0.0, 0.3))
     for function in ("integer_labels", "softmax", "sigmoid_binary", "linear")
 ]
 HYPERPARAMETERS += [
-    (function, "z_loss", (-0.5, -1e-8), (0.0, 1e-3)) for function in ("integer_labels", "linear")
+    (function, "z_loss", (-0.5, -1e-8, NAN), (0.0, 1e-3))
+    for function in ("integer_labels", "linear")
 ]
-HYPERPARAMETERS += [("sigmoid_focal", "alpha", (-0.1, 1.5), (0.0, 1.0))]
+HYPERPARAMETERS += [("sigmoid_focal", "alpha", (-0.1, 1.5, NAN), (0.0, 1.0))]
+HYPERPARAMETERS += [("sigmoid_focal", "gamma", (-0.5, -1e-8, NAN), (0.0, 2.0))]
+HYPERPARAMETERS += [("linear", "temperature", (-1.0, 0.0, NAN, float("inf")), (0.5, 2.0))]
 BAD_HYPERPARAMETERS = [(f, a, v) for f, a, bad, _ in HYPERPARAMETERS for v in bad]
 BAD_IDS = [f"{f}-{a}={v}" for f, a, v in BAD_HYPERPARAMETERS]
 

@@ -314,6 +314,31 @@ def test_plan_arguments_are_checked():
         jaxce.plan_linear_cross_entropy(4, 3, 5, "int32")
 
 
+@pytest.mark.parametrize("budget", [-5, 0, True, 1.5], ids=["-5", "0", "True", "1.5"])
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_memory_budget_must_be_a_positive_int(budget, platform):
+    """It was used as given: -5 or 0 bytes picked the smallest chunk, True one byte."""
+    with pytest.raises(ValueError, match=r"`memory_budget` must be a positive int .* got"):
+        jaxce.plan_linear_cross_entropy(
+            64, 3, 5, "float32", platform=platform, memory_budget=budget
+        )
+    assert jaxce.plan_linear_cross_entropy(64, 3, 5, "float32", memory_budget=1).chunk_size >= 1
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 2.0, "8"], ids=["0", "-1", "True", "2.0", "'8'"])
+@pytest.mark.parametrize("field", ["chunk_size", "vocab_block"])
+def test_plan_built_by_hand_checks_its_sizes(field, value):
+    """A hand-built plan with a zero chunk failed later, inside the loss, with ZeroDivisionError."""
+    plan = jaxce.plan_linear_cross_entropy(4, 3, 5, "float32")
+    with pytest.raises(
+        ValueError, match=f"`{field}` must be an int >= 1, got {re.escape(repr(value))}"
+    ):
+        dataclasses.replace(plan, **{field: value})
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        fields = dataclasses.asdict(plan) | {field: value}
+        jaxce.LinearCrossEntropyPlan(**fields)
+
+
 @pytest.mark.parametrize("products", ["split", "bfloat16"])
 def test_bfloat16_accelerator_products_take_bfloat16_operands_only(products):
     """Tensor cores multiply bfloat16: no float32 operand in a product with the vocabulary.

@@ -116,6 +116,10 @@ class LinearCrossEntropyPlan:
     gradient_products: str = "float32"
 
     def __post_init__(self) -> None:
+        for name in ("chunk_size", "vocab_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
         if self.gradient_products not in ("bfloat16", "split", "float16", "float32", "float64"):
             raise ValueError(
                 "`gradient_products` must be 'bfloat16' or 'split' (bfloat16 inputs) or the "
@@ -235,6 +239,12 @@ def plan_linear_cross_entropy(
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    if memory_budget is not None and (
+        not isinstance(memory_budget, int) or isinstance(memory_budget, bool) or memory_budget < 1
+    ):
+        raise ValueError(
+            f"`memory_budget` must be a positive int (bytes) or None, got {memory_budget!r}."
+        )
     _checks.check_reduction(reduction)
     key = jax.default_backend() if platform is None else platform
     if key not in _PLATFORMS:
