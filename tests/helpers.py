@@ -184,18 +184,34 @@ EIGHT_DEVICES_FLAG = "JAXCE_EIGHT_DEVICES"
 EIGHT_DEVICES_XLA_FLAG = "--xla_force_host_platform_device_count=8"
 
 
+def start_on_eight_host_devices(command: list[str], flag: str = EIGHT_DEVICES_FLAG) -> Any:
+    """Starts ``command`` (a ``subprocess.Popen``, output piped) with 8 CPU devices.
+
+    JAX fixes its device count when its backend starts, so what needs 8
+    devices runs in a child with ``XLA_FLAGS`` set and ``flag=1`` in its
+    environment (which tells the child's module to define its multi-device
+    part); the child imports the jaxce this process imported.
+    """
+    env = dict(os.environ)
+    env[flag] = "1"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {EIGHT_DEVICES_XLA_FLAG}".strip()
+    package_root = os.path.dirname(os.path.dirname(jaxce.__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
 def run_on_eight_host_devices(test_file: str, timeout: float = 240) -> None:
     """Runs ``pytest test_file`` in a subprocess with 8 CPU devices, and fails with its report.
 
-    JAX fixes its device count when its backend starts, so a test file whose
-    cases need 8 devices holds one parent test that calls this; only the child
-    (``JAXCE_EIGHT_DEVICES=1``) defines the cases.
+    A test file whose cases need 8 devices holds one parent test that calls
+    this; only the child (``JAXCE_EIGHT_DEVICES=1``) defines the cases.
     """
-    env = dict(os.environ)
-    env[EIGHT_DEVICES_FLAG] = "1"
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {EIGHT_DEVICES_XLA_FLAG}".strip()
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    process = start_on_eight_host_devices(command)
+    stdout, stderr = process.communicate(timeout=timeout)
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, (
         f"8-device cases failed (rerun: {EIGHT_DEVICES_FLAG}=1 "
         f"XLA_FLAGS={EIGHT_DEVICES_XLA_FLAG} pytest {test_file}):\n"

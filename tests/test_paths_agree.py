@@ -56,7 +56,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -67,11 +66,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
-    EIGHT_DEVICES_XLA_FLAG,
     REDUCTIONS,
     assert_normwise_close,
     half_precision_output_bound,
     rounding_bound,
+    start_on_eight_host_devices,
 )
 
 import jaxce
@@ -923,19 +922,9 @@ class ShardedChild:
     """The subprocess computing the vocabulary-parallel results, started early, read on demand."""
 
     def __init__(self, keys: list[str], directory: str) -> None:
-        env = dict(os.environ)
-        env[SHARDED_CHILD] = "1"
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {EIGHT_DEVICES_XLA_FLAG}".strip()
-        # The child imports the jaxce this process imported.
-        package_root = os.path.dirname(os.path.dirname(jaxce.__file__))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         self.output = os.path.join(directory, "sharded.npz")
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, self.output, *keys],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        self.process = start_on_eight_host_devices(
+            [sys.executable, __file__, self.output, *keys], flag=SHARDED_CHILD
         )
         self.arrays: dict[str, np.ndarray] | None = None
 

@@ -703,11 +703,24 @@ def _gradients_whole(
     weights = _row_weights(config, inputs, chunk)
     totals = _add_row_values(config, totals, inputs, chunk, losses, weights)
     coefficients = _coefficients(config, inputs, chunk, losses, weights)
-    one_hot = jnp.where(label_mask(chunk.target, vocab), coefficients.label[:, None], 0)
     real = _real_classes(config, vocab, 0, vocab)
-    g = _dense_gradient(config, inputs, losses.exps, chunk.logits, coefficients, real) - one_hot
+    g = _dense_gradient(config, inputs, losses.exps, chunk.logits, coefficients, real)
+    # Rounded to bfloat16 for the products, the one-hot term (-1 / N per token
+    # under "mean", the largest entry of a row) would carry bfloat16's whole
+    # relative error into every gradient alike; kept out, it is added exactly.
+    one_hot_apart = config.bfloat16_products
+    label, target = coefficients.label, chunk.target
+    if one_hot_apart:
+        on_device = (target >= 0) & (target < vocab)
+        label, target = jnp.where(on_device, label, 0), jnp.clip(target, 0, vocab - 1)
+    else:
+        g = g - jnp.where(label_mask(chunk.target, vocab), coefficients.label[:, None], 0)
     if wants.hidden:
-        totals = _store_hidden(config, totals, chunk, _times_weight(config, g, weight))
+        d_hidden = _times_weight(config, g, weight)
+        if one_hot_apart:
+            label_rows = xla_cpu.gather_rows(weight, target).astype(compute)
+            d_hidden = d_hidden - label[:, None] * label_rows
+        totals = _store_hidden(config, totals, chunk, d_hidden)
     # The weight gradient's product: bfloat16 rows of `hidden` as they are
     # (with `g` rounded to bfloat16 or split in two), or float32 ones.
     bfloat16_rows = config.bfloat16_products or config.split_weight_product
@@ -723,7 +736,13 @@ def _gradients_whole(
 
     if wants.weight or wants.bias:
         blocks = _loop(-(-vocab // block), block_step, Gradients(None, totals.weight, totals.bias))
-        totals = totals._replace(weight=blocks.weight, bias=blocks.bias)
+        weight_grad, bias_grad = blocks.weight, blocks.bias
+        if one_hot_apart and weight_grad is not None:
+            update = -label[:, None] * chunk.hidden.astype(weight_grad.dtype)
+            weight_grad = weight_grad.at[target].add(update)
+        if one_hot_apart and bias_grad is not None:
+            bias_grad = bias_grad.at[target].add(-label.astype(bias_grad.dtype))
+        totals = totals._replace(weight=weight_grad, bias=bias_grad)
     return totals
 
 

@@ -95,17 +95,21 @@ class LinearCrossEntropyPlan:
         program; the device's compiler has not been measured.
       gradient_products: for bfloat16 inputs, how the float32 gradient of the
         logits ``G`` enters the two gradient products (``G W`` and
-        ``G^T h``). ``"split"`` (the default): as two bfloat16 products of
-        ``G``'s high and low halves, accumulated in float32 (relative error
-        about 2^-17; on CPU ``G^T h`` multiplies in float32 instead, as fast
-        there). ``"bfloat16"``: rounded to bfloat16, one product each, as in
-        the forward pass: two fewer products on GPU and TPU, but gradients
-        about twice as far from exact as bfloat16 rounding of the result
-        alone (measured on CPU at N=1024, D=256, V=8192: norm-wise relative
-        error 2.2e-3 against 1.0e-4 for ``"split"``, both after rounding to
-        bfloat16). Choose it with ``dataclasses.replace(plan,
-        gradient_products="bfloat16")``. Other dtypes multiply in their own
-        (``"float32"``, ``"float64"``, ...).
+        ``G^T h``). ``"bfloat16"`` (the default on GPU and TPU): rounded to
+        bfloat16, one product each, as in the forward pass, as every peer
+        and the materialised bfloat16 computation do: three products with
+        the vocabulary in all, the floor's count. Its gradients are as close
+        to exact as those of the materialised bfloat16 computation (``h @
+        W.T`` in bfloat16 with float32 accumulation, then the loss,
+        differentiated): within 1.25x of that error, tested on CPU; a
+        bfloat16 gradient holds no more. ``"split"`` (the default on CPU,
+        where it costs nothing; the opt-in for more precision elsewhere):
+        as two bfloat16 products of ``G``'s high and low halves, accumulated
+        in float32 (relative error about 2^-17 before the gradients are
+        rounded to bfloat16; on CPU ``G^T h`` multiplies in float32
+        instead), five products on GPU and TPU. Choose with
+        ``dataclasses.replace(plan, gradient_products=...)``. Other dtypes
+        multiply in their own (``"float32"``, ``"float64"``, ...).
     """
 
     platform: str
@@ -161,10 +165,8 @@ def _estimated_temporaries(
       two chunks when a block is the whole vocabulary).
     - bfloat16 (float32 accumulators, bfloat16 outputs): the accumulators,
       and the chunk's gradient beside its exponentials (one and a half
-      chunks: XLA:CPU fits part of one in place), and on accelerators a
-      bfloat16 half of the gradient for "mean"; for "none" one chunk (its
-      tiles stand alone), or two and a half on accelerators
-      (whole-vocabulary tiles).
+      chunks: XLA:CPU fits part of one in place); for "none" on the CPU
+      plan one chunk (its tiles stand alone).
     - Whole-vocabulary products (accelerator plans) form each chunk's weight
       product before adding it to the accumulator: a weight-sized buffer.
     """
@@ -173,10 +175,7 @@ def _estimated_temporaries(
     hidden_f32 = 4 * num_tokens * dim
     blocked = vocab_block < vocab
     if bfloat16:
-        if per_token:
-            chunks = 2.5 if accelerator else 1
-        else:
-            chunks = 2.5 if accelerator else 1.5
+        chunks = 1.5 if accelerator or not per_token else 1
         return int(chunks * chunk_f32) + weight_f32 + hidden_f32
     if accelerator:
         if per_token:
@@ -290,5 +289,7 @@ def plan_linear_cross_entropy(
     chunk = min(chunk, tokens)
     accumulation = "float64" if dtype == jnp.float64 else "float32"
     estimated = estimate(chunk)
-    products = "split" if bfloat16 else dtype.name
+    # Accelerators: three products with bfloat16 operands, as every peer and the
+    # materialised computation; the CPU multiplies the split halves as fast.
+    products = ("bfloat16" if accelerator else "split") if bfloat16 else dtype.name
     return LinearCrossEntropyPlan(resolved, chunk, vocab_block, accumulation, estimated, products)

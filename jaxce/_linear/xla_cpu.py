@@ -39,6 +39,26 @@ def _take_rows_jvp(
     return take_rows(array, start, size), tangent
 
 
+@jax.custom_jvp
+def gather_rows(array: jax.Array, indices: jax.Array) -> jax.Array:
+    """``array[indices]`` (rows); bfloat16 rows are gathered as their ``uint16`` bits.
+
+    The derivative is the gather of the tangent (bits carry none).
+    """
+    if array.dtype != jnp.bfloat16:
+        return jnp.take(array, indices, axis=0)
+    bits = jax.lax.bitcast_convert_type(array, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jnp.take(bits, indices, axis=0), jnp.bfloat16)
+
+
+@gather_rows.defjvp
+def _gather_rows_jvp(
+    primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]
+) -> tuple[jax.Array, jax.Array]:
+    array, indices = primals
+    return gather_rows(array, indices), jnp.take(tangents[0], indices, axis=0)
+
+
 def max_and_label_column(
     logits: jax.Array, label_mask: jax.Array, loop_index: jax.Array
 ) -> tuple[jax.Array, jax.Array]:

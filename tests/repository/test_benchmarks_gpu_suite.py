@@ -21,7 +21,7 @@ from benchmarks import gpu, gpu_peers
 # The fused case's JAX competitors, in the suite's order (the floor comes after them).
 FUSED_JAX_COMPETITORS = (
     gpu.JAXCE_FUSED,
-    gpu.JAXCE_FUSED_ROUNDED,
+    gpu.JAXCE_FUSED_SPLIT,
     gpu.JAXCE_FUSED_PER_TOKEN,
     gpu.NAIVE,
     gpu.JAX_CCE,
@@ -62,7 +62,7 @@ def test_fused_case_list_builds_at_tiny_shapes():
             built[entry.name] = entry.build()
         except gpu.Unavailable:
             assert entry.name in (gpu.JAX_CCE, gpu.TOKAMAX)  # optional peers only
-    fused = (gpu.JAXCE_FUSED, gpu.JAXCE_FUSED_ROUNDED, gpu.JAXCE_FUSED_PER_TOKEN, gpu.NAIVE)
+    fused = (gpu.JAXCE_FUSED, gpu.JAXCE_FUSED_SPLIT, gpu.JAXCE_FUSED_PER_TOKEN, gpu.NAIVE)
     for name in (*fused, gpu.FUSED_FLOOR):
         fn, args = built[name]
         assert callable(fn) and args[0] is hidden and args[1] is weight
