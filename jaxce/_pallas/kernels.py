@@ -42,9 +42,22 @@ from jax.experimental.pallas import triton as pl_triton
 
 from jaxce import _formulas
 
-# Logits read by one program per loop step: 4096 float32 or 8192 bfloat16 /
-# float16, so 16 bytes per thread per load at 8 warps. A guess for Hopper until
-# a GPU measurement tunes it.
+# The launch model, in one place (`kernel_config`), for a GPU run to confirm or
+# replace. One program per row walks it in blocks; the kernel is bound by
+# memory bandwidth (one read of the row, and one write of its gradient in the
+# backward pass), so a block is sized for the loads, not for arithmetic:
+# - bytes per program per step: `_BLOCK_BYTES` = 16 KiB of logits (4096
+#   float32 or 8192 bfloat16/float16), that is 16 bytes per thread per load
+#   (one 128-bit vector load) at 8 warps of 32 threads;
+# - registers: a block upcast to float32 is 16 (float32) or 32 (bfloat16)
+#   values per thread at 8 warps, well within Hopper's 255 per thread;
+# - occupancy: about 2 blocks of 8 warps (16 KiB each, with `num_stages=3`
+#   software pipelining of the loads: 48 KiB of shared memory per program) per
+#   SM of 228 KiB, i.e. 16 of 64 warps resident per SM, which the row count
+#   (8192 rows for 132 SMs) keeps busy; rows narrower than a block take fewer
+#   warps (`block // 512`, at least 1) so that small classifiers waste no
+#   threads on padding.
+# Measured on no GPU yet: these are the model's numbers.
 _BLOCK_BYTES = 16 * 1024
 # Smallest block: Triton wants power-of-two blocks, and narrow rows (C = 1)
 # still run a whole block, mostly padding.
