@@ -72,3 +72,37 @@ def test_primitives_keep_the_input_dtype(dtype: str) -> None:
     for fn in (jaxce.log_sigmoid, jaxce.log1m_sigmoid, jaxce.log_softmax):
         assert fn(x).dtype == jnp.dtype(dtype)
     assert jaxce.logsumexp(x).dtype == jnp.dtype(dtype)
+
+
+# Rows with +inf logits: alone, beside finite ones, beside -inf, two of them, and excluded by
+# `where` (then they take no part).
+PLUS_INF_ROWS = np.array(
+    [
+        [0.0, np.inf, 2.0, 0.5],
+        [np.inf, np.inf, 1.0, 0.0],
+        [1.0, 2.0, np.inf, -np.inf],
+        [np.inf, -np.inf, -np.inf, -np.inf],
+    ],
+    np.float32,
+)
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_logsumexp_of_plus_inf_is_plus_inf(mode: str) -> None:
+    """`logsumexp` of a row holding +inf is +inf (the shift must not turn it into NaN)."""
+    wrap = jax.jit if mode == "jit" else (lambda f: f)
+    np.testing.assert_array_equal(wrap(jaxce.logsumexp)(PLUS_INF_ROWS), np.full(4, np.inf))
+    np.testing.assert_array_equal(
+        wrap(lambda x: jaxce.logsumexp(x, axis=None))(PLUS_INF_ROWS), np.inf
+    )
+    excluded = np.isinf(PLUS_INF_ROWS) & (PLUS_INF_ROWS > 0)
+    keep = ~excluded
+    keep[3, 1] = True  # row 3 keeps a -inf only: log 0 = -inf
+    got = wrap(lambda x: jaxce.logsumexp(x, where=keep))(PLUS_INF_ROWS)
+    expected = np_logsumexp(np.where(keep, PLUS_INF_ROWS, -np.inf)[:3].astype(np.float64))
+    np.testing.assert_allclose(got[:3], expected, rtol=1e-6)
+    assert got[3] == -np.inf
+    # log_softmax: x - lse is inf - inf at the +inf entries and -inf elsewhere: never finite
+    # where the row holds a +inf.
+    log_p = np.asarray(wrap(jaxce.log_softmax)(PLUS_INF_ROWS))
+    assert not np.any(np.isfinite(log_p)), log_p

@@ -74,6 +74,17 @@ else:
             options["label_smoothing"] = 0.1
         if case == "where_examples":
             options["where"] = rng.random(BATCH) < 0.6
+        if case == "huge_excluded":
+            # A logit of 1e30 in a class `where` excludes, on a shard other than the
+            # label's: the shift (pmax over the shards) must not see it, or every
+            # exp(x - m) underflows to 0 and the row's loss is inf or NaN.
+            mask = np.ones((BATCH, CLASSES), bool)
+            huge = (labels + CLASSES // 2) % CLASSES
+            logits[np.arange(BATCH), huge] = 1e30
+            mask[np.arange(BATCH), huge] = False
+            options["where"] = mask
+            options["label_smoothing"] = 0.1
+            options["z_loss"] = 1e-3
         if case == "extreme_logits":
             logits[0, :] = -1e30
             logits[0, 5] = 1e30
@@ -165,6 +176,8 @@ else:
         ("all_options", "2x4"),
         ("where_classes", "2x4"),
         ("where_examples", "4x2"),
+        ("huge_excluded", "8"),
+        ("huge_excluded", "2x4"),
         ("extreme_logits", "8"),
         ("out_of_range", "2x4"),
         ("all_ignored", "4x2"),
@@ -187,7 +200,7 @@ else:
             assert_close(a, e, f"{case}: reduction={name}")
         assert_close(actual[1], expected[1], f"{case}: grad of the mean")
         assert_close(actual[2], expected[2], f"{case}: grad of the per-example loss")
-        if case == "extreme_logits":
+        if case in ("extreme_logits", "huge_excluded"):
             assert np.all(np.isfinite(actual[0][0])) and np.all(np.isfinite(actual[1]))
         if case == "out_of_range":
             assert np.isnan(np.asarray(actual[0][0])[[2, 9]]).all() and np.isnan(actual[0][2])

@@ -319,3 +319,37 @@ else:
                 assert np.all(np.asarray(want) < VOCAB - 5)
             else:
                 assert_close(values[0], want, name)
+
+    @pytest.mark.parametrize("chunk_size", [3, 7], ids=["chunk3", "chunk7"])
+    def test_aux_argmax_tied_across_shards_is_the_lowest_index(chunk_size: int) -> None:
+        """The largest logit tied between two shards' classes: every shard reports the
+        single-device argmax, the lowest index (as ``jnp.argmax``), not its own."""
+        rng = np.random.default_rng(11)
+        tokens = 6
+        hidden = jnp.asarray(np.abs(rng.normal(size=(tokens, DIM))) + 0.1, jnp.float32)
+        weight = rng.normal(0, 0.1, (VOCAB, DIM)).astype(np.float32)
+        # 6 classes per shard: 7 (shard 1), 31 (shard 5) and 44 (shard 7) share the largest
+        # logit; 13 and 14 (shard 2) tie below them.
+        weight[[7, 31, 44]] = 1.0
+        weight[[13, 14]] = 0.9
+        weight = jnp.asarray(weight)
+        labels = jnp.asarray(rng.integers(0, VOCAB, tokens))
+        mesh = make_mesh((1, 8))
+
+        def body(h, w, y):
+            _, aux = jaxce.sharded.linear_cross_entropy(
+                h, w, y, axis_name="model", return_aux=True, chunk_size=chunk_size
+            )
+            return aux.argmax[None]
+
+        per_shard = jax.jit(
+            jax.shard_map(body, mesh=mesh, in_specs=(P(), P("model"), P()), out_specs=P("model"))
+        )(hidden, weight, labels)
+        _, single = jaxce.linear_cross_entropy(
+            hidden, weight, labels, return_aux=True, chunk_size=chunk_size
+        )
+        materialised = np.argmax(np.asarray(hidden) @ np.asarray(weight).T, axis=-1)
+        np.testing.assert_array_equal(materialised, np.full(tokens, 7))
+        np.testing.assert_array_equal(np.asarray(single.argmax), materialised)
+        for shard in np.asarray(per_shard):
+            np.testing.assert_array_equal(shard, materialised)

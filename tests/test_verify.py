@@ -301,3 +301,44 @@ def test_the_documented_python_entry_point_runs(capsys):
     assert table[2] == "binary_cross_entropy" and all(line.endswith("ok") for line in table[3:])
     with pytest.raises(TypeError, match="'module' object is not callable"):
         jaxce.verify()
+
+
+def test_stated_tolerances_are_the_ones_applied():
+    """README and the module docstring state 1e-12 (1e-7 against finite differences) in
+    float64, 1e-6 in float32, 1e-2 in bfloat16, 2e-3 in float16."""
+    assert verify.TOLERANCES == {
+        "float64": verify.Tolerance(analytic=1e-12, finite_differences=1e-7),
+        "float32": verify.Tolerance(analytic=1e-6, finite_differences=1e-6),
+        "bfloat16": verify.Tolerance(analytic=1e-2, finite_differences=1e-2),
+        "float16": verify.Tolerance(analytic=2e-3, finite_differences=2e-3),
+    }
+
+
+# A closed form off by a factor: 0.05% is 500 times float32's tolerance and must fail; 1e-7,
+# within float32 rounding (u = 6e-8, the stated 1e-6 is ~16 u), must pass.
+SCALED_CLOSED_FORMS = [
+    pytest.param(1.0005, False, id="0.05%-off-fails"),
+    pytest.param(1 + 1e-7, True, id="1e-7-off-passes"),
+]
+
+
+@pytest.mark.parametrize(("factor", "passes"), SCALED_CLOSED_FORMS)
+@pytest.mark.parametrize(
+    "loss", ["softmax_cross_entropy_with_integer_labels", "sigmoid_binary_cross_entropy"]
+)
+def test_float32_tolerance_catches_a_closed_form_slightly_off(monkeypatch, loss, factor, passes):
+    true_derivative = getattr(derivatives, loss)
+
+    def scaled(*args, **kwargs):
+        gradient = true_derivative(*args, **kwargs)
+        return (gradient.astype(jnp.float64) * factor).astype(gradient.dtype)
+
+    monkeypatch.setattr(derivatives, loss, scaled)
+    (report,) = verify.run_all(["float32"], [loss])[:1]
+    assert report.dtype == "float32"
+    assert report.passed is passes, str(report)
+    if not passes:
+        failed = {row.pair for row in report.rows if not row.passed}
+        assert verify.CLOSED_VS_GRAD in failed and verify.CLOSED_VS_REFERENCE in failed
+        # jax.grad and the reference still agree: the closed form is what is wrong.
+        assert report.worst(verify.GRAD_VS_REFERENCE).passed
