@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU suite and the tests on a GPU, in one call of the device machine (DEVELOPERS.md,
-# "Measuring on an H200"). Run from the repository root there, with `wheels/` carried:
+# The GPU suite and the tests on a GPU, in one run (CONTRIBUTING.md, "The GPU suite"). On a
+# machine with a GPU, from the repository root, with the peers' wheels in `wheels/`:
 #
 #     bash benchmarks/gpu.sh
 #
-# It installs the carried wheels offline (the machine has no network) into a folder of its own,
+# It installs the wheels offline (no network needed) into a folder of its own,
 # puts the working tree first on PYTHONPATH (jaxce is not installed there), runs
 # `python -m benchmarks --suite gpu --out $OUT`, then the tests that need a GPU (`-m gpu` once
 # pyproject.toml registers that marker; until then tests/test_*gpu*.py, which skip without one,

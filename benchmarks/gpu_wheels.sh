@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Downloads the GPU suite's peers as wheels into wheels/ (ignored by git), for the device
-# machine, which has no network: the versions of ../shared/ANCHORS.md, for its Python 3.12.
-# All four are pure Python (about 3.6 MB); what they need is already on the H200's image
-# (torch, triton, jax, jaxtyping). Run from anywhere; PIP defaults to .venv/bin/pip.
+# Downloads the GPU suite's peers as wheels into wheels/ (ignored by git), for a GPU machine
+# that may have no network (benchmarks/gpu.sh installs them offline): the versions the suite
+# was written against, for Python 3.12. All four are pure Python (under 4 MB together); what
+# they need (torch, triton, jax, jaxtyping) must be on the GPU machine. Run from anywhere; PIP
+# defaults to .venv/bin/pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=${PIP:-.venv/bin/pip}

@@ -1,8 +1,8 @@
 """The GPU suite (`python -m benchmarks --suite gpu`) on this CPU, at tiny shapes only.
 
-The real shapes need an H200 (DEVELOPERS.md); here the suite's cases must build, one tiny run
-must write the JSON and the table with every expected row, and a peer that is missing must be a
-row that says so, never a crash.
+The real shapes need a GPU (CONTRIBUTING.md, "The GPU suite"); here the suite's cases must
+build, one tiny run must write the JSON and the table with every expected row, and a peer that
+is missing must be a row that says so, never a crash.
 """
 
 from __future__ import annotations
