@@ -1,17 +1,22 @@
 """``make demo`` (``python -m examples.demo``): the library's main job, end to end.
 
-1. the worked NumPy examples of a well-known question-and-answer thread on cross-entropy, with
-   the values they should have printed;
+1. three worked NumPy examples of a question-and-answer walk-through of cross-entropy (binary,
+   categorical, three samples), whose printed results were wrong: jaxce's values next to the
+   examples' own formulas evaluated in float64 NumPy, and the values the walk-through printed;
 2. the gradient verification summary (:mod:`jaxce.verify`);
 3. optax training on two data sets bundled with scikit-learn, each run twice (jaxce's
    loss, then the same loss written with optax) to show the numbers agree;
-4. a small causal transformer trained on the standard library's code through
+4. Flax NNX models trained with jaxce losses under ``nnx.jit`` (:mod:`examples.flax_nnx`): an
+   MLP on digits, and a tiny language model trained through ``jaxce.linear_cross_entropy``
+   with its output weight taken from an ``nnx.Embed`` (tied) or an ``nnx.Linear`` head;
+5. a small causal transformer trained on the standard library's code through
    ``jaxce.linear_cross_entropy(shift=1, vocab_size=..., return_aux=True)``, next to the same
    run through the materialised optax formulation (:mod:`examples.transformer`);
-5. a short benchmark table against optax (:func:`jaxce.bench.compare`).
+6. a short benchmark table against optax (:func:`jaxce.bench.compare`).
 
 Every claim is checked: the command exits with status 1 and says which one broke. It needs
-the ``demo`` extra (scikit-learn, optax, equinox); without it, it says so in one line and exits 2.
+the ``demo`` extra (scikit-learn, optax, equinox, flax); without it, it says so in one line and
+exits 2.
 """
 
 from __future__ import annotations
@@ -39,16 +44,17 @@ LOSS_RTOL = 1e-4
 # `jaxce verify` checks float32, float64 and bfloat16.
 VERIFY_DTYPES = ("float64",)
 BENCHMARK_SHAPES = ((4096, 10), (1024, 1000), (256, 32000))
-SECTIONS = ("examples", "verify", "train", "transformer", "bench")
+SECTIONS = ("examples", "verify", "train", "flax", "transformer", "bench")
 
-# The values the Q&A thread's examples should have printed (the thread printed wrong ones).
+# The worked examples' values: their own NumPy formulas in float64 give these (the walk-through
+# printed 0.3285... and 1.1819... for the first two, nothing for the third).
 CORRECT_BINARY = 0.164252033486018
 CORRECT_CATEGORICAL = 0.4243218919376292
 CORRECT_THREE_SAMPLES = 0.18913199175146167
 
 
 def reference_examples() -> list[tuple[str, float, float, float]]:
-    """The Q&A thread's worked examples: (name, jaxce, NumPy, printed)."""
+    """The walk-through's worked examples: (name, jaxce, float64 NumPy, value it printed)."""
     binary_labels = np.array([1.0, 0.0, 1.0, 0.0])
     binary_probs = np.array([0.9, 0.1, 0.8, 0.2])
     onehot = np.eye(3)
@@ -103,12 +109,15 @@ class Progress:
 
 
 def run_examples(progress: Progress) -> None:
-    progress.section("Worked examples of a Q&A thread (its printed values were wrong)")
-    print(f"  {'example':38s} {'jaxce':>12s} {'NumPy':>12s} {'document':>12s}")
+    progress.section(
+        "Worked examples of a cross-entropy walk-through, checked against float64 NumPy"
+    )
+    print("  NumPy: the examples' own formulas in float64; printed: what the walk-through showed")
+    print(f"  {'example':38s} {'jaxce':>12s} {'NumPy':>12s} {'printed':>12s}")
     rows = reference_examples()
     for name, ours, numpy_value, printed in rows:
-        document = "(no value)" if np.isnan(printed) else f"{printed:.9f}"
-        print(f"  {name:38s} {ours:12.9f} {numpy_value:12.9f} {document:>12s}")
+        shown = "(no value)" if np.isnan(printed) else f"{printed:.9f}"
+        print(f"  {name:38s} {ours:12.9f} {numpy_value:12.9f} {shown:>12s}")
     correct = (CORRECT_BINARY, CORRECT_CATEGORICAL, CORRECT_THREE_SAMPLES)
     for (name, ours, numpy_value, _), expected in zip(rows, correct, strict=True):
         progress.check(
@@ -220,6 +229,17 @@ def run_training(progress: Progress) -> None:
     )
 
 
+def run_flax(progress: Progress) -> None:
+    from examples import flax_nnx
+
+    progress.section("Flax NNX models trained with jaxce losses (python -m examples.flax_nnx)")
+    report = flax_nnx.run()
+    for line in flax_nnx.describe(report):
+        print(f"  {line}", flush=True)
+    for holds, claim in flax_nnx.claims(report):
+        progress.check(holds, claim)
+
+
 def run_transformer(progress: Progress) -> None:
     from examples import transformer
 
@@ -263,7 +283,8 @@ def run_benchmark(progress: Progress, runs: int = 10) -> None:
 
 def main(argv: Sequence[str]) -> int:
     try:
-        from examples import training, transformer  # noqa: F401  (scikit-learn, optax, equinox)
+        # scikit-learn, optax, equinox, flax
+        from examples import flax_nnx, training, transformer  # noqa: F401
     except ModuleNotFoundError as error:
         print(
             f"the demo needs {error.name}, which is not installed: pip install -e '.[demo]' "
@@ -292,6 +313,7 @@ def main(argv: Sequence[str]) -> int:
         "examples": run_examples,
         "verify": run_verify,
         "train": run_training,
+        "flax": run_flax,
         "transformer": run_transformer,
         "bench": run_benchmark,
     }

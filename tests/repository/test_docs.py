@@ -100,7 +100,7 @@ def built_site(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 def test_builds_without_warnings(built_site: pathlib.Path) -> None:
     assert (built_site / "index.html").exists()
-    for page in ("semantics", "api", "command", "notebooks"):
+    for page in ("semantics", "api", "command", "flax", "notebooks"):
         assert (built_site / f"{page}.html").exists(), page
 
 
