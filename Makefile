@@ -7,6 +7,14 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
 DOCS_STAMP := $(VENV)/.docs-installed
 SOURCES := jaxce tests benchmarks examples notebooks/execute.py
+# pip without its progress output, and without setuptools' "Editable installation" notice (a
+# warning the build backend gives on every `pip install -e`): that one warning is filtered by
+# its message; errors and every other warning still show.
+PIP_INSTALL := PYTHONWARNINGS="$${PYTHONWARNINGS:+$$PYTHONWARNINGS,}ignore:Editable installation" $(BIN)/pip install --quiet
+# pytest ends each line of results with the suite's progress, `[ 42%]`; at 80 columns that is
+# every 72 tests, where a terminal or CI log reporting thousands of columns would show it only
+# at the end.
+PYTEST := COLUMNS=80 $(BIN)/pytest -o console_output_style=progress -n 2 --doctest-modules
 
 .PHONY: test test-all demo docs lint typecheck bench bench-quick notebooks clean
 
@@ -16,18 +24,18 @@ $(BIN)/python:
 
 # Everything: the test suite, the notebooks, the benchmarks.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(PIP_INSTALL) -e '.[test]'
 	touch $(STAMP)
 
-# The demo only: jaxce, optax, tqdm and scikit-learn.
+# The demo only: jaxce, optax, tqdm, scikit-learn, equinox and flax.
 $(DEMO_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[demo]'
+	$(PIP_INSTALL) -e '.[demo]'
 	touch $(DEMO_STAMP)
 
 # The documentation site: Sphinx only (the docs extra), warnings are errors; open
 # docs/_build/html/index.html. The notebooks are rendered from their committed outputs.
 $(DOCS_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[docs]'
+	$(PIP_INSTALL) -e '.[docs]'
 	touch $(DOCS_STAMP)
 
 docs: $(DOCS_STAMP)
@@ -43,10 +51,10 @@ typecheck: $(STAMP)
 # The suite without the tests marked slow (the notebooks re-executed, the wheel built, ...):
 # under ten minutes on two cores. `make test-all` runs those too.
 test: lint typecheck
-	$(BIN)/pytest -n 2 --doctest-modules -m "not slow" jaxce tests
+	$(PYTEST) -m "not slow" jaxce tests
 
 test-all: lint typecheck
-	$(BIN)/pytest -n 2 --doctest-modules jaxce tests
+	$(PYTEST) jaxce tests
 
 demo: $(DEMO_STAMP)
 	$(BIN)/python -m examples.demo
