@@ -84,3 +84,12 @@ def test_wheel_holds_the_library_the_license_and_the_command(tmp_path):
     unconditional = [line for line in requires if "extra ==" not in line]
     assert sorted(unconditional) == ["Requires-Dist: jax>=0.10", "Requires-Dist: numpy>=1.26"]
     assert "Classifier: Typing :: Typed" in metadata
+
+
+def test_project_urls_name_one_repository():
+    urls = PYPROJECT["project"]["urls"]
+    assert set(urls) == {"Homepage", "Repository", "Documentation", "Changelog", "Issues"}
+    repository = urls["Repository"]
+    assert all(url.startswith(repository + "/") or url == repository for url in urls.values())
+    assert urls["Changelog"].endswith("/CHANGELOG.md") and (REPO / "CHANGELOG.md").exists()
+    assert urls["Documentation"].endswith("/docs") and (REPO / "docs" / "index.md").exists()
