@@ -1,4 +1,4 @@
-"""The worked examples of the reference documents (``shared/reference``), computed by jaxce.
+"""The worked examples of a question-and-answer walk-through of cross-entropy, computed by jaxce.
 
 The first document's "Example Output" block is wrong (0.3285... and 1.1819...);
 the values below are the ones its code and its 3-sample walk-through give.
