@@ -102,10 +102,11 @@ def _terms(
         # (negative class weights, which PyTorch allows, may cancel as its
         # own formula does).
         total_weight = jnp.broadcast_to(_row_total(weights, x.shape[-1]), x.shape[:-1])
-        # A row without weight (all targets 0, or every class excluded: L may
-        # be -inf) contributes 0, never -inf * 0.
-        has_weight = total_weight != 0
-        normalizer_part = jnp.where(has_weight, log_normalizer, 0) * total_weight
+        # An empty row (every class excluded or -inf: L = -inf) contributes 0,
+        # never -inf * 0; a row whose weights sum to 0 multiplies as PyTorch
+        # does (0 * L: NaN for a +inf logit, as with integer labels).
+        empty = (total_weight == 0) & (log_normalizer == -jnp.inf)
+        normalizer_part = jnp.where(empty, 0, log_normalizer) * total_weight
         weighted = normalizer_part - _weighted_shifted_sum(weights, x, row_max, included)
     return (row_max, log_normalizer, nll, weighted), p
 

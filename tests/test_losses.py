@@ -819,16 +819,7 @@ def _plus_inf_cases() -> list:
             if loss == "soft" and option == "z_loss":
                 continue
             for labels in PLUS_INF_LABELS:
-                marks = ()
-                if loss == "soft" and option == "weight" and labels == "on_zero_weight":
-                    marks = pytest.mark.xfail(
-                        strict=True,
-                        reason="soft labels drop a row whose targets weigh 0 before its "
-                        "+inf normaliser (_closed_form._terms): loss 0, not NaN",
-                    )
-                cases.append(
-                    pytest.param(loss, option, labels, marks=marks, id=f"{loss}-{option}-{labels}")
-                )
+                cases.append(pytest.param(loss, option, labels, id=f"{loss}-{option}-{labels}"))
     return cases
 
 
