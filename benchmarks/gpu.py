@@ -1,6 +1,6 @@
 """`python -m benchmarks --suite gpu [--out DIR]`: jaxce against its peers on one GPU (an H200).
 
-What it measures (DEVELOPERS.md says how to run it on the lent H200 in one call):
+What it measures (CONTRIBUTING.md says how to run it on a machine with a GPU: `bash benchmarks/gpu.sh`):
 
 - Fused linear cross-entropy, bfloat16 `hidden` and `weight`, `value_and_grad` of the mean loss
   with respect to both, at shape A (N=8192, D=2304, V=256000, Gemma 2) and B (N=8192, D=4096,
@@ -127,7 +127,7 @@ JAXCE_PALLAS = 'jaxce (implementation="pallas")'
 OPTAX = "optax"
 PLAIN_FLOOR = "floor (copy: one read, one write)"
 
-# Targets (issues 14 and 16, ../shared/ANCHORS.md).
+# Targets: the best peer measured on an H200, and the floors (benchmarks/README.md).
 FUSED_X_FLOOR = 1.15
 FUSED_GRAD_ERROR = 2e-4
 FUSED_LOSS_ERROR = 1e-5
@@ -768,7 +768,7 @@ def _target(ok: bool | None) -> str:
 
 
 def targets(results: dict[str, Any]) -> list[str]:
-    """One line per target of issues 14 and 16, for jaxce's rows."""
+    """One line per target, for jaxce's rows."""
     lines = []
     rows = results["rows"]
     for case, info in results["cases"].items():

@@ -5,9 +5,8 @@ writes one row per (case, implementation) to `OUT.json`. `benchmarks.gpu` runs i
 of its own, before JAX touches the GPU (JAX takes most of the device's memory once it starts),
 and merges the rows into its results.
 
-This is the project's own `../shared/tools/gpu-peers/anchors_torch.py` (the script behind the
-PyTorch rows of `../shared/ANCHORS.md`), moved into the repository because the device machine
-receives only the working tree, and changed to: take the shapes as arguments, interleave the
+It began as the script behind the project's first PyTorch measurements of these peers, kept in
+the repository so that the suite runs from a checkout alone, and was changed to: take the shapes as arguments, interleave the
 competitors of a case (rounds of one call each in a fresh random order, CUDA-event times,
 medians after warm-up), measure each one's peak extra memory on its own, record the accuracy
 (gradients against a float32 formulation without TF32, mean loss against float64), and report
