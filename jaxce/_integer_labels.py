@@ -67,6 +67,15 @@ class LabelRule(NamedTuple):
     all_count: bool = False
 
 
+def ignored_labels(labels: jax.Array, ignore_index: int | None) -> jax.Array:
+    """Where ``labels`` equal ``ignore_index`` (bool, ``labels``' shape)."""
+    if ignore_index is None:
+        return jnp.zeros(labels.shape, bool)
+    if jnp.iinfo(labels.dtype).min <= ignore_index <= jnp.iinfo(labels.dtype).max:
+        return labels == ignore_index
+    return jnp.zeros(labels.shape, bool)  # an int64 ignore_index with int32 labels: none equal
+
+
 def label_rule(
     labels: jax.Array,
     num_classes: int,
@@ -85,12 +94,7 @@ def label_rule(
     ``class_weight`` is the ``[C]`` vector (any sign, as in PyTorch).
     """
     in_range = (labels >= 0) & (labels < num_classes)
-    if ignore_index is None:
-        ignored = jnp.zeros_like(in_range)
-    elif jnp.iinfo(labels.dtype).min <= ignore_index <= jnp.iinfo(labels.dtype).max:
-        ignored = labels == ignore_index
-    else:  # an int64 ignore_index with int32 labels: no label equals it
-        ignored = jnp.zeros_like(in_range)
+    ignored = ignored_labels(labels, ignore_index)
     # An example that `where` excludes takes no part: its label is not checked.
     _checks.check_values(
         in_range | ignored if row_included is None else in_range | ignored | ~row_included,

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxce import _checks, _formulas
@@ -82,7 +83,9 @@ def log_sum_exp_shifted(shifted: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 def _float_axes(x: jax.Array, axis: int | Sequence[int] | None) -> tuple[int, ...]:
     if axis is None:
         return tuple(range(x.ndim))
-    return _checks.normalize_axes(axis if isinstance(axis, int) else tuple(axis), x.ndim, "x")
+    if isinstance(axis, (int, np.integer)):
+        return _checks.normalize_axes(int(axis), x.ndim, "x")
+    return _checks.normalize_axes(tuple(axis), x.ndim, "x")
 
 
 def logsumexp(

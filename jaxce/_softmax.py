@@ -26,6 +26,28 @@ def check_implementation(implementation: object) -> None:
         )
 
 
+def check_logits(
+    logits: jax.Array,
+    layout: _layout.ClassLayout,
+    mask: jax.Array | None,
+    rows: jax.Array | None = None,
+) -> None:
+    """Under `jaxce.checked`, a NaN logit that takes part fails, named by its index in ``logits``.
+
+    A logit takes part unless ``mask`` (classes last) excludes its class or
+    ``rows`` (the batch shape; None: all) its example. Called after the loss,
+    so that an invalid label, checked inside it, is reported first.
+    """
+    if not _checks.checking_values(logits):
+        return
+    takes_part = jnp.ones(layout.shape, bool)
+    if rows is not None:
+        takes_part = takes_part & rows[..., None]
+    if mask is not None:
+        takes_part = takes_part & mask
+    _checks.check_not_nan(logits, layout.unlayout(takes_part), "logits")
+
+
 def integer_label_loss(
     logits: jax.Array,
     labels: jax.Array,
@@ -187,7 +209,7 @@ def softmax_cross_entropy_with_integer_labels(
 
         classes_last = layout.classes_last(logits)
         if _pallas.runs_kernel(classes_last, mask):
-            return _pallas.integer_label_loss(
+            loss = _pallas.integer_label_loss(
                 classes_last,
                 labels,
                 row_included=None if mask is None else mask[..., 0],
@@ -197,7 +219,10 @@ def softmax_cross_entropy_with_integer_labels(
                 z_loss=z_loss,
                 reduction=reduction,
             )
-    return integer_label_loss(
+            rows = ~_integer_labels.ignored_labels(labels, ignore_index)
+            check_logits(logits, layout, mask, rows)
+            return loss
+    loss = integer_label_loss(
         layout.classes_last(logits).astype(compute),
         labels,
         mask=mask,
@@ -207,6 +232,8 @@ def softmax_cross_entropy_with_integer_labels(
         z_loss=z_loss,
         reduction=reduction,
     )
+    check_logits(logits, layout, mask, ~_integer_labels.ignored_labels(labels, ignore_index))
+    return loss
 
 
 def soft_label_classes(x: jax.Array, targets: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -311,4 +338,5 @@ def softmax_cross_entropy(
     loss = _checks.nan_unless(
         _checks.option_valid(label_smoothing, "label_smoothing", high=1.0), loss
     )
+    check_logits(logits, layout, mask)
     return _reduce.reduce_examples(loss, mask, reduction)

@@ -106,3 +106,10 @@ def test_logsumexp_of_plus_inf_is_plus_inf(mode: str) -> None:
     # where the row holds a +inf.
     log_p = np.asarray(wrap(jaxce.log_softmax)(PLUS_INF_ROWS))
     assert not np.any(np.isfinite(log_p)), log_p
+
+
+def test_numpy_integer_axis():
+    """An axis given as a NumPy integer (from ``np.argmax``, a shape) works as a Python int."""
+    x = jnp.arange(6.0).reshape(2, 3)
+    for fn in (jaxce.logsumexp, jaxce.log_softmax):
+        np.testing.assert_array_equal(fn(x, axis=np.int64(1)), fn(x, axis=1))
