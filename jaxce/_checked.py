@@ -34,9 +34,9 @@ def checked(fn: Callable[..., Out]) -> Callable[..., Out]:
     kept per ``fn``, non-array arguments and array shapes and dtypes, so
     later calls (through this wrapper or another ``checked(fn)``) do not
     compile again; with an unhashable non-array argument each call compiles.
-    ``fn`` may be ``jax.jit``-ed (its compiled form is shared with plain
-    calls, which the checks do not slow down); call the result outside
-    ``jit``.
+    ``fn`` may be ``jax.jit``-ed (it is traced again, with the checks, apart
+    from its plain calls, which carry none and are not slowed down); call
+    the result outside ``jit``.
 
     Args:
       fn: a function whose jaxce calls should be checked.

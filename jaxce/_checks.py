@@ -20,18 +20,41 @@ from jax.experimental import checkify
 
 from jaxce._reduce import REDUCTIONS, Reduction
 
-# Set by `jaxce.checked` while it traces the user's function, so that checks
-# on its concrete (closed-over) arguments are emitted too.
+# Set by `jaxce.checked` while it traces the user's function: the value checks
+# are emitted then, and only then. It is a JAX configuration state that keys
+# jit's caches and trace contexts, so a function jitted and called plainly and
+# the same function under `jaxce.checked` are traced apart: a plain trace holds
+# no check (no checkify effect, which would keep jit off its fast dispatch
+# path: up to 1.3x slower calls at classifier shapes), and a checked trace is
+# never reused by a plain call or the reverse. Where JAX lacks the mechanism,
+# the checks are emitted whenever the values are traced (a plain `jit` then
+# carries them, unused).
 _value_checks: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "jaxce_value_checks", default=False
 )
+try:
+    from jax._src import config as _jax_config
+
+    _value_checks_state: Any = _jax_config.bool_state(
+        "jaxce_value_checks",
+        False,
+        help="Emit jaxce's value checks (set by jaxce.checked while it traces).",
+        include_in_jit_key=True,
+        include_in_trace_context=True,
+    )
+except (ImportError, AttributeError, TypeError):  # pragma: no cover - another JAX
+    _value_checks_state = None
 
 
 @contextlib.contextmanager
 def value_checks_enabled() -> Iterator[None]:
     token = _value_checks.set(True)
     try:
-        yield
+        if _value_checks_state is None:
+            yield
+        else:
+            with _value_checks_state(True):
+                yield
     finally:
         _value_checks.reset(token)
 
@@ -40,11 +63,8 @@ def check_values(valid: jax.Array, values: jax.Array, argument: str, expectation
     """Under `jaxce.checked`, fails naming the first invalid element of `values`.
 
     The check is a `checkify.debug_check`: a no-op unless the computation is
-    checkified. It is emitted whenever the values are traced, so a `jit` trace
-    holds the same program with or without `jaxce.checked` and its cache can be
-    shared both ways (a plain `checkify.check` in a cached trace breaks later
-    plain calls; a trace cached without checks would skip them under
-    `jaxce.checked`). Eager calls outside `jaxce.checked` skip the work.
+    checkified. It is emitted only while `jaxce.checked` traces (see
+    `_value_checks_state`: plain and checked traces are cached apart).
     """
     if not checking_values(values):
         return
@@ -64,10 +84,12 @@ def check_values(valid: jax.Array, values: jax.Array, argument: str, expectation
 
 
 def checking_values(values: Any) -> bool:
-    """Whether `check_values` emits checks on ``values`` (traced, or under `jaxce.checked`).
+    """Whether `check_values` emits checks on ``values``: under `jaxce.checked`.
 
     Lets a caller skip building a check's mask when no check is emitted.
     """
+    if _value_checks_state is not None:
+        return bool(_value_checks_state.value)
     return _value_checks.get() or isinstance(values, jax.core.Tracer)
 
 

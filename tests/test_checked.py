@@ -190,3 +190,20 @@ def test_checked_passes_a_nan_logit_of_an_ignored_example(implementation: str) -
     np.testing.assert_allclose(
         np.asarray(jaxce.checked(mean)(NAN_LOGITS)), np.asarray(plain), rtol=RTOL
     )
+
+
+def test_plain_traces_carry_no_check_and_checked_still_checks_a_jitted_function():
+    """Outside `jaxce.checked` a trace holds no checkify effect (jit keeps its fast dispatch);
+    a function jitted and called plainly first is traced again, with its checks, when checked."""
+    x, y = jnp.zeros((4, 3)), jnp.array([0, 1, 2, 5])
+
+    def loss(x, y):
+        return jaxce.softmax_cross_entropy_with_integer_labels(x, y, reduction="mean")
+
+    assert jax.make_jaxpr(loss)(x, y).effects == set()
+    jitted = jax.jit(loss)
+    assert np.isnan(jitted(x, y))
+    with pytest.raises(Exception, match=r"`labels` must be class indices in \[0, 3\); got 5"):
+        jaxce.checked(jitted)(x, y)
+    assert np.isnan(jitted(x, y))  # and the plain call after it is plain again
+    assert jax.make_jaxpr(jitted)(x, y).effects == set()
