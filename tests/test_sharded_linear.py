@@ -293,6 +293,46 @@ else:
         for a, e in zip(actual[1], expected[1], strict=True):
             assert_close(a, e, "gradient")
 
+    @pytest.mark.parametrize("reduction", ["mean", "none"])
+    @pytest.mark.parametrize("vocabulary_parallel", [False, True], ids=["plain", "sharded"])
+    def test_return_aux_under_grad_inside_a_batch_sharded_shard_map(
+        reduction: str, vocabulary_parallel: bool
+    ) -> None:
+        """`jax.grad` of a loss called with `return_aux=True` in the body of a `shard_map` that
+        splits the tokens: the aux's zero tangents vary over the batch axis as the aux does."""
+        data = inputs(jnp.float32, batch=8)
+        mesh = make_mesh((2, 4) if vocabulary_parallel else (8, 1))
+
+        def body(h, w, y):
+            def loss(h, w):
+                if vocabulary_parallel:
+                    value, aux = jaxce.sharded.linear_cross_entropy(
+                        h, w, y, axis_name="model", batch_axis_name="data",
+                        reduction=reduction, ignore_index=-100, return_aux=True,
+                    )  # fmt: skip
+                else:
+                    value, aux = jaxce.linear_cross_entropy(
+                        h, w, y, reduction=reduction, ignore_index=-100, return_aux=True
+                    )
+                return jnp.sum(value), aux
+
+            grads, aux = jax.grad(loss, (0, 1), has_aux=True)(h, w)
+            return grads[0], aux.argmax
+
+        weight_spec = P("model", None) if vocabulary_parallel else P()
+        d_hidden, argmax = jax.jit(
+            jax.shard_map(
+                body,
+                mesh=mesh,
+                in_specs=(P("data"), weight_spec, P("data")),
+                out_specs=(P("data"), P("data")),
+                check_vma=True,
+            )
+        )(data["hidden"], data["weight"], data["labels"])
+        logits = jnp.einsum("btd,vd->btv", data["hidden"], data["weight"])
+        np.testing.assert_array_equal(argmax, jnp.argmax(logits, axis=-1))
+        assert np.all(np.isfinite(np.asarray(d_hidden)))
+
     def test_aux_is_that_of_one_device_on_every_shard() -> None:
         data = inputs(jnp.float32)
         mesh = make_mesh((1, 8))
