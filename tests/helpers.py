@@ -217,3 +217,15 @@ def run_on_eight_host_devices(test_file: str, timeout: float = 240) -> None:
         f"XLA_FLAGS={EIGHT_DEVICES_XLA_FLAG} pytest {test_file}):\n"
         f"{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
     )
+
+
+# Rows with +inf logits: alone, beside finite ones, beside -inf, and two of them.
+PLUS_INF_ROWS = np.array(
+    [
+        [0.0, np.inf, 2.0, 0.5],
+        [np.inf, np.inf, 1.0, 0.0],
+        [1.0, 2.0, np.inf, -np.inf],
+        [np.inf, -np.inf, -np.inf, -np.inf],
+    ],
+    np.float32,
+)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from helpers import (
     LOSSES,
+    PLUS_INF_ROWS,
     REDUCTIONS,
     LossCase,
     half_precision_output_bound,
@@ -793,15 +794,7 @@ def test_traced_hyperparameters_are_accepted() -> None:
 # weight meeting an infinite term").
 # --------------------------------------------------------------------------- #
 
-PLUS_INF_LOGITS = np.array(
-    [
-        [0.0, np.inf, 2.0, 0.5],
-        [np.inf, np.inf, 1.0, 0.0],
-        [1.0, 2.0, np.inf, -np.inf],
-        [np.inf, -np.inf, -np.inf, -np.inf],
-    ],
-    np.float32,
-)
+PLUS_INF_LOGITS = PLUS_INF_ROWS
 # Labels on the +inf class, on a finite class, and on a class whose weight is 0.
 PLUS_INF_LABELS = {"on_inf": [1, 0, 2, 0], "on_finite": [0, 3, 0, 1], "on_zero_weight": [2] * 4}
 PLUS_INF_OPTIONS = {

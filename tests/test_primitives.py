@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import np_log_softmax, np_logsumexp
+from helpers import PLUS_INF_ROWS, np_log_softmax, np_logsumexp
 
 import jaxce
 
@@ -72,19 +72,6 @@ def test_primitives_keep_the_input_dtype(dtype: str) -> None:
     for fn in (jaxce.log_sigmoid, jaxce.log1m_sigmoid, jaxce.log_softmax):
         assert fn(x).dtype == jnp.dtype(dtype)
     assert jaxce.logsumexp(x).dtype == jnp.dtype(dtype)
-
-
-# Rows with +inf logits: alone, beside finite ones, beside -inf, two of them, and excluded by
-# `where` (then they take no part).
-PLUS_INF_ROWS = np.array(
-    [
-        [0.0, np.inf, 2.0, 0.5],
-        [np.inf, np.inf, 1.0, 0.0],
-        [1.0, 2.0, np.inf, -np.inf],
-        [np.inf, -np.inf, -np.inf, -np.inf],
-    ],
-    np.float32,
-)
 
 
 @pytest.mark.parametrize("mode", ["eager", "jit"])
