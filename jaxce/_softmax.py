@@ -236,7 +236,7 @@ def softmax_cross_entropy_with_integer_labels(
     return loss
 
 
-def soft_label_classes(x: jax.Array, targets: jax.Array, mask: jax.Array | None) -> jax.Array:
+def soft_label_classes(targets: jax.Array, mask: jax.Array | None) -> jax.Array:
     """The classes that take part in a soft-label loss: included, with a nonzero target.
 
     A zero target contributes 0 whatever its logit (``0 log 0 = 0`` on a
@@ -333,7 +333,7 @@ def softmax_cross_entropy(
     # and -log p for the targets) lives in `_closed_form`, shared with
     # `jaxce.derivatives`.
     _, _, _, loss = _closed_form.softmax_terms(
-        x, None, weighted_targets, soft_label_classes(x, targets, mask)
+        x, None, weighted_targets, soft_label_classes(targets, mask)
     )
     loss = _checks.nan_unless(
         _checks.option_valid(label_smoothing, "label_smoothing", high=1.0), loss

@@ -668,7 +668,7 @@ def _gradients_blocked(
     label = coefficients.label
     if wants.hidden:
         assert blocks.hidden is not None
-        label_rows = jnp.take(inputs.weight, chunk.target, axis=0).astype(compute)
+        label_rows = xla_cpu.gather_rows(inputs.weight, chunk.target).astype(compute)
         totals = _store_hidden(config, totals, chunk, blocks.hidden - label[:, None] * label_rows)
     if wants.weight:
         assert blocks.weight is not None
