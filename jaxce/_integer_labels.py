@@ -262,36 +262,14 @@ def _plain_mean(rule: LabelRule, terms: Terms, total: Total) -> bool:
 
 
 def _sum_over_count(label: jax.Array, counted: jax.Array) -> jax.Array:
-    """``sum(label) / sum(counted)`` with both sums in one pass over the examples.
+    """``sum(label) / sum(counted)``: the mean without options, with no select around it.
 
     The count is the mean's denominator (invalid labels are not counted: their
-    NaN is in the sum). One variadic reduction instead of two: at classifier
-    shapes (ten classes) a second pass over the examples costs as much as the
-    loss. A count of 0 is an empty batch (sum 0: the mean is 0) or one where
-    every label is invalid (sum NaN: the mean is NaN).
+    NaN is in the sum). A count of 0 is an empty batch (sum 0: the mean is 0)
+    or one where every label is invalid (sum NaN: the mean is NaN).
     """
-    label_sum, count = _sum_and_count(label, counted.astype(label.dtype))
-    return label_sum / jnp.where(count > 0, count, 1)
-
-
-@jax.custom_jvp
-def _sum_and_count(values: jax.Array, counted: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(sum(values), sum(counted))`` in one variadic reduction; the count has no tangent."""
-    dtype = values.dtype
-    zero = jnp.zeros((), dtype)
-    return jax.lax.reduce(
-        (values, counted), (zero, zero), lambda x, y: (x[0] + y[0], x[1] + y[1]),
-        tuple(range(values.ndim)),
-    )  # fmt: skip
-
-
-@_sum_and_count.defjvp
-def _sum_and_count_jvp(
-    primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]
-) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-    # JAX's own rule for a variadic reduction fails on an operand without a tangent.
-    values_sum, count = _sum_and_count(*primals)
-    return (values_sum, count), (jnp.sum(tangents[0]), jnp.zeros_like(count))
+    count = jnp.sum(counted.astype(label.dtype))
+    return jnp.sum(label) / jnp.where(count > 0, count, 1)
 
 
 def nan_where_invalid(rule: LabelRule, per_example: jax.Array) -> jax.Array:
