@@ -11,6 +11,8 @@ logits are the largest thing alive at any time. By role:
 - ``prepare``: the arrays checked against the options and bundled once
   (``PreparedCall``);
 - ``chunks``: the chunk loops, float32 and bfloat16 paths apart;
+- ``distill``: :func:`linear_distillation_loss`, a student's softmax toward a
+  teacher's through the same plan and loop;
 - ``xla_cpu``: what the loops do differently because of XLA:CPU.
 
 The row formulas inside the loops (log-sum-exp, smoothing, z-loss, soft cap
@@ -23,6 +25,8 @@ from jaxce._linear.api import gradients as gradients
 from jaxce._linear.api import linear_cross_entropy as linear_cross_entropy
 from jaxce._linear.api import reduced_loss as reduced_loss
 from jaxce._linear.chunks import LinearCrossEntropyAux as LinearCrossEntropyAux
+from jaxce._linear.distill import gradients as distillation_gradients
+from jaxce._linear.distill import linear_distillation_loss as linear_distillation_loss
 from jaxce._linear.options import Options as Options
 from jaxce._linear.plan import LinearCrossEntropyPlan as LinearCrossEntropyPlan
 from jaxce._linear.plan import default_chunk_size as default_chunk_size
