@@ -11,10 +11,14 @@ from jaxce import sharded as sharded
 from jaxce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jaxce._binary import sigmoid_focal_loss as sigmoid_focal_loss
 from jaxce._checked import checked as checked
+from jaxce._divergence import kl_divergence as kl_divergence
+from jaxce._divergence import kl_divergence_with_log_targets as kl_divergence_with_log_targets
 from jaxce._linear import LinearCrossEntropyAux as LinearCrossEntropyAux
 from jaxce._linear import LinearCrossEntropyPlan as LinearCrossEntropyPlan
 from jaxce._linear import linear_cross_entropy as linear_cross_entropy
 from jaxce._linear import plan_linear_cross_entropy as plan_linear_cross_entropy
+from jaxce._polynomial import poly_loss_cross_entropy as poly_loss_cross_entropy
+from jaxce._polynomial import softmax_focal_loss as softmax_focal_loss
 from jaxce._primitives import log1m_sigmoid as log1m_sigmoid
 from jaxce._primitives import log_sigmoid as log_sigmoid
 from jaxce._primitives import log_softmax as log_softmax
@@ -34,17 +38,21 @@ __all__ = [
     "categorical_cross_entropy",
     "checked",
     "derivatives",
+    "kl_divergence",
+    "kl_divergence_with_log_targets",
     "linear_cross_entropy",
     "log1m_sigmoid",
     "log_sigmoid",
     "log_softmax",
     "logsumexp",
     "plan_linear_cross_entropy",
+    "poly_loss_cross_entropy",
     "sharded",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
+    "softmax_focal_loss",
     "verify",
 ]
 

@@ -236,6 +236,22 @@ def check_nonnegative(x: Any, argument: str) -> None:
         raise ValueError(f"`{argument}` must be non-negative, got {x!r}.")
 
 
+def check_finite(x: Any, argument: str) -> None:
+    """Checks a scalar hyperparameter that may be any finite real (Poly-1's ``epsilon``) when concrete."""
+    check_scalar(x, argument)
+    if not isinstance(x, jax.core.Tracer) and not np.isfinite(np.asarray(x)):
+        raise ValueError(f"`{argument}` must be a finite real number, got {x!r}.")
+
+
+def finite_valid(x: Any, argument: str) -> jax.Array | None:
+    """`option_valid` for a hyperparameter that may be any finite real: False for NaN and inf."""
+    if not isinstance(x, jax.core.Tracer):
+        return None
+    valid = jnp.isfinite(x)
+    check_values(valid, x, argument, "a finite real number")
+    return valid
+
+
 def option_valid(
     x: Any,
     argument: str,

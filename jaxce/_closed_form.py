@@ -8,7 +8,10 @@ With :math:`p = \\operatorname{softmax}(x)` and :math:`-\\log p_c = L - (x_c - m
 - :math:`\\partial \\big(\\sum_c a_c (-\\log p_c)\\big) / \\partial x = p \\sum_c a_c - a`
   (`weighted_gradient`: label smoothing with :math:`a = w`, soft labels with
   :math:`a = w \\tilde y`), and with respect to :math:`a` it is :math:`-\\log p`;
-- :math:`\\partial\\, z (m + L)^2 / \\partial x = 2 z (m + L)\\, p` (`z_loss_gradient`).
+- :math:`\\partial\\, z (m + L)^2 / \\partial x = 2 z (m + L)\\, p` (`z_loss_gradient`);
+- the softmax focal loss :math:`-\\sum_c a_c (1 - p_c)^\\gamma \\log p_c`: with
+  :math:`u_c` its derivative with respect to :math:`\\log p_c` (`focal_slopes`), the gradient
+  is :math:`u - p \\sum_c u_c` (`focal_gradient`), carried by `focal_terms`' rule.
 
 Each formula is written once here. `softmax_terms` carries them as a
 `custom_jvp` rule (so `jvp`, `grad` and `hessian` all work: the rule is built
@@ -175,3 +178,129 @@ def _softmax_terms_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> t
 
 
 softmax_terms.defjvp(_softmax_terms_jvp, symbolic_zeros=True)
+
+
+# --------------------------------------------------------------------------- #
+# The softmax focal loss: sum_c a_c (1 - p_c)^gamma (-log p_c).
+# --------------------------------------------------------------------------- #
+
+
+def focal_parts(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(p, -log p, 1 - p)`` over the last axis of compute-dtype ``x`` (excluded classes ``-inf``).
+
+    ``-log p = L - (x - m)`` in the shifted frame (no ``lse(x) - x`` cancellation)
+    and ``1 - p = -expm1(log p)``, exact where ``p`` is near 1 (``1 - p`` would
+    round to 0 there: ``p = 1 - 1e-9`` in float32). A ``-inf`` logit has ``p = 0``,
+    ``-log p = inf`` and ``1 - p = 1``.
+    """
+    row_max, log_normalizer, p, _ = softmax_parts(x)
+    log_p = _formulas.log_probabilities(x - row_max[..., None], log_normalizer[..., None])
+    return p, -log_p, -jnp.expm1(log_p)
+
+
+def focal_modulation(miss: jax.Array, gamma: jax.Array) -> jax.Array:
+    """``(1 - p)^gamma`` from ``miss = 1 - p``: ``0^0 = 1``, so ``gamma = 0`` is exactly 1.
+
+    ``exp(gamma log(1 - p))`` where ``1 - p > 0``; the log never sees 0, so no
+    ``0 * inf`` reaches a derivative (``jax.hessian`` differentiates this).
+    """
+    zero = miss == 0
+    power = jnp.exp(gamma * jnp.log(jnp.where(zero, 1, miss)))
+    return jnp.where(zero, (gamma == 0).astype(miss.dtype), power)
+
+
+def focal_slopes(
+    p: jax.Array,
+    neg_log_p: jax.Array,
+    miss: jax.Array,
+    weights: jax.Array,
+    gamma: jax.Array,
+    included: jax.Array | None,
+) -> jax.Array:
+    """``u_c = d loss / d log p_c = a_c [gamma (1-p_c)^(gamma-1) p_c log p_c - (1-p_c)^gamma]``.
+
+    Written as ``-a_c (1-p_c)^gamma (1 + gamma p_c r_c)`` with ``r_c = -log p_c /
+    (1 - p_c)`` (in ``[1, inf)``, 1 at ``p_c = 1``), which is bounded where the
+    first form is ``inf * 0`` (``p_c -> 1`` with ``gamma < 1``), and ``p_c r_c = 0``
+    at ``p_c = 0``. Classes that take no part (`_formulas.weighted_terms`) have
+    ``u_c = 0``.
+    """
+    # Every select is made before the arithmetic it guards, so that no inf reaches a
+    # product or a quotient whose derivative is taken (`jax.hessian` differentiates this).
+    zero_miss, zero_p = miss == 0, p == 0
+    ratio = jnp.where(zero_p, 0, neg_log_p) / jnp.where(zero_miss, 1, miss)
+    p_ratio = p * jnp.where(zero_miss, 1, ratio)
+    terms = focal_modulation(miss, gamma) * (1 + gamma * p_ratio)
+    return -_formulas.weighted_terms(weights, terms, included)
+
+
+def focal_gradient(p: jax.Array, slopes: jax.Array) -> jax.Array:
+    """``d loss / dx = u - p sum_c u_c`` from the slopes ``u`` (`focal_slopes`): ``d log p_c / dx_j
+    = [c = j] - p_j``."""
+    return slopes - p * jnp.sum(slopes, axis=-1, keepdims=True)
+
+
+def _focal_terms(
+    neg_log_p: jax.Array, miss: jax.Array, gamma: jax.Array, included: jax.Array | None
+) -> jax.Array:
+    """``(1 - p)^gamma (-log p)``, with ``-log p`` taken as 0 where ``included`` is False (its
+    ``inf`` would reach the product's derivative; `_formulas.weighted_terms` drops it anyway)."""
+    if included is not None:
+        neg_log_p = jnp.where(included, neg_log_p, 0)
+    return focal_modulation(miss, gamma) * neg_log_p
+
+
+def _focal_loss(
+    neg_log_p: jax.Array,
+    miss: jax.Array,
+    weights: jax.Array,
+    gamma: jax.Array,
+    included: jax.Array | None,
+) -> jax.Array:
+    terms = _focal_terms(neg_log_p, miss, gamma, included)
+    return jnp.sum(_formulas.weighted_terms(weights, terms, included), axis=-1)
+
+
+@jax.custom_jvp
+def focal_terms(
+    x: jax.Array, weights: jax.Array, gamma: jax.Array, included: jax.Array | None
+) -> jax.Array:
+    """``sum_c a_c (1 - p_c)^gamma (-log p_c)`` per row of ``x`` (``[..., C]``), ``a = weights``.
+
+    ``included`` (as in `softmax_terms`) says which classes take part. The
+    rule below is the closed form (`focal_gradient` of `focal_slopes`), so
+    ``jax.grad`` and `jaxce.derivatives` agree and stay finite at ``p = 1``
+    with ``0 < gamma < 1``, where autodiff of the definition meets ``inf * 0``;
+    the weights and ``gamma`` may be differentiated too.
+    """
+    _, neg_log_p, miss = focal_parts(x)
+    return _focal_loss(neg_log_p, miss, weights, gamma, included)
+
+
+def _focal_terms_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
+    x, weights, gamma, included = primals
+    dx, dweights, dgamma, _ = tangents
+    p, neg_log_p, miss = focal_parts(x)
+    loss = _focal_loss(neg_log_p, miss, weights, gamma, included)
+    tangent = jnp.zeros_like(loss)
+    if not isinstance(dx, SymbolicZero):
+        slopes = focal_slopes(p, neg_log_p, miss, weights, gamma, included)
+        tangent = tangent + _row_dot(focal_gradient(p, slopes), dx)
+    finite = jnp.isfinite(neg_log_p)
+    if not isinstance(dweights, SymbolicZero):
+        # d/da_c = (1 - p_c)^gamma (-log p_c) for the classes that take part, and for a
+        # zero target on a finite -log p (a soft label's gradient there), as in `softmax_terms`.
+        counts = None if included is None else included | finite
+        terms = _focal_terms(neg_log_p, miss, gamma, counts)
+        tangent = tangent + jnp.sum(_formulas.weighted_terms(dweights, terms, counts), axis=-1)
+    if not isinstance(dgamma, SymbolicZero):
+        # d/dgamma = sum_c a_c (1 - p_c)^gamma log(1 - p_c) (-log p_c): 0 in the limits
+        # p_c -> 1 (log 1 = 0 beside -log p = 0) and p_c -> 0 (log(1 - p) -> 0 faster).
+        log_miss = jnp.log(jnp.where(miss == 0, 1, miss))
+        terms = focal_modulation(miss, gamma) * log_miss * jnp.where(finite, neg_log_p, 0)
+        gamma_slope = jnp.sum(_formulas.weighted_terms(weights, terms, included), axis=-1)
+        tangent = tangent + gamma_slope * dgamma
+    return loss, tangent
+
+
+focal_terms.defjvp(_focal_terms_jvp, symbolic_zeros=True)

@@ -9,6 +9,8 @@ for what happens inside it:
   the log-sum-exp ``lse = m + log sum_c exp(x_c - m)``, direct
   (:func:`shifted_exponentials`, :func:`log_of_total`) or online over blocks
   of classes (:func:`online_total`);
+- log-probabilities and probabilities from a kept log-normaliser
+  (:func:`log_probabilities`, :func:`probabilities`);
 - the label logit (:func:`label_logit`);
 - label smoothing, PyTorch's mix ``(1 - eps) a + (eps / C) b``
   (:func:`smoothing_coefficients`, :func:`smoothing_mix`, :func:`smoothed_targets`);
@@ -120,13 +122,18 @@ def online_total(total: jax.Array, shift: jax.Array, new_shift: jax.Array) -> ja
 
 
 def probabilities(shifted: jax.Array, log_normalizer: jax.Array) -> jax.Array:
-    """``p = exp(shifted - L)`` from a kept log-normaliser ``L`` (``[..., 1]``); 0 on an empty row.
+    """``p = exp(shifted - L)`` from a kept log-normaliser ``L`` (``[..., 1]``); 0 on an empty row."""
+    return jnp.exp(log_probabilities(shifted, log_normalizer))
+
+
+def log_probabilities(shifted: jax.Array, log_normalizer: jax.Array) -> jax.Array:
+    """``log p = shifted - L`` (``shifted = x - m``, ``L`` ``[..., 1]``); ``-inf`` on an empty row.
 
     A row of ``-inf`` logits has ``L = -inf``: it is taken as ``+inf`` so that
-    ``p = exp(-inf) = 0`` instead of ``exp(-inf + inf) = NaN``.
+    ``log p = -inf`` (``p = 0``) instead of ``-inf + inf = NaN``.
     """
     log_normalizer = jnp.where(log_normalizer == -jnp.inf, jnp.inf, log_normalizer)
-    return jnp.exp(shifted - log_normalizer)
+    return shifted - log_normalizer
 
 
 def label_logit(x: jax.Array, labels: jax.Array) -> jax.Array:

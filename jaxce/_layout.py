@@ -16,12 +16,17 @@ from jaxce import _checks
 
 @dataclasses.dataclass(frozen=True)
 class ClassLayout:
-    """How `[...]` inputs with class axes `axes` map to `[*batch_shape, num_classes]`."""
+    """How `[...]` inputs with class axes `axes` map to `[*batch_shape, num_classes]`.
+
+    `argument` names the laid-out input in error messages (``logits``, ``probs``,
+    ``log_predictions``).
+    """
 
     ndim: int
     axes: tuple[int, ...]
     batch_shape: tuple[int, ...]
     class_shape: tuple[int, ...]
+    argument: str = "logits"
 
     @classmethod
     def of(
@@ -30,7 +35,7 @@ class ClassLayout:
         axes = _checks.normalize_axes(axis, len(shape), argument)
         batch_shape = tuple(d for i, d in enumerate(shape) if i not in axes)
         class_shape = tuple(shape[a] for a in axes)
-        return cls(len(shape), axes, batch_shape, class_shape)
+        return cls(len(shape), axes, batch_shape, class_shape, argument)
 
     @property
     def num_classes(self) -> int:
@@ -82,26 +87,26 @@ class ClassLayout:
         if mask.dtype != jnp.bool_:
             raise TypeError(f"`where` must be a boolean array, got {mask.dtype}.")
         if mask.ndim == self.ndim:
-            _checks.check_broadcastable(mask, self.full_shape(), "where", "`logits`")
+            _checks.check_broadcastable(mask, self.full_shape(), "where", f"`{self.argument}`")
             return self.classes_last(jnp.broadcast_to(mask, self.full_shape()))
         if mask.ndim == len(self.batch_shape):
             _checks.check_broadcastable(mask, self.batch_shape, "where", "the batch")
             return jnp.broadcast_to(mask, self.batch_shape)[..., None]
         raise ValueError(
             f"`where` has rank {mask.ndim} (shape {mask.shape}); expected the "
-            f"rank of `logits` ({self.ndim}, one flag per element) or of the "
+            f"rank of `{self.argument}` ({self.ndim}, one flag per element) or of the "
             f"batch ({len(self.batch_shape)}, shape {self.batch_shape}, one flag "
             "per example)."
         )
 
-    def class_weight(self, weight: Any) -> jax.Array | None:
+    def class_weight(self, weight: Any, argument: str = "weight") -> jax.Array | None:
         """A `[num_classes]` class-weight vector from `[num_classes]` or the class shape."""
         if weight is None:
             return None
-        weight = _checks.as_float_array(weight, "weight")
+        weight = _checks.as_float_array(weight, argument)
         if weight.shape not in ((self.num_classes,), self.class_shape):
             raise ValueError(
-                f"`weight` must hold one weight per class: shape "
+                f"`{argument}` must hold one weight per class: shape "
                 f"({self.num_classes},), got {weight.shape}."
             )
         return weight.reshape(self.num_classes)
@@ -131,9 +136,9 @@ def batch_labels(labels: jax.Array, layout: ClassLayout) -> jax.Array:
     return jnp.broadcast_to(labels, layout.batch_shape)
 
 
-def dense_labels(labels: jax.Array, layout: ClassLayout) -> jax.Array:
+def dense_labels(labels: jax.Array, layout: ClassLayout, argument: str = "labels") -> jax.Array:
     """Probability labels broadcast to the logits' shape, classes last."""
-    _checks.check_broadcastable(labels, layout.full_shape(), "labels", "`logits`")
+    _checks.check_broadcastable(labels, layout.full_shape(), argument, f"`{layout.argument}`")
     return layout.classes_last(jnp.broadcast_to(labels, layout.full_shape()))
 
 

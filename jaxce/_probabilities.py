@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _binary, _checks, _layout, _reduce
+from jaxce import _binary, _checks, _formulas, _layout, _reduce
 from jaxce._reduce import Reduction
 
 # PyTorch's BCELoss clamps each log at -100 so that p = 0 or 1 gives a finite loss.
@@ -193,8 +193,9 @@ class CategoricalInputs(NamedTuple):
 
     layout: _layout.ClassLayout
     p: jax.Array
-    targets: jax.Array  # labels times class weights
+    targets: jax.Array  # labels (smoothed) times class weights
     mask: jax.Array | None
+    valid: jax.Array | None  # a traced `label_smoothing` in [0, 1) (None when concrete)
 
 
 def categorical_inputs(
@@ -204,20 +205,33 @@ def categorical_inputs(
     weight: ArrayLike | None,
     where: ArrayLike | None,
     reduction: Reduction,
+    label_smoothing: ArrayLike = 0.0,
 ) -> CategoricalInputs:
-    """Checks and lays out the inputs; shared by the loss and its closed-form derivative."""
+    """Checks and lays out the inputs; shared by the loss and its closed-form derivative.
+
+    The labels are mixed with the uniform distribution before the class
+    weights, as `softmax_cross_entropy` does; a traced ``label_smoothing`` out
+    of range is replaced by 0 and ``valid`` is False (the loss is NaN).
+    """
     probs = _checks.as_float_array(probs, "probs")
     labels = _checks.as_float_array(labels, "labels")
     _checks.check_reduction(reduction)
-    layout = _layout.ClassLayout.of(probs.shape, axis)
+    _checks.check_unit_interval(label_smoothing, "label_smoothing")
+    layout = _layout.ClassLayout.of(probs.shape, axis, "probs")
     mask = layout.mask(where)
     class_weight = layout.class_weight(weight)
     compute = _checks.compute_dtype(probs)
     p = layout.classes_last(probs).astype(compute)
     targets = _layout.dense_labels(labels, layout).astype(compute)
+    valid = _checks.option_valid(label_smoothing, "label_smoothing", high=1.0)
+    if not _checks.is_concrete_zero(label_smoothing):
+        smoothing = jnp.asarray(label_smoothing, compute)
+        if valid is not None:
+            smoothing = jnp.where(valid, smoothing, 0)
+        targets = _formulas.smoothed_targets(targets, smoothing, layout.num_classes)
     if class_weight is not None:
         targets = targets * class_weight.astype(compute).reshape((1,) * (p.ndim - 1) + (-1,))
-    return CategoricalInputs(layout, p, targets, mask)
+    return CategoricalInputs(layout, p, targets, mask, valid)
 
 
 def categorical_cross_entropy(
@@ -226,16 +240,22 @@ def categorical_cross_entropy(
     *,
     axis: int | Sequence[int] = -1,
     weight: ArrayLike | None = None,
+    label_smoothing: ArrayLike = 0.0,
     where: ArrayLike | None = None,
     reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Categorical cross-entropy from predicted probabilities.
 
     .. math::
-        \ell = -\sum_c w_c\, y_c \max(\log p_c, -100)
+        \ell = -\sum_c w_c\, \tilde y_c \max(\log p_c, -100), \qquad
+        \tilde y = (1 - \varepsilon)\, y + \varepsilon / C,
 
-    the form the textbooks teach; its derivative is :math:`-w_c y_c / p_c`
-    (divided by :math:`n` under ``"mean"``). Prefer
+    the form the textbooks teach; its derivative is :math:`-w_c \tilde y_c / p_c`
+    (divided by :math:`n` under ``"mean"``). Label smoothing is Keras' (and
+    :func:`softmax_cross_entropy`'s): the labels are mixed with the uniform
+    distribution before the class weights. Keras clips the probabilities to
+    :math:`[10^{-7}, 1 - 10^{-7}]` where jaxce clamps the log at -100
+    (PyTorch's): the two agree for probabilities away from those edges. Prefer
     :func:`softmax_cross_entropy` on logits.
 
     Args:
@@ -243,6 +263,7 @@ def categorical_cross_entropy(
       labels: one-hot or soft labels broadcastable to ``probs``.
       axis: class axis or tuple of axes.
       weight: ``[num_classes]`` class weights (any sign, as in PyTorch).
+      label_smoothing: :math:`\varepsilon \in [0, 1)`; may be traced.
       where: boolean mask, of the probs' shape or of the batch shape;
         excluded entries take no part (their values are not checked).
       reduction: ``"none"`` (``[...]``), ``"sum"`` or ``"mean"`` over examples.
@@ -259,7 +280,8 @@ def categorical_cross_entropy(
 
     A class with label 0 contributes 0 even at ``p = 0``; a probability outside
     ``[0, 1]`` (NaN included) that ``where`` does not exclude makes that
-    example's loss NaN (``jaxce.checked`` raises).
+    example's loss NaN, and a traced ``label_smoothing`` outside ``[0, 1)``
+    every loss (``jaxce.checked`` raises).
 
     References:
       - I. Goodfellow, Y. Bengio and A. Courville, *Deep Learning*, MIT Press,
@@ -267,11 +289,14 @@ def categorical_cross_entropy(
         https://www.deeplearningbook.org/contents/mlp.html
       - PyTorch, ``torch.nn.NLLLoss`` applied to ``log(probs)`` (class
         ``weight``). https://pytorch.org/docs/stable/generated/torch.nn.NLLLoss.html
+      - Keras, ``keras.losses.CategoricalCrossentropy`` (``label_smoothing``).
+        https://keras.io/api/losses/probabilistic_losses/#categoricalcrossentropy-class
     """
-    inputs = categorical_inputs(probs, labels, axis, weight, where, reduction)
+    inputs = categorical_inputs(probs, labels, axis, weight, where, reduction, label_smoothing)
     p, targets, mask = inputs.p, inputs.targets, inputs.mask
     take_part = targets != 0 if mask is None else mask & (targets != 0)
     # The scale of a class that takes no part is 0, so is its slope (no `0 * inf`).
     loss = -jnp.sum(weighted_clamped_log(jnp.where(take_part, targets, 0), p), axis=-1)
     loss = jnp.where(jnp.all(_valid_probabilities(p, mask), axis=-1), loss, jnp.nan)
+    loss = _checks.nan_unless(inputs.valid, loss)
     return _reduce.reduce_examples(loss, mask, reduction)

@@ -103,10 +103,13 @@ def _example_reduce(loss: jax.Array, mask: jax.Array, reduction: str) -> jax.Arr
     return _reduce(loss, counted, reduction)
 
 
-def categorical_cross_entropy(probs, labels, *, axis=-1, weight=None, where=None, reduction="none"):
+def categorical_cross_entropy(
+    probs, labels, *, axis=-1, weight=None, label_smoothing=0.0, where=None, reduction="none"
+):
     probs = jnp.asarray(probs)
     p = _move_classes_last(probs, axis, probs.ndim)
     y = _move_classes_last(jnp.broadcast_to(labels, probs.shape), axis, probs.ndim)
+    y = y.astype(p.dtype) * (1 - label_smoothing) + label_smoothing / p.shape[-1]
     mask = _class_mask(where, probs.shape, axis)
     w = _per_class(weight, p.ndim, p.dtype)
     terms = jnp.where(mask & (y != 0), w * y * jnp.maximum(jnp.log(p), -100), 0)
@@ -135,6 +138,77 @@ def softmax_cross_entropy(
     w = _per_class(weight, x.ndim, x.dtype)
     terms = jnp.where(mask & (y != 0), w * y * log_p, 0)
     return _example_reduce(-jnp.sum(terms, axis=-1), mask, reduction)
+
+
+def softmax_focal_loss(
+    logits, labels, *, alpha=0.25, gamma=2.0, axis=-1, where=None, label_smoothing=0.0,
+    reduction="none",
+):  # fmt: skip
+    """Keras' categorical focal cross-entropy from logits: -sum_c alpha_c (1 - p_c)^gamma y_c log p_c."""
+    logits = jnp.asarray(logits)
+    if axis is None:
+        axis = tuple(range(logits.ndim))
+    x = _move_classes_last(logits, axis, logits.ndim)
+    y = _move_classes_last(jnp.broadcast_to(labels, logits.shape), axis, logits.ndim)
+    y = y.astype(x.dtype) * (1 - label_smoothing) + label_smoothing / x.shape[-1]
+    mask = _class_mask(where, logits.shape, axis)
+    log_p, _ = _masked_log_softmax(x, mask)
+    p = jnp.where(mask, jnp.exp(log_p), 0)
+    a = _per_class(alpha, x.ndim, x.dtype) * y
+    terms = jnp.where(mask & (y != 0), a * (1 - p) ** gamma * log_p, 0)
+    return _example_reduce(-jnp.sum(terms, axis=-1), mask, reduction)
+
+
+def poly_loss_cross_entropy(logits, labels, epsilon=2.0, axis=-1, where=None, *, reduction="none"):
+    """Leng et al.'s Poly-1: cross-entropy + epsilon sum_c y_c (1 - p_c)."""
+    logits = jnp.asarray(logits)
+    if axis is None:
+        axis = tuple(range(logits.ndim))
+    x = _move_classes_last(logits, axis, logits.ndim)
+    y = _move_classes_last(jnp.broadcast_to(labels, logits.shape), axis, logits.ndim)
+    y = y.astype(x.dtype)
+    mask = _class_mask(where, logits.shape, axis)
+    log_p, _ = _masked_log_softmax(x, mask)
+    p = jnp.where(mask, jnp.exp(log_p), 0)
+    cross_entropy = -jnp.sum(jnp.where(mask & (y != 0), y * log_p, 0), axis=-1)
+    miss = jnp.sum(jnp.where(mask, y * (1 - p), 0), axis=-1)
+    return _example_reduce(cross_entropy + epsilon * miss, mask, reduction)
+
+
+def _divergence_reduce(loss, mask, reduction, shape):
+    if reduction != "batchmean":
+        return _example_reduce(loss, mask, reduction)
+    return _reduce_mean(jnp.sum(loss), jnp.asarray(shape[0], loss.dtype))
+
+
+def kl_divergence(log_predictions, targets, axis=-1, where=None, *, reduction="none"):
+    """sum_c t_c (log t_c - log q_c), 0 log 0 = 0; "batchmean" divides by the first axis."""
+    log_predictions = jnp.asarray(log_predictions)
+    shape = log_predictions.shape
+    if axis is None:
+        axis = tuple(range(len(shape)))
+    log_q = _move_classes_last(log_predictions, axis, len(shape))
+    t = _move_classes_last(jnp.broadcast_to(targets, shape), axis, len(shape)).astype(log_q.dtype)
+    mask = _class_mask(where, shape, axis)
+    take_part = mask & (t > 0)
+    terms = jnp.where(take_part, t * (jnp.log(jnp.where(take_part, t, 1)) - log_q), 0)
+    return _divergence_reduce(jnp.sum(terms, axis=-1), mask, reduction, shape)
+
+
+def kl_divergence_with_log_targets(
+    log_predictions, log_targets, axis=-1, where=None, *, reduction="none"
+):
+    """sum_c exp(log t_c) (log t_c - log q_c)."""
+    log_predictions = jnp.asarray(log_predictions)
+    shape = log_predictions.shape
+    if axis is None:
+        axis = tuple(range(len(shape)))
+    log_q = _move_classes_last(log_predictions, axis, len(shape))
+    log_t = _move_classes_last(jnp.broadcast_to(log_targets, shape), axis, len(shape))
+    log_t = log_t.astype(log_q.dtype)
+    mask = _class_mask(where, shape, axis)
+    terms = jnp.where(mask, jnp.exp(log_t) * (log_t - log_q), 0)
+    return _divergence_reduce(jnp.sum(terms, axis=-1), mask, reduction, shape)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -210,5 +284,9 @@ REFERENCES: dict[str, Callable[..., jax.Array]] = {
     "softmax_cross_entropy_with_integer_labels": softmax_cross_entropy_with_integer_labels,
     "categorical_cross_entropy": categorical_cross_entropy,
     "sigmoid_focal_loss": sigmoid_focal_loss,
+    "softmax_focal_loss": softmax_focal_loss,
+    "poly_loss_cross_entropy": poly_loss_cross_entropy,
+    "kl_divergence": kl_divergence,
+    "kl_divergence_with_log_targets": kl_divergence_with_log_targets,
     "linear_cross_entropy": linear_cross_entropy,
 }

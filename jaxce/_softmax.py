@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +31,14 @@ def check_logits(
     layout: _layout.ClassLayout,
     mask: jax.Array | None,
     rows: jax.Array | None = None,
+    argument: str = "logits",
 ) -> None:
     """Under `jaxce.checked`, a NaN logit that takes part fails, named by its index in ``logits``.
 
     A logit takes part unless ``mask`` (classes last) excludes its class or
     ``rows`` (the batch shape; None: all) its example. Called after the loss,
-    so that an invalid label, checked inside it, is reported first.
+    so that an invalid label, checked inside it, is reported first. ``argument``
+    names the input (``log_predictions`` for the divergences).
     """
     if not _checks.checking_values(logits):
         return
@@ -45,7 +47,7 @@ def check_logits(
         takes_part = takes_part & rows[..., None]
     if mask is not None:
         takes_part = takes_part & mask
-    _checks.check_not_nan(logits, layout.unlayout(takes_part), "logits")
+    _checks.check_not_nan(logits, layout.unlayout(takes_part), argument)
 
 
 def integer_label_loss(
@@ -236,6 +238,66 @@ def softmax_cross_entropy_with_integer_labels(
     return loss
 
 
+class SoftLabelInputs(NamedTuple):
+    """Checked inputs of a loss of logits against probability labels, classes last."""
+
+    layout: _layout.ClassLayout
+    x: jax.Array  # [*batch, C] logits in the compute dtype; classes `where` excludes are -inf
+    targets: jax.Array  # the labels (smoothed), broadcast to `x`'s shape, in the compute dtype
+    mask: jax.Array | None  # `where`, broadcastable to `x` (None: every class takes part)
+    valid: jax.Array | None  # a traced `label_smoothing` in [0, 1) (None when concrete)
+
+
+def soft_label_inputs(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: int | Sequence[int] | None,
+    where: ArrayLike | None,
+    reduction: Reduction,
+    label_smoothing: ArrayLike = 0.0,
+) -> SoftLabelInputs:
+    """Checks and lays out what every soft-label loss of logits shares, and its closed form.
+
+    ``axis=None`` is every axis (optax's). The labels are mixed with the
+    uniform distribution (`_formulas.smoothed_targets`) when ``label_smoothing``
+    is not a concrete 0; a traced one out of range is replaced by 0 (so that
+    no NaN reaches a gradient) and ``valid`` says so: the loss makes itself
+    NaN, and `jaxce.checked` names it.
+    """
+    logits = _checks.as_float_array(logits, "logits")
+    labels = _checks.as_float_array(labels, "labels")
+    _checks.check_reduction(reduction)
+    _checks.check_unit_interval(label_smoothing, "label_smoothing")
+    if axis is None:
+        axis = tuple(range(logits.ndim))
+    layout = _layout.ClassLayout.of(logits.shape, axis)
+    _layout.require_classes(layout)
+    mask = layout.mask(where)
+    compute = _checks.compute_dtype(logits)
+    x = layout.classes_last(logits).astype(compute)
+    targets = _layout.dense_labels(labels, layout).astype(compute)
+    valid = _checks.option_valid(label_smoothing, "label_smoothing", high=1.0)
+    if not _checks.is_concrete_zero(label_smoothing):
+        smoothing = jnp.asarray(label_smoothing, compute)
+        if valid is not None:
+            smoothing = jnp.where(valid, smoothing, 0)
+        targets = _formulas.smoothed_targets(targets, smoothing, layout.num_classes)
+    targets = jnp.broadcast_to(targets, x.shape)
+    if mask is not None:
+        x = jnp.where(mask, x, -jnp.inf)
+    return SoftLabelInputs(layout, x, targets, mask, valid)
+
+
+def class_weighted(
+    targets: jax.Array, class_weight: jax.Array | None, mask: jax.Array | None
+) -> jax.Array:
+    """``a = w y``: targets times ``[C]`` class weights (None: none), 0 where ``mask`` excludes."""
+    weighted = targets
+    if class_weight is not None:
+        weighted = targets * _layout.per_class(class_weight.astype(targets.dtype), targets.ndim)
+    return weighted if mask is None else jnp.where(mask, weighted, 0)
+
+
 def soft_label_classes(targets: jax.Array, mask: jax.Array | None) -> jax.Array:
     """The classes that take part in a soft-label loss: included, with a nonzero target.
 
@@ -303,40 +365,16 @@ def softmax_cross_entropy(
         Inception Architecture for Computer Vision", CVPR 2016 (label smoothing).
         https://arxiv.org/abs/1512.00567
     """
-    logits = _checks.as_float_array(logits, "logits")
-    labels = _checks.as_float_array(labels, "labels")
-    _checks.check_reduction(reduction)
-    _checks.check_unit_interval(label_smoothing, "label_smoothing")
-    if axis is None:
-        axis = tuple(range(logits.ndim))
-    layout = _layout.ClassLayout.of(logits.shape, axis)
-    _layout.require_classes(layout)
-    mask = layout.mask(where)
+    inputs = soft_label_inputs(logits, labels, axis, where, reduction, label_smoothing)
+    layout, x, targets, mask = inputs.layout, inputs.x, inputs.targets, inputs.mask
     class_weight = layout.class_weight(weight)
-    compute = _checks.compute_dtype(logits)
-    x = layout.classes_last(logits).astype(compute)
-    targets = _layout.dense_labels(labels, layout).astype(compute)
-    if not _checks.is_concrete_zero(label_smoothing):
-        smoothing = jnp.asarray(label_smoothing, compute)
-        targets = _formulas.smoothed_targets(targets, smoothing, layout.num_classes)
-    weighted_targets = (
-        targets
-        if class_weight is None
-        else targets * _layout.per_class(class_weight.astype(compute), x.ndim)
-    )
-    weighted_targets = jnp.broadcast_to(weighted_targets, x.shape)
-    if mask is not None:
-        x = jnp.where(mask, x, -jnp.inf)
-        weighted_targets = jnp.where(mask, weighted_targets, 0)
     # -sum_c a_c log p_c = sum_c a_c (L - (x_c - m)) in the shifted frame, in
     # the pass that computes exp(x - m). The derivative rule (p sum_c a_c - a,
     # and -log p for the targets) lives in `_closed_form`, shared with
     # `jaxce.derivatives`.
     _, _, _, loss = _closed_form.softmax_terms(
-        x, None, weighted_targets, soft_label_classes(targets, mask)
+        x, None, class_weighted(targets, class_weight, mask), soft_label_classes(targets, mask)
     )
-    loss = _checks.nan_unless(
-        _checks.option_valid(label_smoothing, "label_smoothing", high=1.0), loss
-    )
-    check_logits(logits, layout, mask)
+    loss = _checks.nan_unless(inputs.valid, loss)
+    check_logits(jnp.asarray(logits), layout, mask)
     return _reduce.reduce_examples(loss, mask, reduction)

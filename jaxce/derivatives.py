@@ -40,12 +40,15 @@ from jaxce import (
     _binary,
     _checks,
     _closed_form,
+    _divergence,
     _formulas,
     _integer_labels,
     _layout,
     _linear,
+    _polynomial,
     _probabilities,
     _reduce,
+    _softmax,
 )
 from jaxce._reduce import Reduction
 
@@ -389,17 +392,19 @@ def categorical_cross_entropy(
     *,
     axis: int | Sequence[int] = -1,
     weight: ArrayLike | None = None,
+    label_smoothing: ArrayLike = 0.0,
     where: ArrayLike | None = None,
     reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Gradient of :func:`jaxce.categorical_cross_entropy` with respect to ``probs``.
 
-    The textbook form :math:`\ell = -\sum_c w_c y_c \log p_c` gives
+    The textbook form :math:`\ell = -\sum_c w_c \tilde y_c \log p_c`
+    (:math:`\tilde y = (1-\varepsilon) y + \varepsilon/C`) gives
 
     .. math::
-        \frac{\partial \ell}{\partial p_c} = -\frac{w_c\, y_c}{p_c},
+        \frac{\partial \ell}{\partial p_c} = -\frac{w_c\, \tilde y_c}{p_c},
 
-    with 0 where :math:`y_c = 0`, where the class is excluded by ``where``, and
+    with 0 where :math:`\tilde y_c = 0`, where the class is excluded by ``where``, and
     where the log is clamped at -100 (:math:`p_c \le e^{-100}`, PyTorch's
     clamp). The probabilities are independent inputs here (no softmax), so
     the rows do not sum to anything in particular. Per example for
@@ -407,7 +412,7 @@ def categorical_cross_entropy(
     counted examples.
 
     Args:
-      probs, labels, axis, weight, where, reduction: as in
+      probs, labels, axis, weight, label_smoothing, where, reduction: as in
         :func:`jaxce.categorical_cross_entropy`.
 
     Returns:
@@ -419,9 +424,12 @@ def categorical_cross_entropy(
       >>> print(jaxce.derivatives.categorical_cross_entropy(p, y))
       [[-2.  0.  0.]]
 
-    A row with a probability outside ``[0, 1]`` (NaN loss) gives a zero gradient.
+    A row with a probability outside ``[0, 1]`` (NaN loss), and a traced
+    ``label_smoothing`` outside ``[0, 1)``, give a zero gradient.
     """
-    inputs = _probabilities.categorical_inputs(probs, labels, axis, weight, where, reduction)
+    inputs = _probabilities.categorical_inputs(
+        probs, labels, axis, weight, where, reduction, label_smoothing
+    )
     layout, p, targets, mask = inputs.layout, inputs.p, inputs.targets, inputs.mask
     compute = inputs.p.dtype
     take_part = targets != 0 if mask is None else mask & (targets != 0)
@@ -429,11 +437,103 @@ def categorical_cross_entropy(
     in_range = (p >= 0) & (p <= 1)
     # Entries excluded by `where` take no part: their values are not checked.
     valid_row = jnp.all(in_range if mask is None else in_range | ~mask, axis=-1, keepdims=True)
+    if inputs.valid is not None:
+        valid_row = valid_row & inputs.valid
     gradient = jnp.where(valid_row, gradient, 0)
     gradient = gradient * _reduce.example_gradient_scale(
         mask, layout.batch_shape, reduction, compute
     )
     return layout.unlayout(gradient).astype(jnp.result_type(probs))
+
+
+def _divergence_gradient(
+    log_predictions: ArrayLike,
+    targets: ArrayLike,
+    axis: int | Sequence[int] | None,
+    where: ArrayLike | None,
+    reduction: _divergence.DivergenceReduction,
+    log_target: bool,
+) -> jax.Array:
+    inputs = _divergence.divergence_inputs(
+        log_predictions, targets, axis, where, reduction, log_target=log_target
+    )
+    # d/d log q_c of t_c (log t_c - log q_c) = -t_c; 0 where t_c = 0 (the term is 0),
+    # where `where` excludes (t_c = 0 there) and on invalid rows (NaN loss).
+    gradient = jnp.where(inputs.valid_rows[..., None], -inputs.targets, 0)
+    gradient = gradient * _divergence.gradient_scale(inputs, reduction)
+    return inputs.layout.unlayout(gradient).astype(jnp.result_type(log_predictions))
+
+
+def kl_divergence(
+    log_predictions: ArrayLike,
+    targets: ArrayLike,
+    axis: int | Sequence[int] | None = -1,
+    where: ArrayLike | None = None,
+    *,
+    reduction: _divergence.DivergenceReduction = "none",
+) -> jax.Array:
+    r"""Gradient of :func:`jaxce.kl_divergence` with respect to ``log_predictions``.
+
+    :math:`\ell = \sum_c t_c (\log t_c - \log q_c)` is linear in :math:`\log q`:
+
+    .. math::
+        \frac{\partial \ell}{\partial \log q_c} = -t_c,
+
+    0 where :math:`t_c = 0` and where ``where`` excludes. Per example for
+    ``"none"``/``"sum"``; ``"mean"`` divides by the number of counted
+    examples, ``"batchmean"`` by ``log_predictions.shape[0]``.
+
+    Args:
+      log_predictions, targets, axis, where, reduction: as in
+        :func:`jaxce.kl_divergence`.
+
+    Returns:
+      ``log_predictions``' shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce.derivatives
+      >>> log_q, t = jnp.zeros((2, 2)), jnp.array([[0.25, 0.75], [1.0, 0.0]])
+      >>> print(jaxce.derivatives.kl_divergence(log_q, t, reduction="batchmean"))
+      [[-0.125 -0.375]
+       [-0.5   -0.   ]]
+
+    A row with a target outside ``[0, 1]`` (NaN loss) gives a zero gradient.
+    """
+    return _divergence_gradient(log_predictions, targets, axis, where, reduction, False)
+
+
+def kl_divergence_with_log_targets(
+    log_predictions: ArrayLike,
+    log_targets: ArrayLike,
+    axis: int | Sequence[int] | None = -1,
+    where: ArrayLike | None = None,
+    *,
+    reduction: _divergence.DivergenceReduction = "none",
+) -> jax.Array:
+    r"""Gradient of :func:`jaxce.kl_divergence_with_log_targets` w.r.t. ``log_predictions``.
+
+    .. math::
+        \frac{\partial \ell}{\partial \log q_c} = -e^{\log t_c},
+
+    0 where ``where`` excludes; scaled by the reduction as
+    :func:`kl_divergence`'s.
+
+    Args:
+      log_predictions, log_targets, axis, where, reduction: as in
+        :func:`jaxce.kl_divergence_with_log_targets`.
+
+    Returns:
+      ``log_predictions``' shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce.derivatives
+      >>> log_q, log_t = jnp.zeros((1, 2)), jnp.log(jnp.array([[0.25, 0.75]]))
+      >>> print(jaxce.derivatives.kl_divergence_with_log_targets(log_q, log_t))
+      [[-0.25 -0.75]]
+
+    A row with a log target above 0 (NaN loss) gives a zero gradient.
+    """
+    return _divergence_gradient(log_predictions, log_targets, axis, where, reduction, True)
 
 
 def softmax_cross_entropy(
@@ -477,35 +577,141 @@ def softmax_cross_entropy(
     Finite for logits of ``+-1e30`` and ``-inf`` (a ``-inf`` class has
     :math:`p_j = 0`); a row without any finite logit has a zero gradient.
     """
-    logits = _checks.as_float_array(logits, "logits")
-    labels = _checks.as_float_array(labels, "labels")
-    _checks.check_reduction(reduction)
-    _checks.check_unit_interval(label_smoothing, "label_smoothing")
-    if axis is None:  # every axis, as the loss (and optax) take it
-        axis = tuple(range(logits.ndim))
-    layout = _layout.ClassLayout.of(logits.shape, axis)
-    _layout.require_classes(layout)
-    mask = layout.mask(where)
-    class_weight = layout.class_weight(weight)
-    compute = _checks.compute_dtype(logits)
-    x = layout.classes_last(logits).astype(compute)
-    targets = _layout.dense_labels(labels, layout).astype(compute)
-    if not _checks.is_concrete_zero(label_smoothing):
-        smoothing = jnp.asarray(label_smoothing, compute)
-        targets = _formulas.smoothed_targets(targets, smoothing, layout.num_classes)
-    weighted = targets
-    if class_weight is not None:
-        weighted = targets * _layout.per_class(class_weight.astype(compute), targets.ndim)
-    weighted = jnp.broadcast_to(weighted, x.shape)
-    if mask is not None:
-        weighted = jnp.where(mask, weighted, 0)
+    inputs = _softmax.soft_label_inputs(logits, labels, axis, where, reduction, label_smoothing)
+    layout, x, mask = inputs.layout, inputs.x, inputs.mask
+    weighted = _softmax.class_weighted(inputs.targets, layout.class_weight(weight), mask)
     p, _, _, _ = _softmax_parts(x, mask)
     # p_j sum_c a_c - a_j: the function the loss's derivative rule uses.
     gradient = _closed_form.weighted_gradient(p, weighted)
+    return _soft_label_gradient(gradient, inputs, reduction, logits, inputs.valid)
+
+
+def _soft_label_gradient(
+    gradient: jax.Array,
+    inputs: _softmax.SoftLabelInputs,
+    reduction: Reduction,
+    logits: ArrayLike,
+    valid: jax.Array | None = None,
+) -> jax.Array:
+    """A soft-label loss's ``[*batch, C]`` gradient scaled by the reduction, 0 where an option
+    is invalid (``valid`` False; the loss is NaN), back in the logits' layout and dtype."""
+    layout, x = inputs.layout, inputs.x
     gradient = gradient * _reduce.example_gradient_scale(
-        mask, layout.batch_shape, reduction, compute
+        inputs.mask, layout.batch_shape, reduction, x.dtype
     )
-    return layout.unlayout(gradient).astype(logits.dtype)
+    if valid is not None:
+        gradient = jnp.where(valid, gradient, 0)
+    return layout.unlayout(gradient).astype(jnp.result_type(logits))
+
+
+def softmax_focal_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    alpha: ArrayLike = 0.25,
+    gamma: ArrayLike = 2.0,
+    axis: int | Sequence[int] | None = -1,
+    where: ArrayLike | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    reduction: Reduction = "none",
+) -> jax.Array:
+    r"""Gradient of :func:`jaxce.softmax_focal_loss` with respect to ``logits``.
+
+    With :math:`a_c = \alpha_c \tilde y_c`, :math:`q_c = 1 - p_c` and
+    :math:`\ell = -\sum_c a_c q_c^\gamma \log p_c`, the derivative with respect
+    to :math:`\log p_c` (using :math:`\partial q_c / \partial \log p_c = -p_c`) is
+
+    .. math::
+        u_c = a_c \left[\gamma\, q_c^{\gamma - 1} p_c \log p_c - q_c^\gamma\right]
+            = -a_c\, q_c^\gamma \left(1 + \gamma\, p_c\, \frac{-\log p_c}{q_c}\right),
+
+    and :math:`\partial \log p_c / \partial x_j = \delta_{cj} - p_j` gives
+
+    .. math::
+        \frac{\partial \ell}{\partial x_j} = u_j - p_j \sum_c u_c.
+
+    The second form of :math:`u_c` is bounded where the first is
+    :math:`\infty \cdot 0` (:math:`p_c \to 1` with :math:`0 < \gamma < 1`):
+    :math:`-\log p_c / q_c \to 1` there. For :math:`\gamma = 0`,
+    :math:`\alpha = 1` it is :func:`softmax_cross_entropy`'s
+    :math:`p_j \sum_c a_c - a_j`. Classes excluded by ``where`` get 0. Per
+    example for ``"none"``/``"sum"``; ``"mean"`` divides by the number of
+    counted examples.
+
+    Args:
+      logits, labels, alpha, gamma, axis, where, label_smoothing, reduction: as
+        in :func:`jaxce.softmax_focal_loss`.
+
+    Returns:
+      ``logits``' shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce.derivatives
+      >>> x, y = jnp.array([[0.0, 0.0]]), jnp.array([[1.0, 0.0]])
+      >>> print(jaxce.derivatives.softmax_focal_loss(x, y, alpha=1.0, gamma=1.0))
+      [[-0.4232868  0.4232868]]
+
+    Finite for logits of ``+-1e30`` and ``-inf``; a traced ``gamma`` or
+    ``label_smoothing`` out of range (NaN loss) gives a zero gradient.
+    """
+    inputs = _polynomial.focal_inputs(
+        logits, labels, alpha, gamma, axis, where, label_smoothing, reduction
+    )
+    soft = inputs.soft
+    # The functions the loss's derivative rule uses.
+    p, neg_log_p, miss = _closed_form.focal_parts(soft.x)
+    slopes = _closed_form.focal_slopes(
+        p, neg_log_p, miss, inputs.weights, inputs.gamma, inputs.included
+    )
+    gradient = _closed_form.focal_gradient(p, slopes)
+    return _soft_label_gradient(gradient, soft, reduction, logits, inputs.valid)
+
+
+def poly_loss_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    epsilon: ArrayLike = 2.0,
+    axis: int | Sequence[int] | None = -1,
+    where: ArrayLike | None = None,
+    *,
+    reduction: Reduction = "none",
+) -> jax.Array:
+    r"""Gradient of :func:`jaxce.poly_loss_cross_entropy` with respect to ``logits``.
+
+    The cross-entropy's :math:`p_j \sum_c y_c - y_j` plus :math:`\epsilon` times
+    the derivative of :math:`\sum_c y_c (1 - p_c)`, with
+    :math:`\partial p_c / \partial x_j = p_c (\delta_{cj} - p_j)`:
+
+    .. math::
+        \frac{\partial \ell}{\partial x_j}
+          = p_j \sum_c y_c - y_j - \epsilon \Big(y_j p_j - p_j \sum_c y_c p_c\Big).
+
+    Classes excluded by ``where`` get 0. Per example for ``"none"``/``"sum"``;
+    ``"mean"`` divides by the number of counted examples.
+
+    Args:
+      logits, labels, epsilon, axis, where, reduction: as in
+        :func:`jaxce.poly_loss_cross_entropy`.
+
+    Returns:
+      ``logits``' shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxce.derivatives
+      >>> x, y = jnp.array([[0.0, 0.0]]), jnp.array([[1.0, 0.0]])
+      >>> print(jaxce.derivatives.poly_loss_cross_entropy(x, y, epsilon=2.0))
+      [[-1.  1.]]
+
+    Finite for logits of ``+-1e30`` and ``-inf``; a traced ``epsilon`` that is
+    not finite (NaN loss) gives a zero gradient.
+    """
+    inputs = _polynomial.poly_inputs(logits, labels, epsilon, axis, where, reduction)
+    soft, targets = inputs.soft, inputs.targets
+    p, _, _, _ = _softmax_parts(soft.x, soft.mask)
+    hit = targets * p
+    miss_gradient = p * jnp.sum(hit, axis=-1, keepdims=True) - hit
+    gradient = _closed_form.weighted_gradient(p, targets) + inputs.epsilon * miss_gradient
+    return _soft_label_gradient(gradient, soft, reduction, logits, inputs.valid)
 
 
 def _integer_label_logit_gradient(
