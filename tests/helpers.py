@@ -166,6 +166,17 @@ def _probs_categorical(rng: np.random.Generator, n: int, c: int) -> tuple[np.nda
     return rng.dirichlet(np.ones(c) * 2, size=n), np.eye(c)[rng.integers(0, c, size=n)]
 
 
+def _log_probs_soft(rng: np.random.Generator, n: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """Log-predictions (a log-softmax) and probability targets."""
+    return np_log_softmax(rng.normal(size=(n, c)) * 2), rng.dirichlet(np.ones(c), size=n)
+
+
+def _log_probs_log_soft(rng: np.random.Generator, n: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """Log-predictions and log-probability targets."""
+    log_predictions, targets = _log_probs_soft(rng, n, c)
+    return log_predictions, np.log(targets)
+
+
 LOSSES = [
     LossCase(
         "softmax_cross_entropy_with_integer_labels",
@@ -177,6 +188,20 @@ LOSSES = [
     LossCase("sigmoid_focal_loss", jaxce.sigmoid_focal_loss, _logits_binary),
     LossCase("binary_cross_entropy", jaxce.binary_cross_entropy, _probs_binary),
     LossCase("categorical_cross_entropy", jaxce.categorical_cross_entropy, _probs_categorical),
+    LossCase("softmax_focal_loss", jaxce.softmax_focal_loss, _logits_soft),
+    LossCase("poly_loss_cross_entropy", jaxce.poly_loss_cross_entropy, _logits_soft),
+    LossCase("kl_divergence", jaxce.kl_divergence, _log_probs_soft),
+    LossCase(
+        "kl_divergence_with_log_targets", jaxce.kl_divergence_with_log_targets, _log_probs_log_soft
+    ),
+]
+
+# The losses of logits (the others take probabilities or log-probabilities).
+LOGIT_LOSSES = [
+    case
+    for case in LOSSES
+    if case.name not in ("binary_cross_entropy", "categorical_cross_entropy")
+    and not case.name.startswith("kl_divergence")
 ]
 
 

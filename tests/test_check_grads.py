@@ -39,6 +39,17 @@ def _cases():
          {"axis": 0, "ignore_index": 2, "reduction": "sum"}),
         ("categorical_cross_entropy", rng.uniform(0.1, 1.0, shape), (soft,),
          {"weight": weight, "reduction": "mean"}),
+        ("categorical_cross_entropy", rng.uniform(0.1, 1.0, shape), (soft,),
+         {"label_smoothing": 0.1, "where": where, "reduction": "sum"}),
+        ("softmax_focal_loss", logits, (soft,),
+         {"alpha": weight, "gamma": 0.5, "label_smoothing": 0.1, "where": where,
+          "reduction": "mean"}),
+        ("softmax_focal_loss", logits, (binary,), {"gamma": 2.0, "reduction": "none"}),
+        ("poly_loss_cross_entropy", logits, (soft,), {"epsilon": -1.0, "where": where,
+                                                       "reduction": "mean"}),
+        ("kl_divergence", np.log(soft), (soft[::-1],), {"where": where, "reduction": "batchmean"}),
+        ("kl_divergence_with_log_targets", np.log(soft), (np.log(soft[::-1]),),
+         {"reduction": "sum"}),
     ]  # fmt: skip
 
 

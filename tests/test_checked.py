@@ -116,6 +116,16 @@ def _nan_cases() -> list[Any]:
             False,
             (),
         ),
+        "softmax_focal": (
+            lambda x, **o: jaxce.softmax_focal_loss(x, jax.nn.one_hot(IN_RANGE, CLASSES), **o),
+            False,
+            (),
+        ),
+        "poly": (
+            lambda x, **o: jaxce.poly_loss_cross_entropy(x, jax.nn.one_hot(IN_RANGE, CLASSES), **o),
+            False,
+            (),
+        ),
         "integer_labels_xla": (
             lambda x, **o: _integer("xla")(x, IN_RANGE, **o),
             False,

@@ -223,6 +223,94 @@ def test_categorical_cross_entropy_matches_autodiff(option, reduction):
     _assert_grads_close(closed, reference)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_categorical_label_smoothing_matches_autodiff(reduction):
+    rng = np.random.default_rng(13)
+    kwargs = dict(_multiclass_options(rng)["weight_where_classes"], reduction=reduction)
+    with jax.enable_x64(True):
+        p = jnp.asarray(rng.uniform(0.02, 1.0, SHAPE))
+        y = jnp.asarray(_soft(rng, SHAPE))
+        closed, expected, reference = _three_ways(
+            "categorical_cross_entropy", p, y, label_smoothing=0.2, **kwargs
+        )
+    _assert_grads_close(closed, expected)
+    _assert_grads_close(closed, reference)
+
+
+FOCAL_OPTIONS = {
+    "defaults": {},
+    "gamma=0_alpha=1": {"gamma": 0.0, "alpha": 1.0},
+    "gamma=0.5_alpha[C]": {"gamma": 0.5, "alpha": np.linspace(0.5, 2.0, CLASSES)},
+    "gamma=3_smoothing": {"gamma": 3.0, "label_smoothing": 0.15},
+    "where_classes": {"where": np.arange(60).reshape(SHAPE) % 4 > 0},
+    "where_examples": {"where": np.arange(12).reshape(BATCH) % 3 > 0},
+    "axis=(0,2)": {"axis": (0, 2)},
+    "everything": {
+        "gamma": 1.5,
+        "alpha": np.linspace(0.5, 2.0, CLASSES),
+        "label_smoothing": 0.1,
+        "where": np.arange(60).reshape(SHAPE) % 4 > 0,
+    },
+}
+
+
+@pytest.mark.parametrize("option, reduction", _with_reductions(FOCAL_OPTIONS))
+def test_softmax_focal_loss_matches_autodiff(option, reduction):
+    rng = np.random.default_rng(14)
+    kwargs = dict(FOCAL_OPTIONS[option], reduction=reduction)
+    with jax.enable_x64(True):
+        x = jnp.asarray(2 * rng.standard_normal(SHAPE))
+        y = jnp.asarray(_soft(rng, SHAPE) if "axis" not in kwargs else rng.uniform(size=SHAPE))
+        closed, expected, reference = _three_ways("softmax_focal_loss", x, y, **kwargs)
+    _assert_grads_close(closed, expected)
+    _assert_grads_close(closed, reference)
+
+
+POLY_OPTIONS = {
+    "defaults": {},
+    "epsilon=-1": {"epsilon": -1.0},
+    "where_classes": {"epsilon": 5.45, "where": np.arange(60).reshape(SHAPE) % 4 > 0},
+    "where_examples": {"where": np.arange(12).reshape(BATCH) % 3 > 0},
+    "axis=(0,2)": {"axis": (0, 2)},
+}
+
+
+@pytest.mark.parametrize("option, reduction", _with_reductions(POLY_OPTIONS))
+def test_poly_loss_cross_entropy_matches_autodiff(option, reduction):
+    rng = np.random.default_rng(15)
+    kwargs = dict(POLY_OPTIONS[option], reduction=reduction)
+    with jax.enable_x64(True):
+        x = jnp.asarray(3 * rng.standard_normal(SHAPE))
+        y = jnp.asarray(_soft(rng, SHAPE))
+        closed, expected, reference = _three_ways("poly_loss_cross_entropy", x, y, **kwargs)
+    _assert_grads_close(closed, expected)
+    _assert_grads_close(closed, reference)
+
+
+DIVERGENCE_OPTIONS = {
+    "defaults": {},
+    "where_entries": {"where": np.arange(60).reshape(SHAPE) % 4 > 0},
+    "where_examples": {"where": np.arange(12).reshape(BATCH) % 3 > 0},
+    "axis=(0,2)": {"axis": (0, 2)},
+}
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+@pytest.mark.parametrize("option", DIVERGENCE_OPTIONS)
+@pytest.mark.parametrize("name", ["kl_divergence", "kl_divergence_with_log_targets"])
+def test_divergences_match_autodiff(name, option, reduction):
+    rng = np.random.default_rng(16)
+    kwargs = dict(DIVERGENCE_OPTIONS[option], reduction=reduction)
+    targets = _soft(rng, SHAPE)
+    targets[0, 0, 1] = 0.0  # 0 log 0
+    with jax.enable_x64(True):
+        log_q = jnp.asarray(rng.standard_normal(SHAPE) - 2)
+        second = jnp.asarray(targets if name == "kl_divergence" else np.log(_soft(rng, SHAPE)))
+        closed, expected, reference = _three_ways(name, log_q, second, **kwargs)
+    _assert_grads_close(closed, expected)
+    _assert_grads_close(closed, reference)
+
+
 INTEGER_OPTIONS = {
     "defaults": {},
     "weight": {"weight": np.linspace(0.5, 2.0, CLASSES)},
@@ -539,6 +627,10 @@ def test_extreme_logits_give_finite_gradients(value):
         "softmax_cross_entropy",
         "categorical_cross_entropy",
         "softmax_cross_entropy_with_integer_labels",
+        "softmax_focal_loss",
+        "poly_loss_cross_entropy",
+        "kl_divergence",
+        "kl_divergence_with_log_targets",
     ],
 )
 def test_gradient_dtype_is_the_input_dtype(name, dtype):
@@ -546,6 +638,8 @@ def test_gradient_dtype_is_the_input_dtype(name, dtype):
     first = jnp.asarray(rng.uniform(0.1, 0.9, SHAPE), dtype)
     if name == "softmax_cross_entropy_with_integer_labels":
         labels = jnp.asarray(rng.integers(0, CLASSES, BATCH))
+    elif name == "kl_divergence_with_log_targets":
+        labels = jnp.asarray(np.log(_soft(rng, SHAPE)), jnp.float32)
     else:
         labels = jnp.asarray(_soft(rng, SHAPE), jnp.float32)
     closed = getattr(derivatives, name)(first, labels, reduction="mean")
@@ -604,6 +698,9 @@ AXIS_FUNCTIONS = [
     "softmax_cross_entropy",
     "categorical_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
+    "softmax_focal_loss",
+    "poly_loss_cross_entropy",
+    "kl_divergence",
     "log_softmax",
     "logsumexp",
 ]
@@ -687,3 +784,22 @@ def test_focal_closed_form_checks_gamma_as_the_loss_does(gamma: float) -> None:
     np.testing.assert_array_equal(closed, np.zeros(SHAPE, np.float32))
     with pytest.raises(checkify.JaxRuntimeError, match="`gamma`"):
         jaxce.checked(traced)(x, gamma)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("softmax_focal_loss", {"gamma": -0.5}),
+        ("softmax_focal_loss", {"gamma": float("nan")}),
+        ("poly_loss_cross_entropy", {"epsilon": float("nan")}),
+        ("categorical_cross_entropy", {"label_smoothing": 1.0}),
+    ],
+    ids=["focal-gamma=-0.5", "focal-gamma=nan", "poly-epsilon=nan", "categorical-smoothing=1"],
+)
+def test_closed_forms_check_their_options_as_the_losses_do(name, options) -> None:
+    x = jnp.full(SHAPE, 0.2, jnp.float32)
+    y = jnp.asarray(_soft(np.random.default_rng(93), SHAPE), jnp.float32)
+    (argument,) = options
+    for fn in (getattr(jaxce, name), getattr(derivatives, name)):
+        with pytest.raises(ValueError, match=f"`{argument}`"):
+            fn(x, y, **options)

@@ -138,6 +138,8 @@ def _nan_options(option: str, classes: np.ndarray) -> dict[str, Any]:
         }
     if option == "alpha_gamma":
         return {"alpha": 0.25, "gamma": 1.5}
+    if option == "alpha_vector_gamma_smoothing":
+        return {"alpha": rng.uniform(0.2, 2.0, C), "gamma": 0.5, "label_smoothing": 0.1}
     assert option == "where_excludes_another_class"
     # Every row excludes one class that is neither its label nor its NaN's class.
     where = np.ones((N, C), bool)
@@ -173,7 +175,32 @@ NAN_CASES = [
     ),
     ("sigmoid_focal-plain", jaxce.sigmoid_focal_loss, "binary", "plain"),
     ("sigmoid_focal-alpha_gamma", jaxce.sigmoid_focal_loss, "binary", "alpha_gamma"),
+    ("softmax_focal-plain", jaxce.softmax_focal_loss, "one_hot", "plain"),
+    (
+        "softmax_focal-alpha_vector_gamma_smoothing",
+        jaxce.softmax_focal_loss,
+        "one_hot",
+        "alpha_vector_gamma_smoothing",
+    ),
+    ("poly-plain", jaxce.poly_loss_cross_entropy, "one_hot", "plain"),
+    # The "logits" are log-predictions: a NaN one makes its row NaN, also under a zero target.
+    ("kl_divergence-plain", jaxce.kl_divergence, "one_hot", "plain"),
+    (
+        "kl_divergence_with_log_targets-where",
+        jaxce.kl_divergence_with_log_targets,
+        "log_one_hot",
+        "where_excludes_another_class",
+    ),
 ]
+
+
+def _dense_labels(kind: str, classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """One-hot labels, or their logs (-inf for the zeros) for the divergence of log targets."""
+    labels = one_hot(classes, num_classes)
+    if kind.startswith("log_one_hot"):
+        with np.errstate(divide="ignore"):
+            return np.log(labels)
+    return labels
 
 
 def _keep_rows(options: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
@@ -206,7 +233,7 @@ def test_nan_logit_makes_its_row_nan_and_leaves_other_rows_exact(
     for entry in nan_entries:
         x[entry] = np.nan
     options = _nan_options(option, classes)
-    labels: np.ndarray = classes.copy() if kind == "integer" else one_hot(classes, C)
+    labels: np.ndarray = classes.copy() if kind == "integer" else _dense_labels(kind, classes, C)
     if "ignore_index" in options:
         labels[IGNORED_ROW] = -100
     logits = jnp.asarray(x, dtype)
@@ -402,6 +429,25 @@ WHERE_LOSSES = [
         jaxce.derivatives.categorical_cross_entropy,
         "one_hot_probs",
     ),
+    (
+        "softmax_focal_loss",
+        jaxce.softmax_focal_loss,
+        jaxce.derivatives.softmax_focal_loss,
+        "one_hot_logits",
+    ),
+    (
+        "poly_loss_cross_entropy",
+        jaxce.poly_loss_cross_entropy,
+        jaxce.derivatives.poly_loss_cross_entropy,
+        "one_hot_logits",
+    ),
+    ("kl_divergence", jaxce.kl_divergence, jaxce.derivatives.kl_divergence, "one_hot_logits"),
+    (
+        "kl_divergence_with_log_targets",
+        jaxce.kl_divergence_with_log_targets,
+        jaxce.derivatives.kl_divergence_with_log_targets,
+        "log_one_hot_logits",
+    ),
 ]
 
 
@@ -417,7 +463,7 @@ def _where_inputs(kind: str, where_kind: str) -> tuple[np.ndarray, np.ndarray, n
     classes = np.array([0, 2, 4, 2])  # class 1 is nobody's label
     probs = kind.endswith("probs")
     x = rng.uniform(0.05, 0.95, size=(n, c)) if probs else rng.normal(size=(n, c)) * 2
-    labels = classes if kind == "integer_logits" else one_hot(classes, c)
+    labels = classes if kind == "integer_logits" else _dense_labels(kind, classes, c)
     binary = kind.startswith("binary")
     excluded = np.zeros((n, c), bool)
     if where_kind in ("elementwise", "per_class"):
@@ -1033,6 +1079,13 @@ def _hyper_setup(function: str, dtype: str) -> tuple[tuple[jax.Array, ...], Call
         return (logits,), lambda z, **o: integer_loss(z, classes, **o)
     if function == "softmax":
         return (logits,), lambda z, **o: jaxce.softmax_cross_entropy(z, one_hot(classes, 7), **o)
+    if function == "softmax_focal":
+        return (logits,), lambda z, **o: jaxce.softmax_focal_loss(z, one_hot(classes, 7), **o)
+    if function == "poly":
+        return (logits,), lambda z, **o: jaxce.poly_loss_cross_entropy(z, one_hot(classes, 7), **o)
+    if function == "categorical":
+        probs = jax.nn.softmax(logits.astype(jnp.float32)).astype(dtype)
+        return (probs,), lambda p, **o: jaxce.categorical_cross_entropy(p, one_hot(classes, 7), **o)
     binary = rng.integers(0, 2, size=(5, 7)).astype(np.float64)
     if function == "sigmoid_binary":
         return (logits,), lambda z, **o: jaxce.sigmoid_binary_cross_entropy(z, binary, **o)
@@ -1045,7 +1098,14 @@ NAN = float("nan")
 # check written `x < 0 or x >= 1` lets it through).
 HYPERPARAMETERS = [
     (function, "label_smoothing", (1.5, -0.1, 1.0, NAN), (0.0, 0.3))
-    for function in ("integer_labels", "softmax", "sigmoid_binary", "linear")
+    for function in (
+        "integer_labels",
+        "softmax",
+        "sigmoid_binary",
+        "linear",
+        "softmax_focal",
+        "categorical",
+    )
 ]
 HYPERPARAMETERS += [
     (function, "z_loss", (-0.5, -1e-8, NAN), (0.0, 1e-3))
@@ -1053,6 +1113,8 @@ HYPERPARAMETERS += [
 ]
 HYPERPARAMETERS += [("sigmoid_focal", "alpha", (-0.1, 1.5, NAN), (0.0, 1.0))]
 HYPERPARAMETERS += [("sigmoid_focal", "gamma", (-0.5, -1e-8, NAN), (0.0, 2.0))]
+HYPERPARAMETERS += [("softmax_focal", "gamma", (-0.5, -1e-8, NAN), (0.0, 0.5))]
+HYPERPARAMETERS += [("poly", "epsilon", (NAN, float("inf"), -float("inf")), (-1.0, 2.0))]
 HYPERPARAMETERS += [("linear", "temperature", (-1.0, 0.0, NAN, float("inf")), (0.5, 2.0))]
 BAD_HYPERPARAMETERS = [(f, a, v) for f, a, bad, _ in HYPERPARAMETERS for v in bad]
 BAD_IDS = [f"{f}-{a}={v}" for f, a, v in BAD_HYPERPARAMETERS]
@@ -1180,6 +1242,18 @@ def _checked_cases() -> dict[str, tuple[Callable[[], Callable[..., Any]], tuple,
             (probs, targets),
             (probs.at[3, 0].set(-0.2), targets),
             "probs",
+        ),
+        "kl_divergence_targets": (
+            lambda: lambda q, t: jaxce.kl_divergence(q, t, reduction="batchmean"),
+            (jax.nn.log_softmax(logits), probs / probs.sum(-1, keepdims=True)),
+            (jax.nn.log_softmax(logits), probs.at[2, 1].set(1.5)),
+            "targets",
+        ),
+        "softmax_focal_traced_gamma": (
+            lambda: lambda x, g: jaxce.softmax_focal_loss(x, targets, gamma=g, reduction="mean"),
+            (logits, 2.0),
+            (logits, -1.0),
+            "gamma",
         ),
         "traced_label_smoothing": (
             lambda: (
@@ -1310,6 +1384,34 @@ EMPTY_LOSSES = {
         _dense_labels_of,
         None,
         True,
+    ),
+    "softmax_focal_loss": (
+        jaxce.softmax_focal_loss,
+        jaxce.derivatives.softmax_focal_loss,
+        _dense_labels_of,
+        None,
+        False,
+    ),
+    "poly_loss_cross_entropy": (
+        jaxce.poly_loss_cross_entropy,
+        jaxce.derivatives.poly_loss_cross_entropy,
+        _dense_labels_of,
+        "poly_loss_cross_entropy",
+        False,
+    ),
+    "kl_divergence": (
+        jaxce.kl_divergence,
+        jaxce.derivatives.kl_divergence,
+        _dense_labels_of,
+        "kl_divergence",
+        False,
+    ),
+    "kl_divergence_with_log_targets": (
+        jaxce.kl_divergence_with_log_targets,
+        jaxce.derivatives.kl_divergence_with_log_targets,
+        _dense_labels_of,
+        "kl_divergence_with_log_targets",
+        False,
     ),
 }
 EMPTY_SHAPES = [((0, 5), "float32", "jit"), ((2, 0, 5), "bfloat16", "eager")]

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
+    LOGIT_LOSSES,
     LOSSES,
     PLUS_INF_ROWS,
     REDUCTIONS,
@@ -139,7 +140,7 @@ def test_integer_labels_beat_optax_cancellation_at_1e4() -> None:
     assert abs(float(theirs[0]) - exact[0]) > abs(float(ours[0]) - exact[0])
 
 
-@pytest.mark.parametrize("case", LOSSES[:4], ids=str)
+@pytest.mark.parametrize("case", LOGIT_LOSSES, ids=str)
 def test_logit_losses_finite_at_1e30(case: LossCase) -> None:
     x = jnp.array([[1e30, -1e30, 0.0], [-1e30, 1e30, 3.0]], jnp.float32)
     rng = np.random.default_rng(5)
@@ -508,6 +509,74 @@ def test_categorical_class_shaped_where_drops_classes_not_rows() -> None:
     assert per_class[2] == per_row[2] == 0
     # The mean counts the examples with any included class: 2 of 3.
     np.testing.assert_allclose(per_class_mean, expected.sum() / 2, rtol=1e-14)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_categorical_label_smoothing_matches_float64_formula(reduction: str) -> None:
+    """Targets (1 - eps) y + eps / C before the class weights; the closed form is jax.grad's."""
+    rng = np.random.default_rng(22)
+    p, y = rng.dirichlet(np.ones(5), size=4), rng.dirichlet(np.ones(5), size=4)
+    weight, where = rng.uniform(0.5, 2.0, 5), rng.uniform(size=(4, 5)) > 0.2
+    options = {"weight": weight, "where": where, "label_smoothing": 0.15, "reduction": reduction}
+
+    @jax.jit
+    def run(q):
+        loss = lambda v: jaxce.categorical_cross_entropy(v, y, **options)  # noqa: E731
+        closed = jaxce.derivatives.categorical_cross_entropy(q, y, **options)
+        return loss(q), jax.grad(lambda v: jnp.sum(loss(v)))(q), closed
+
+    with jax.enable_x64(True):
+        value, grad, closed = run(p)
+    smoothed = 0.85 * y + 0.15 / 5
+    per_example = _np_categorical(p, smoothed, weight, where)
+    expected = {
+        "none": per_example,
+        "sum": per_example.sum(),
+        "mean": per_example.sum() / where.any(-1).sum(),
+    }[reduction]
+    # float64, a sum of 5 logs times weights: a few units of 2^-53.
+    np.testing.assert_allclose(value, expected, rtol=1e-14)
+    scale = 1 / where.any(-1).sum() if reduction == "mean" else 1.0
+    np.testing.assert_allclose(
+        closed, np.where(where, -weight * smoothed / p, 0) * scale, rtol=1e-14
+    )
+    np.testing.assert_allclose(grad, closed, rtol=1e-14)
+
+
+def test_categorical_label_smoothing_is_keras_away_from_the_clamps() -> None:
+    """keras/src/losses/losses_test.py, CategoricalCrossentropyTest.
+
+    test_unweighted (0.3239, to 3 decimals) on probabilities: Keras divides each row by its sum
+    first, jaxce takes rows that sum to 1. test_label_smoothing is from logits [100, -100,
+    -100] with eps = 0.1: Keras' 400 eps / 3 is softmax_cross_entropy's value; from the
+    probabilities softmax gives (e^-200 for the two zero labels) jaxce clamps each log at
+    -100, PyTorch's clamp, so the loss is 200 eps / 3 (Keras clips p at 1e-7 instead, which
+    gives 2 (eps / 3) log 1e7). Away from both edges the probabilities' loss is the logits'.
+    """
+    keras_probs = np.array([[0.9, 0.05, 0.05], [0.5, 0.89, 0.6], [0.05, 0.01, 0.94]])
+    logits = np.array([[100.0, -100.0, -100.0]])
+    moderate = np.array([[4.9, -0.5, 2.05], [0.3, 1.2, -0.7]])
+    labels = np.array([[1.0, 0.0, 0.0], [0.0, 0.3, 0.7]])
+
+    @jax.jit
+    def run(probs, x, z):
+        categorical = jaxce.categorical_cross_entropy
+        return (
+            categorical(probs / probs.sum(-1, keepdims=True), np.eye(3), reduction="mean"),
+            jaxce.softmax_cross_entropy(x, labels[:1], label_smoothing=0.1),
+            categorical(jax.nn.softmax(x), labels[:1], label_smoothing=0.1),
+            categorical(jax.nn.softmax(z), labels, label_smoothing=0.1),
+            jaxce.softmax_cross_entropy(z, labels, label_smoothing=0.1),
+        )
+
+    with jax.enable_x64(True):
+        unweighted, from_logits, clamped, moderate_probs, moderate_logits = run(
+            keras_probs, logits, moderate
+        )
+    np.testing.assert_allclose(unweighted, 0.3239, atol=0.5e-3)
+    np.testing.assert_allclose(from_logits, 400 * 0.1 / 3, rtol=1e-14)
+    np.testing.assert_allclose(clamped, 200 * 0.1 / 3, rtol=1e-14)
+    np.testing.assert_allclose(moderate_probs, moderate_logits, rtol=1e-14)
 
 
 def test_checked_accepts_negative_elementwise_and_pos_weights_as_pytorch_does() -> None:

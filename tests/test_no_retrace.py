@@ -38,6 +38,22 @@ def _focal(x, y, value, name):
     return jaxce.sigmoid_focal_loss(x, y, reduction="mean", **{name: value})
 
 
+def _softmax_focal(x, y, value, name):
+    labels = jax.nn.one_hot(y, x.shape[-1])
+    return jaxce.softmax_focal_loss(x, labels, reduction="mean", **{name: value})
+
+
+def _poly(x, y, value, name):
+    labels = jax.nn.one_hot(y, x.shape[-1])
+    return jaxce.poly_loss_cross_entropy(x, labels, reduction="mean", **{name: value})
+
+
+def _categorical(x, y, value, name):
+    labels = jax.nn.one_hot(y, x.shape[-1])
+    probs = jax.nn.softmax(x)
+    return jaxce.categorical_cross_entropy(probs, labels, reduction="mean", **{name: value})
+
+
 CASES = [
     pytest.param(
         _integer_ce, INT_LABELS, "label_smoothing", (0.0, 0.1, 0.3), id="int-ce-label_smoothing"
@@ -52,6 +68,16 @@ CASES = [
     pytest.param(_binary, BINARY_LABELS, "pos_weight", (1.0, 2.0, 0.5), id="bce-pos_weight"),
     pytest.param(_focal, BINARY_LABELS, "alpha", (0.25, 0.5, 0.9), id="focal-alpha"),
     pytest.param(_focal, BINARY_LABELS, "gamma", (0.0, 1.0, 2.0), id="focal-gamma"),
+    pytest.param(_softmax_focal, INT_LABELS, "alpha", (0.25, 1.0, 2.0), id="softmax-focal-alpha"),
+    pytest.param(_softmax_focal, INT_LABELS, "gamma", (0.0, 0.5, 2.0), id="softmax-focal-gamma"),
+    pytest.param(_poly, INT_LABELS, "epsilon", (-1.0, 0.0, 2.0), id="poly-epsilon"),
+    pytest.param(
+        _categorical,
+        INT_LABELS,
+        "label_smoothing",
+        (0.0, 0.1, 0.3),
+        id="categorical-label_smoothing",
+    ),
 ]
 
 

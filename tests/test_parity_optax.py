@@ -238,6 +238,66 @@ def test_focal_loss_options_match_optax(alpha, gamma):
     )
 
 
+@pytest.mark.parametrize("where_kind", WHERE_KINDS, ids=["no-where", "where-logits", "where-batch"])
+@pytest.mark.parametrize(
+    ("layout", "shape", "axis"), LAYOUTS[:4], ids=[lay[0] for lay in LAYOUTS[:4]]
+)
+def test_poly_loss_matches_optax(layout, shape, axis, where_kind):
+    """Positional ``(logits, labels, epsilon, axis, where)``; epsilon 2 or -1 (the paper's).
+    optax's Poly-1 takes no batch-shaped ``where`` (its softmax does not broadcast it): there
+    it gets the same rows as a mask of the logits' shape."""
+    rng = _rng("poly", layout, where_kind)
+    epsilon = float(rng.choice([2.0, -1.0]))
+    logits = _logits(rng, shape)
+    labels = rng.uniform(0, 1, size=shape).astype(np.float32)
+    labels /= labels.sum(axis=axis, keepdims=True)
+    ours_where = theirs_where = None
+    if where_kind == "logits-shape":
+        ours_where = theirs_where = jnp.asarray(_mask_keeping(rng, shape))
+    elif where_kind == "batch-shape":
+        rows = rng.random(_batch_shape(shape, axis)) < 0.6
+        full = rows
+        for class_axis in sorted(a % len(shape) for a in np.atleast_1d(axis)):
+            full = np.expand_dims(full, class_axis)
+        ours_where, theirs_where = jnp.asarray(rows), jnp.asarray(np.broadcast_to(full, shape))
+    _assert_same(
+        _value_and_vjp(
+            lambda x: jaxce.poly_loss_cross_entropy(x, labels, epsilon, axis, ours_where), logits
+        ),
+        _value_and_vjp(
+            lambda x: optax.losses.poly_loss_cross_entropy(
+                x, labels, epsilon=epsilon, axis=axis, where=theirs_where
+            ),
+            logits,
+        ),
+    )
+
+
+DIVERGENCES = ["kl_divergence", "kl_divergence_with_log_targets"]
+
+
+@pytest.mark.parametrize("where_kind", [None, "logits-shape"], ids=["no-where", "where"])
+@pytest.mark.parametrize(
+    ("layout", "shape", "axis"), LAYOUTS[:4], ids=[lay[0] for lay in LAYOUTS[:4]]
+)
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_divergences_match_optax(name, layout, shape, axis, where_kind):
+    """Positional ``(log_predictions, targets, axis, where)`` as optax's, strictly positive
+    targets (optax's NaN at 0 log 0 is a deliberate difference, below)."""
+    rng = _rng("divergence", name, layout, where_kind)
+    log_predictions = np.asarray(jax.nn.log_softmax(_logits(rng, shape), axis=axis))
+    targets = rng.uniform(0.05, 1, size=shape).astype(np.float32)
+    targets /= targets.sum(axis=axis, keepdims=True)
+    if name == "kl_divergence_with_log_targets":
+        targets = np.log(targets)
+    where = None if where_kind is None else jnp.asarray(_mask_keeping(rng, shape))
+    ours, theirs = getattr(jaxce, name), getattr(optax.losses, name)
+    _assert_same(
+        _value_and_vjp(lambda x: ours(x, targets, axis, where), log_predictions),
+        _value_and_vjp(lambda x: theirs(x, targets, axis, where), log_predictions),
+    )
+
+
 PRIMITIVE_CASES = [
     ("log_sigmoid", {}),
     ("logsumexp", {"axis": -1}),
@@ -287,15 +347,19 @@ SHARED_NAMES = [
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
     "sigmoid_focal_loss",
+    "poly_loss_cross_entropy",
+    "kl_divergence",
+    "kl_divergence_with_log_targets",
 ]
 
 
 @pytest.mark.parametrize("name", SHARED_NAMES)
 def test_signature_is_a_superset_of_optax(name):
-    """Same positional pair ``(logits, labels)``; every optax keyword exists with its default."""
+    """Same positional pair (``logits, labels``, ``log_predictions, targets``); every optax
+    keyword exists with its default."""
     ours = inspect.signature(getattr(jaxce, name)).parameters
     theirs = inspect.signature(getattr(optax.losses, name)).parameters
-    assert list(ours)[:2] == list(theirs)[:2] == ["logits", "labels"]
+    assert list(ours)[:2] == list(theirs)[:2]
     for parameter in list(theirs.values())[2:]:
         assert parameter.name in ours, parameter.name
         assert ours[parameter.name].default == parameter.default, parameter.name
@@ -384,3 +448,37 @@ def test_excluded_label_class_costs_inf_where_optax_ignores_the_exclusion():
     assert np.isfinite(theirs[0])
     ours = jaxce.softmax_cross_entropy_with_integer_labels(logits, labels, where=where)
     assert ours[0] == np.inf
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_divergence_zero_target_on_minus_inf_log_prediction_is_zero_where_optax_gives_nan():
+    """0 log 0 = 0 in jaxce, whatever the log prediction; optax computes 0 * (0 - (-inf))."""
+    log_predictions = np.array([[-np.inf, -0.2, -1.8], [-1.0, -0.7, -1.7]], np.float32)
+    targets = np.array([[0.0, 0.8, 0.2], [0.3, 0.5, 0.2]], np.float32)
+    with np.errstate(divide="ignore"):
+        log_targets = np.log(targets)
+    for name, second in (
+        ("kl_divergence", targets),
+        ("kl_divergence_with_log_targets", log_targets),
+    ):
+        theirs = getattr(optax.losses, name)(log_predictions, second)
+        assert np.isnan(theirs[0]), name
+        ours, grad = _value_and_vjp(
+            lambda x, n=name, t=second: getattr(jaxce, n)(x, t), log_predictions
+        )
+        without = getattr(optax.losses, name)(log_predictions[:1, 1:], second[:1, 1:])
+        np.testing.assert_allclose(ours[0], without[0], **TOLERANCE)
+        np.testing.assert_allclose(ours[1], theirs[1], **TOLERANCE)
+        assert grad[0, 0] == 0.0 and np.all(np.isfinite(grad)), name
+
+
+def test_poly_zero_label_on_minus_inf_logit_is_finite_where_optax_gives_nan():
+    logits = np.array([[-np.inf, 1.0, 2.0], [0.5, -1.0, 2.0]], np.float32)
+    labels = np.array([[0.0, 0.3, 0.7], [0.2, 0.2, 0.6]], np.float32)
+    theirs = optax.losses.poly_loss_cross_entropy(logits, labels)
+    assert np.isnan(theirs[0])
+    ours, grad = _value_and_vjp(lambda x: jaxce.poly_loss_cross_entropy(x, labels), logits)
+    without = optax.losses.poly_loss_cross_entropy(logits[:1, 1:], labels[:1, 1:])
+    np.testing.assert_allclose(ours[0], without[0], **TOLERANCE)
+    np.testing.assert_allclose(ours[1], theirs[1], **TOLERANCE)
+    assert grad[0, 0] == 0.0 and np.all(np.isfinite(grad))

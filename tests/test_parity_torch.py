@@ -523,3 +523,47 @@ def test_z_loss_is_unweighted_square_of_logsumexp(
     counted = labels != -100
     z_value, z_grad = _np_z_loss(logits, counted, z_loss, reduction)
     _assert_parity(ours, (cross_entropy[0] + z_value, cross_entropy[1] + z_grad))
+
+
+KL_REDUCTIONS = ["none", "sum", "mean", "batchmean"]
+# Log-predictions laid out as PyTorch's examples: [N, C] and [N, T, C] (the classes last).
+KL_LAYOUTS = {"NC": (7, NUM_CLASSES), "NTC": (4, 3, NUM_CLASSES)}
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
+@pytest.mark.parametrize("log_target", [False, True], ids=["targets", "log_targets"])
+@pytest.mark.parametrize("layout", KL_LAYOUTS)
+@pytest.mark.parametrize("reduction", KL_REDUCTIONS)
+def test_kl_divergence_matches_torch_kl_div(reduction, layout, log_target):
+    """``F.kl_div(log_q, t, reduction, log_target)``: PyTorch's "none" is elementwise (summed
+    here over the class axis, jaxce's "none"); "sum" and "batchmean" (the total over
+    ``shape[0]``) are jaxce's; PyTorch's elementwise "mean" is jaxce's per-example "mean"
+    divided by the number of classes. Values and gradients w.r.t. the log-predictions."""
+    rng = _rng("kl_div", reduction, layout, log_target)
+    shape = KL_LAYOUTS[layout]
+    log_q = rng.normal(size=shape) - 2  # any floats, as both take them
+    targets = rng.dirichlet(np.ones(NUM_CLASSES), size=shape[:-1])
+    if not log_target:
+        targets[0, ..., 1] = 0.0  # 0 log 0 = 0 on a finite log-prediction, in both
+    second = np.log(targets) if log_target else targets
+    name = "kl_divergence_with_log_targets" if log_target else "kl_divergence"
+    ours = _jax_value_and_grad(
+        lambda x: getattr(jaxce, name)(x, second, reduction=reduction), log_q
+    )
+    theirs = _torch_value_and_grad(
+        lambda x: F.kl_div(x, torch.tensor(second), reduction=reduction, log_target=log_target),
+        log_q,
+    )
+    if reduction == "none":
+        # The gradient of the summed elementwise losses is that of the summed per-example ones.
+        theirs = (theirs[0].sum(-1), theirs[1])
+    if reduction == "mean":
+        ours = (ours[0] / NUM_CLASSES, ours[1] / NUM_CLASSES)
+        if layout == "NC":  # for 2-D inputs jaxce's "mean" is PyTorch's "batchmean"
+            batchmean = _torch_value_and_grad(
+                lambda x: F.kl_div(x, torch.tensor(second), reduction="batchmean",
+                                   log_target=log_target),
+                log_q,
+            )  # fmt: skip
+            _assert_parity((ours[0] * NUM_CLASSES, ours[1] * NUM_CLASSES), batchmean)
+    _assert_parity(ours, theirs)

@@ -18,7 +18,9 @@
    respect to the hidden states, the weight and the bias.
 2. optax's own test classes for ``softmax_cross_entropy`` (and its ``-inf``-safe
    variant), ``softmax_cross_entropy_with_integer_labels``,
-   ``sigmoid_binary_cross_entropy`` and ``sigmoid_focal_loss`` (plus the
+   ``sigmoid_binary_cross_entropy``, ``sigmoid_focal_loss``,
+   ``poly_loss_cross_entropy``, ``kl_divergence`` and
+   ``kl_divergence_with_log_targets`` (plus the
    Fenchel-Young test that checks against the integer-label loss), run unchanged
    with jaxce's functions substituted for optax's in ``optax.losses._classification``.
    The documented differences from optax that those classes do not reach are
@@ -391,6 +393,9 @@ OPTAX_SUBSTITUTES = {
     # optax's -inf-safe variant (0 log 0 = 0) is what jaxce's softmax_cross_entropy
     # documents for every input; its test class holds jaxce to that.
     "safe_softmax_cross_entropy": jaxce.softmax_cross_entropy,
+    "poly_loss_cross_entropy": jaxce.poly_loss_cross_entropy,
+    "kl_divergence": jaxce.kl_divergence,
+    "kl_divergence_with_log_targets": jaxce.kl_divergence_with_log_targets,
 }
 OPTAX_TEST_CLASSES = (
     optax_classification_test.SoftmaxCrossEntropyTest,
@@ -398,15 +403,18 @@ OPTAX_TEST_CLASSES = (
     optax_classification_test.SoftmaxCrossEntropyWithIntegerLabelsTest,
     optax_classification_test.SigmoidCrossEntropyTest,
     optax_classification_test.SigmoidFocalLossTest,
+    optax_classification_test.PolyLossTest,
+    optax_classification_test.KLDivergenceTest,
+    optax_classification_test.KLDivergenceWithLogTargetsTest,
     # Checks the Fenchel-Young loss of logsumexp against the (vmapped) integer-label loss.
     optax_fenchel_young_test.FenchelYoungTest,
 )
 # jaxce deliberately differs from optax (DESIGN.md) in three ways: a label outside [0, C)
-# gives NaN instead of wrapping to the last class; a -inf logit with label 0 contributes 0,
-# not NaN; half-precision inputs are computed in, and return, float32. No method of optax
-# 0.2.8's classes above asserts optax's side of any of them, so every method runs as is; the
-# differences are asserted on those classes' own fixtures by the test_optax_difference_*
-# tests below.
+# gives NaN instead of wrapping to the last class; a -inf logit with label 0 (a -inf log
+# prediction with target 0, for the divergences) contributes 0, not NaN; half-precision
+# inputs are computed in, and return, float32. No method of optax 0.2.8's classes above
+# asserts optax's side of any of them, so every method runs as is; the differences are
+# asserted on those classes' own fixtures by the test_optax_difference_* tests below.
 
 
 def _optax_cases() -> list[Any]:
@@ -499,11 +507,18 @@ def _optax_fixture_inputs() -> dict[str, tuple[Any, Any, dict[str, Any]]]:
     integer.setUp()
     focal = optax_classification_test.SigmoidFocalLossTest()
     focal.setUp()
+    poly = optax_classification_test.PolyLossTest()
+    poly.setUp()
+    divergence = optax_classification_test.KLDivergenceTest()
+    divergence.setUp()
     return {
         "softmax_cross_entropy": (softmax.ys, softmax.ts, {}),
         "softmax_cross_entropy_with_integer_labels": (integer.ys, integer.ts, {}),
         "sigmoid_binary_cross_entropy": (focal.ys, focal.ts, {}),
         "sigmoid_focal_loss": (focal.ys, focal.ts, {"alpha": 0.25, "gamma": 2.0}),
+        "poly_loss_cross_entropy": (poly.batched_logits, poly.batched_labels, {"epsilon": 2.0}),
+        # Its second row has a zero target: 0 log 0 = 0 on both sides (finite log predictions).
+        "kl_divergence": (divergence.log_ps, divergence.qs, {}),
     }
 
 
@@ -515,6 +530,8 @@ def _optax_fixture_inputs() -> dict[str, tuple[Any, Any, dict[str, Any]]]:
         "softmax_cross_entropy_with_integer_labels",
         "sigmoid_binary_cross_entropy",
         "sigmoid_focal_loss",
+        "poly_loss_cross_entropy",
+        "kl_divergence",
     ],
 )
 def test_optax_difference_half_precision_is_computed_in_float32(name, dtype):

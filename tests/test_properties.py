@@ -24,6 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import REDUCTIONS, assert_normwise_close, rounding_bound
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -190,6 +191,8 @@ BINARY_PROBS = _grad_and_closed("binary_cross_entropy")
 BINARY_PROBS_REFERENCE = _reference("binary_cross_entropy")
 CATEGORICAL = _grad_and_closed("categorical_cross_entropy")
 CATEGORICAL_REFERENCE = _reference("categorical_cross_entropy")
+SOFTMAX_FOCAL = _grad_and_closed("softmax_focal_loss")
+SOFTMAX_FOCAL_REFERENCE = _reference("softmax_focal_loss")
 
 # The option structures (class weights or None, where of no, the batch's or the full
 # shape) change the compiled program; each shape takes two of the six combinations,
@@ -373,6 +376,36 @@ def test_focal_closed_form_equals_autodiff_and_float64_reference(problem, gamma,
     moderate = np.clip(x, -16, 16)
     _check(FOCAL(moderate, (labels,), options),
            _in_float64(FOCAL_REFERENCE, moderate, (labels,), options), FOCAL_TOL, FOCAL_TOL)  # fmt: skip
+
+
+@pytest.mark.slow  # about 7 s; tests/test_polynomial.py checks the extremes in the default run
+@given(soft_label_problems(), st.sampled_from([0.0, 0.5, 2.0]))
+def test_softmax_focal_closed_form_equals_autodiff_and_float64_reference(problem, gamma):
+    """Class weights drawn for the softmax losses serve as the per-class ``alpha`` (a scalar
+    0.25 without them). The closed form is the loss's derivative rule: checked at the
+    extremes (1e30, p = 1 with gamma = 0.5) against jax.grad, finite; against the reference
+    where the reference's ``(1 - p)^gamma`` keeps ``1 - p``: logits within +-16, where
+    float64 rounds 1 - p >= e^-32 by at most 2^-53 e^32 ~ 1% of itself, a change below
+    float32's rounding of the gradient's scale. A row with one included class has p = 1,
+    where the reference's derivative of ``(1 - p)^gamma`` is NaN: its gradient (0) is
+    compared with jax.grad only."""
+    x, labels, weight, where = problem
+    alpha = np.float32(0.25) if weight is None else weight
+    options = {"gamma": np.float32(gamma), "alpha": alpha, "where": where}
+    results = SOFTMAX_FOCAL(x, (labels,), options)
+    _check_closed_form(results, FOCAL_TOL)
+    for _, autodiff, closed in results.values():
+        assert np.all(np.isfinite(np.asarray(closed))) and np.all(np.isfinite(np.asarray(autodiff)))
+    moderate = np.clip(x, -16, 16)
+    included = (
+        np.ones(x.shape, bool)
+        if where is None
+        else np.broadcast_to(where if where.ndim == x.ndim else where[..., None], x.shape)
+    )
+    one_class = np.broadcast_to(included.sum(-1, keepdims=True) == 1, x.shape)
+    _check(SOFTMAX_FOCAL(moderate, (labels,), options),
+           _in_float64(SOFTMAX_FOCAL_REFERENCE, moderate, (labels,), options),
+           FOCAL_TOL, FOCAL_TOL, grad_where=~one_class)  # fmt: skip
 
 
 def _interior(probs):

@@ -471,6 +471,30 @@ else:
                 {"logits": "bc", "labels": "b", "weight": "c", "where": "bc"},
             ),
             (
+                "softmax_focal_loss",
+                jaxce.softmax_focal_loss,
+                {"logits": logits, "labels": distribution, "alpha": class_weight, "gamma": 1.5},
+                {"logits": "bc", "labels": "bc", "alpha": "c"},
+            ),
+            (
+                "poly_loss_cross_entropy",
+                jaxce.poly_loss_cross_entropy,
+                {"logits": logits, "labels": distribution, "epsilon": -1.0, "where": mask},
+                {"logits": "bc", "labels": "bc", "where": "bc"},
+            ),
+            (
+                "kl_divergence",
+                jaxce.kl_divergence,
+                {"log_predictions": np.log(probs), "targets": distribution, "where": mask},
+                {"log_predictions": "bc", "targets": "bc", "where": "bc"},
+            ),
+            (
+                "kl_divergence_with_log_targets",
+                jaxce.kl_divergence_with_log_targets,
+                {"log_predictions": np.log(probs), "log_targets": np.log(distribution)},
+                {"log_predictions": "bc", "log_targets": "bc"},
+            ),
+            (
                 "binary_cross_entropy",
                 jaxce.binary_cross_entropy,
                 {"probs": probs, "labels": binary, "weight": probs},
