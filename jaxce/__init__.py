@@ -16,6 +16,7 @@ from jaxce._divergence import kl_divergence_with_log_targets as kl_divergence_wi
 from jaxce._linear import LinearCrossEntropyAux as LinearCrossEntropyAux
 from jaxce._linear import LinearCrossEntropyPlan as LinearCrossEntropyPlan
 from jaxce._linear import linear_cross_entropy as linear_cross_entropy
+from jaxce._linear import linear_distillation_loss as linear_distillation_loss
 from jaxce._linear import plan_linear_cross_entropy as plan_linear_cross_entropy
 from jaxce._polynomial import poly_loss_cross_entropy as poly_loss_cross_entropy
 from jaxce._polynomial import softmax_focal_loss as softmax_focal_loss
@@ -41,6 +42,7 @@ __all__ = [
     "kl_divergence",
     "kl_divergence_with_log_targets",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "log1m_sigmoid",
     "log_sigmoid",
     "log_softmax",

@@ -277,6 +277,39 @@ def linear_cross_entropy(
     )
 
 
+def linear_distillation_loss(
+    hidden, weight, teacher_hidden, teacher_weight, labels=None, *, temperature=1.0, beta=0.0,
+    hard_label_weight=0.0, ignore_index=None, reduction="mean", chunk_size=None, plan=None,
+):  # fmt: skip
+    """Distillation materialised: both models' ``[..., V]`` logits, their log-softmax, the mixture."""
+    del chunk_size, plan
+    student = materialised_logits(hidden, weight)
+    teacher = jax.lax.stop_gradient(materialised_logits(teacher_hidden, teacher_weight))
+    log_q = jax.nn.log_softmax(student / temperature, axis=-1)
+    log_p = jax.nn.log_softmax(teacher / temperature, axis=-1)
+    q, p = jnp.exp(log_q), jnp.exp(log_p)
+    if beta == 0:
+        loss = jnp.sum(p * (log_p - log_q), axis=-1)
+    elif beta == 1:
+        loss = jnp.sum(q * (log_q - log_p), axis=-1)
+    else:
+        log_m = jnp.log(beta * p + (1 - beta) * q)
+        loss = beta * jnp.sum(p * (log_p - log_m), axis=-1) + (1 - beta) * jnp.sum(
+            q * (log_q - log_m), axis=-1
+        )
+    included = jnp.ones(loss.shape, bool)
+    if labels is not None:
+        labels = jnp.asarray(labels)
+        if ignore_index is not None:
+            included = labels != ignore_index
+        if hard_label_weight:
+            log_probs = jax.nn.log_softmax(student, axis=-1)
+            safe = jnp.clip(labels, 0, student.shape[-1] - 1)
+            nll = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+            loss = (1 - hard_label_weight) * loss + hard_label_weight * nll
+    return _reduce(loss, included, reduction)
+
+
 REFERENCES: dict[str, Callable[..., jax.Array]] = {
     "sigmoid_binary_cross_entropy": sigmoid_binary_cross_entropy,
     "binary_cross_entropy": binary_cross_entropy,
@@ -289,4 +322,5 @@ REFERENCES: dict[str, Callable[..., jax.Array]] = {
     "kl_divergence": kl_divergence,
     "kl_divergence_with_log_targets": kl_divergence_with_log_targets,
     "linear_cross_entropy": linear_cross_entropy,
+    "linear_distillation_loss": linear_distillation_loss,
 }

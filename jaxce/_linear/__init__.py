@@ -25,7 +25,6 @@ from jaxce._linear.api import gradients as gradients
 from jaxce._linear.api import linear_cross_entropy as linear_cross_entropy
 from jaxce._linear.api import reduced_loss as reduced_loss
 from jaxce._linear.chunks import LinearCrossEntropyAux as LinearCrossEntropyAux
-from jaxce._linear.distill import gradients as distillation_gradients
 from jaxce._linear.distill import linear_distillation_loss as linear_distillation_loss
 from jaxce._linear.options import Options as Options
 from jaxce._linear.plan import LinearCrossEntropyPlan as LinearCrossEntropyPlan

@@ -270,7 +270,7 @@ def _token_losses_backward(
     )
 
 
-def _zero_cotangent(x: jax.Array) -> jax.Array:
+def _zero_cotangent(x: jax.Array) -> Any:
     if jnp.issubdtype(x.dtype, jnp.inexact):
         return jnp.zeros_like(x)
     return np.zeros(x.shape, jax.dtypes.float0)
