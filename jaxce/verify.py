@@ -109,7 +109,10 @@ PAIRS = (
 )
 
 # Losses whose derivative returns one gradient per differentiated argument.
-_DEFAULT_WRT: dict[str, tuple[int | str, ...]] = {"linear_cross_entropy": (0, 1, "bias")}
+_DEFAULT_WRT: dict[str, tuple[int | str, ...]] = {
+    "linear_cross_entropy": (0, 1, "bias"),
+    "linear_distillation_loss": (0, 1),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -528,6 +531,25 @@ def _cases() -> list[Case]:
              lambda r, d: ((jnp.asarray(r.standard_normal((5, 8)), d),
                             jnp.asarray(0.5 * r.standard_normal((11, 8)), d),
                             r.integers(0, 11, (5,))), {"reduction": "sum"})),
+        Case("linear_distillation_loss", "defaults (forward KL)",
+             lambda r, d: ((jnp.asarray(r.standard_normal((2, 6, 8)), d),
+                            jnp.asarray(0.5 * r.standard_normal((11, 8)), d),
+                            jnp.asarray(r.standard_normal((2, 6, 5)), d),
+                            jnp.asarray(r.standard_normal((11, 5)), d)), {})),
+        Case("linear_distillation_loss", "beta=0.5, temperature, hard labels, ignore_index, sum",
+             lambda r, d: ((jnp.asarray(r.standard_normal((7, 8)), d),
+                            jnp.asarray(0.5 * r.standard_normal((11, 8)), d),
+                            jnp.asarray(r.standard_normal((7, 5)), d),
+                            jnp.asarray(r.standard_normal((11, 5)), d),
+                            np.where(r.uniform(size=7) > 0.2, r.integers(0, 11, 7), -100)),
+                           {"beta": 0.5, "temperature": 2.0, "hard_label_weight": 0.3,
+                            "ignore_index": -100, "reduction": "sum"})),
+        Case("linear_distillation_loss", "beta=1 (reverse KL), mean",
+             lambda r, d: ((jnp.asarray(r.standard_normal((7, 8)), d),
+                            jnp.asarray(0.5 * r.standard_normal((11, 8)), d),
+                            jnp.asarray(r.standard_normal((7, 5)), d),
+                            jnp.asarray(r.standard_normal((11, 5)), d)),
+                           {"beta": 1.0, "reduction": "mean"})),
     ]  # fmt: skip
     return cases
 
