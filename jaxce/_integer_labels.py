@@ -236,7 +236,7 @@ def reduce_terms(
         if terms.z is not None:
             result = result + total(terms.z)
     elif _plain_mean(rule, terms, total):
-        result = _sum_over_count(terms.label, rule.counted)
+        result = _sum_over_count(terms.label)
     else:
         mean = _Denominators.of(rule, terms.label.dtype, total)
 
@@ -261,15 +261,15 @@ def _plain_mean(rule: LabelRule, terms: Terms, total: Total) -> bool:
     return rule.all_count and not options and total is jnp.sum
 
 
-def _sum_over_count(label: jax.Array, counted: jax.Array) -> jax.Array:
-    """``sum(label) / sum(counted)``: the mean without options, with no select around it.
+def _sum_over_count(label: jax.Array) -> jax.Array:
+    """``sum(label) / N``: the mean without options, with no select around it.
 
-    The count is the mean's denominator (invalid labels are not counted: their
-    NaN is in the sum). A count of 0 is an empty batch (sum 0: the mean is 0)
-    or one where every label is invalid (sum NaN: the mean is NaN).
+    Every example counts (no ``ignore_index``, no ``where``), so the
+    denominator is the number of examples, a constant: no pass over the
+    labels forms it. An invalid label's NaN is in the sum, which makes the
+    mean NaN whatever it is divided by. An empty batch sums to 0: the mean is 0.
     """
-    count = jnp.sum(counted.astype(label.dtype))
-    return jnp.sum(label) / jnp.where(count > 0, count, 1)
+    return jnp.sum(label) / max(label.size, 1)
 
 
 def nan_where_invalid(rule: LabelRule, per_example: jax.Array) -> jax.Array:
@@ -306,12 +306,20 @@ class _Denominators(NamedTuple):
     def of(cls, rule: LabelRule, dtype: Any, total: Total) -> _Denominators:
         # Only "no example counted" avoids the division: counted examples whose
         # class weights sum to 0 divide by 0 (inf or NaN), as in PyTorch.
-        count = total(rule.counted.astype(dtype))
-        anything = count > 0
-        if rule.label_weight is None:
-            weights = count
+        # Without ignore_index or `where` every example counts: an invalid
+        # label makes the loss NaN whatever the denominator, which is then the
+        # number of examples, a constant (no pass over the labels).
+        if rule.all_count:
+            count = total(jnp.ones(rule.counted.shape, dtype))
+            weights = count if rule.label_weight is None else total(rule.label_weight.astype(dtype))
         else:
-            weights = total(jnp.where(rule.counted, rule.label_weight, 0).astype(dtype))
+            count = total(rule.counted.astype(dtype))
+            weights = (
+                count
+                if rule.label_weight is None
+                else total(jnp.where(rule.counted, rule.label_weight, 0).astype(dtype))
+            )
+        anything = count > 0
         return cls(anything, jnp.where(anything, weights, 1), jnp.where(anything, count, 1))
 
 

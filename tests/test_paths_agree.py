@@ -577,7 +577,8 @@ def documented_loss(
     included count nowhere: loss 0, zero gradients. A label out of range makes
     its loss and every reduction NaN, with zero gradients. "mean" divides the
     cross-entropy by the summed ``w_y`` of the counted examples and the z-loss
-    by their number, and is 0 with zero gradients over nothing.
+    by their number (every example's, without ignore_index and `where`), and is 0 with zero
+    gradients over nothing.
     """
     num_classes = x.shape[-1]
     eps, z, classes = settings.label_smoothing, settings.z_loss, settings.classes
@@ -609,9 +610,13 @@ def documented_loss(
         return jnp.where(invalid, jnp.nan, cross_entropy + z_term)
     if reduction == "sum":
         return jnp.sum(cross_entropy) + jnp.sum(z_term) + poison
-    anything = jnp.any(counted)
-    weights = jnp.where(anything, jnp.sum(jnp.where(counted, label_weight, 0.0)), 1.0)
-    count = jnp.where(anything, jnp.sum(counted), 1)
+    # Without ignore_index and `where` every example counts: "mean" divides by their number
+    # (a label out of range makes it NaN whatever the denominator).
+    every_example = ~settings.ignoring & jnp.all(settings.examples) & jnp.all(settings.classes)
+    counts = counted | every_example
+    anything = jnp.any(counts)
+    weights = jnp.where(anything, jnp.sum(jnp.where(counts, label_weight, 0.0)), 1.0)
+    count = jnp.where(anything, jnp.sum(counts), 1)
     mean = jnp.sum(cross_entropy) / weights + jnp.sum(z_term) / count
     return jnp.where(anything, mean, 0.0) + poison
 

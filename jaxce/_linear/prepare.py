@@ -192,7 +192,7 @@ def _row_weights(
         # A token of weight 0 is masked out: a mask that masks every token is
         # an empty mean (0, with zero gradients), as `ignore_index` makes it.
         counted = rule.counted & (token_weights != 0)
-        rule = rule._replace(counted=counted, label_weight=token_weights)
+        rule = rule._replace(counted=counted, label_weight=token_weights, all_count=False)
     row_weight = _integer_labels.gradient_scales(rule, reduction, compute, total).cross_entropy
     return row_weight if token_weights is None else row_weight * token_weights
 
