@@ -48,10 +48,37 @@ the test: a wrong formula (a missing 1/n, a flipped sign, a dropped factor) is
 off by O(1), which every derived tolerance is far below.
 """
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+
+# How the suite compiles (the tests' own subprocesses inherit it through the environment):
+# - XLA:CPU's LLVM backend at -O0 without its expensive passes, as `jaxce.verify` compiles:
+#   the tests' arrays are small, so compiling is most of their time, and the HLO (fusions,
+#   buffers, `memory_analysis()`) is the same at any backend level;
+# - a compilation cache for this process, so that a program another test compiled already
+#   (the same loss at the same shapes, from a new `jit`) is loaded, not compiled again. It
+#   starts empty: every run compiles from scratch once, as CI does.
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="jaxce-tests-compilation-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=_cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    jax.config.update("jax_compilation_cache_dir", _cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # Registered here, not in a test module: the hypothesis plugin resolves
 # `--hypothesis-profile` before test modules are imported.
@@ -71,3 +98,4 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
