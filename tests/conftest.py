@@ -98,4 +98,3 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
-
