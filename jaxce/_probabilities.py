@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _binary, _checks, _formulas, _layout, _reduce
+from jaxce import _binary, _checks, _layout, _reduce, _softmax
 from jaxce._reduce import Reduction
 
 # PyTorch's BCELoss clamps each log at -100 so that p = 0 or 1 gives a finite loss.
@@ -223,14 +223,8 @@ def categorical_inputs(
     compute = _checks.compute_dtype(probs)
     p = layout.classes_last(probs).astype(compute)
     targets = _layout.dense_labels(labels, layout).astype(compute)
-    valid = _checks.option_valid(label_smoothing, "label_smoothing", high=1.0)
-    if not _checks.is_concrete_zero(label_smoothing):
-        smoothing = jnp.asarray(label_smoothing, compute)
-        if valid is not None:
-            smoothing = jnp.where(valid, smoothing, 0)
-        targets = _formulas.smoothed_targets(targets, smoothing, layout.num_classes)
-    if class_weight is not None:
-        targets = targets * class_weight.astype(compute).reshape((1,) * (p.ndim - 1) + (-1,))
+    targets, valid = _softmax.smoothed_labels(targets, label_smoothing, layout.num_classes)
+    targets = _softmax.class_weighted(targets, class_weight, None)
     return CategoricalInputs(layout, p, targets, mask, valid)
 
 

@@ -248,6 +248,26 @@ class SoftLabelInputs(NamedTuple):
     valid: jax.Array | None  # a traced `label_smoothing` in [0, 1) (None when concrete)
 
 
+def smoothed_labels(
+    targets: jax.Array, label_smoothing: ArrayLike, num_classes: int
+) -> tuple[jax.Array, jax.Array | None]:
+    """Probability labels mixed with the uniform distribution, and whether the mix is valid.
+
+    `_formulas.smoothed_targets` unless ``label_smoothing`` is a concrete 0.
+    The flag is None for a concrete ``label_smoothing`` (checked already); a
+    traced one out of ``[0, 1)`` is replaced by 0, so that no NaN reaches a
+    gradient, and the flag is False: the caller's loss makes itself NaN, and
+    `jaxce.checked` names it.
+    """
+    valid = _checks.option_valid(label_smoothing, "label_smoothing", high=1.0)
+    if _checks.is_concrete_zero(label_smoothing):
+        return targets, valid
+    smoothing = jnp.asarray(label_smoothing, targets.dtype)
+    if valid is not None:
+        smoothing = jnp.where(valid, smoothing, 0)
+    return _formulas.smoothed_targets(targets, smoothing, num_classes), valid
+
+
 def soft_label_inputs(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -276,12 +296,7 @@ def soft_label_inputs(
     compute = _checks.compute_dtype(logits)
     x = layout.classes_last(logits).astype(compute)
     targets = _layout.dense_labels(labels, layout).astype(compute)
-    valid = _checks.option_valid(label_smoothing, "label_smoothing", high=1.0)
-    if not _checks.is_concrete_zero(label_smoothing):
-        smoothing = jnp.asarray(label_smoothing, compute)
-        if valid is not None:
-            smoothing = jnp.where(valid, smoothing, 0)
-        targets = _formulas.smoothed_targets(targets, smoothing, layout.num_classes)
+    targets, valid = smoothed_labels(targets, label_smoothing, layout.num_classes)
     targets = jnp.broadcast_to(targets, x.shape)
     if mask is not None:
         x = jnp.where(mask, x, -jnp.inf)
