@@ -14,10 +14,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxce
+import jaxce.derivatives
 
 # The reductions every loss accepts, read from the library's `Reduction` literal: the sweeps
 # grow with it instead of keeping a copy of their own.
@@ -254,3 +256,15 @@ PLUS_INF_ROWS = np.array(
     ],
     np.float32,
 )
+
+
+def value_grad_closed(name: str, x: Any, *rest: Any, **options: Any) -> list[np.ndarray]:
+    """Jitted: jaxce's loss ``name``, ``jax.grad`` of its sum and its closed form, at ``x``."""
+
+    def run(z: Any) -> tuple[Any, Any, Any]:
+        loss = getattr(jaxce, name)
+        total = lambda v: jnp.sum(loss(v, *rest, **options))  # noqa: E731
+        closed = getattr(jaxce.derivatives, name)(z, *rest, **options)
+        return loss(z, *rest, **options), jax.grad(total)(z), closed
+
+    return [np.asarray(out) for out in jax.jit(run)(x)]

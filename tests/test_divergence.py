@@ -12,11 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import np_log_softmax, rounding_bound
+from helpers import np_log_softmax, rounding_bound, value_grad_closed
 from jax.experimental import checkify
 
 import jaxce
-import jaxce.derivatives as derivatives
 
 N, C = 4, 5
 DIVERGENCE_REDUCTIONS = ["none", "sum", "mean", "batchmean"]
@@ -46,16 +45,6 @@ def _second(name, targets):
         return np.log(targets)
 
 
-def _value_grad_closed(name, x, *rest, **options):
-    def run(z):
-        loss = getattr(jaxce, name)
-        total = lambda v: jnp.sum(loss(v, *rest, **options))  # noqa: E731
-        closed = getattr(derivatives, name)(z, *rest, **options)
-        return loss(z, *rest, **options), jax.grad(total)(z), closed
-
-    return [np.asarray(out) for out in jax.jit(run)(x)]
-
-
 @pytest.mark.parametrize("where_kind", [None, "entries", "examples"])
 @pytest.mark.parametrize("reduction", DIVERGENCE_REDUCTIONS)
 @pytest.mark.parametrize("name", NAMES)
@@ -77,7 +66,7 @@ def test_matches_float64_formula(name: str, reduction: str, where_kind) -> None:
         else np.broadcast_to(where if where.ndim == 2 else where[:, None], (N, C))
     )
     with jax.enable_x64(True):
-        value, grad, closed = _value_grad_closed(
+        value, grad, closed = value_grad_closed(
             name, log_q, _second(name, t), where=where, reduction=reduction
         )
     per_example = np_kl(log_q, t, full)
@@ -152,7 +141,7 @@ def test_zero_target_contributes_nothing_even_on_infinite_log_predictions(name: 
     """optax and PyTorch give NaN there; a positive target on -inf costs +inf."""
     log_q = np.array([[-np.inf, -0.5, np.inf], [-np.inf, -0.5, -1.0]], np.float32)
     t = np.array([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]], np.float32)
-    value, grad, closed = _value_grad_closed(name, jnp.asarray(log_q), _second(name, t))
+    value, grad, closed = value_grad_closed(name, jnp.asarray(log_q), _second(name, t))
     np.testing.assert_allclose(value[0], 0.5, rtol=rounding_bound(jnp.float32, 4))
     assert value[1] == np.inf
     np.testing.assert_array_equal(grad, -t)
@@ -172,7 +161,7 @@ def test_invalid_targets_and_nan_log_predictions_make_their_example_nan(name: st
     second[2, 0] = np.nan
     log_q[3, 4] = np.nan
     t_arg = "targets" if name == "kl_divergence" else "log_targets"
-    value, grad, closed = _value_grad_closed(name, jnp.asarray(log_q), second)
+    value, grad, closed = value_grad_closed(name, jnp.asarray(log_q), second)
     assert np.all(np.isnan(value[1:])) and np.isfinite(value[0])
     np.testing.assert_allclose(
         value[0], np_kl(log_q[:1], t[:1])[0], rtol=rounding_bound(jnp.float32, 32)
@@ -196,7 +185,7 @@ def test_half_precision_is_computed_in_float32(dtype: str) -> None:
     rng = np.random.default_rng(5)
     log_q = jnp.asarray(np_log_softmax(rng.standard_normal((N, C))), dtype)
     t = _soft(rng, (N, C)).astype(np.float32)
-    value, grad, closed = _value_grad_closed("kl_divergence", log_q, t, reduction="batchmean")
+    value, grad, closed = value_grad_closed("kl_divergence", log_q, t, reduction="batchmean")
     assert value.dtype == np.float32 and grad.dtype == closed.dtype == jnp.dtype(dtype)
     expected = np_kl(np.asarray(log_q, np.float64), t).sum() / N
     np.testing.assert_allclose(value, expected, rtol=rounding_bound(jnp.float32, 4 * C + N + 16))

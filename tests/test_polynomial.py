@@ -13,7 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REDUCTIONS, assert_normwise_close, np_log_softmax, rounding_bound, unit_roundoff
+from helpers import (
+    REDUCTIONS,
+    assert_normwise_close,
+    np_log_softmax,
+    rounding_bound,
+    unit_roundoff,
+    value_grad_closed,
+)
 
 import jaxce
 import jaxce.derivatives as derivatives
@@ -53,18 +60,6 @@ def np_focal_gradient(x, y, *, alpha=0.25, gamma=2.0, label_smoothing=0.0, where
 def _soft(rng, shape):
     raw = rng.uniform(0.05, 1.0, shape)
     return raw / raw.sum(-1, keepdims=True)
-
-
-def _value_grad_closed(name, x, *rest, **options):
-    """Jitted: the loss, jax.grad of its sum and the closed form, at ``x``."""
-
-    def run(z):
-        loss = getattr(jaxce, name)
-        total = lambda v: jnp.sum(loss(v, *rest, **options))  # noqa: E731
-        closed = getattr(derivatives, name)(z, *rest, **options)
-        return loss(z, *rest, **options), jax.grad(total)(z), closed
-
-    return [np.asarray(out) for out in jax.jit(run)(x)]
 
 
 # --------------------------------------------------------------------------- #
@@ -147,7 +142,7 @@ def test_focal_matches_float64_formula_and_closed_form(gamma: float, options: st
         where[:, 0] = True  # no row without a class
         kwargs.update(alpha=rng.uniform(0.2, 2.0, C), where=where, label_smoothing=0.1)
     with jax.enable_x64(True):
-        loss, grad, closed = _value_grad_closed("softmax_focal_loss", x, y, **kwargs)
+        loss, grad, closed = value_grad_closed("softmax_focal_loss", x, y, **kwargs)
     np.testing.assert_allclose(loss, np_focal(x, y, **kwargs), rtol=FLOAT64_TOLERANCE)
     expected = np_focal_gradient(x, y, **kwargs)
     assert_normwise_close(grad, expected, FLOAT64_TOLERANCE, "jax.grad")
@@ -193,7 +188,7 @@ def test_extreme_logits_give_finite_losses_and_gradients(loss: str, gamma: float
     """Logits of +-1e30, p = 1 in float32 (logits 40 apart), a -inf logit under a zero label."""
     options = {"gamma": gamma} if loss == "softmax_focal_loss" else {"epsilon": gamma - 1}
     x = jnp.asarray(EXTREME, jnp.float32)
-    value, grad, closed = _value_grad_closed(loss, x, EXTREME_LABELS, **options)
+    value, grad, closed = value_grad_closed(loss, x, EXTREME_LABELS, **options)
     assert np.all(np.isfinite(value)), value
     assert np.all(np.isfinite(grad)) and np.all(np.isfinite(closed)), (grad, closed)
     np.testing.assert_allclose(grad, closed, atol=rounding_bound(jnp.float32, 32))
@@ -328,7 +323,7 @@ def test_patching_the_focal_closed_form_changes_grad_and_derivative_alike(monkey
     x, y = rng.normal(size=(N, C)).astype(np.float32), _soft(rng, (N, C))
 
     def grad_and_closed():
-        return _value_grad_closed("softmax_focal_loss", x, y)[1:]
+        return value_grad_closed("softmax_focal_loss", x, y)[1:]
 
     expected, _ = grad_and_closed()
     original = _closed_form.focal_slopes
@@ -370,7 +365,7 @@ def test_poly_matches_float64_formula(epsilon: float) -> None:
     where[:, 0] = True
     with jax.enable_x64(True):
         # optax's positional order: logits, labels, epsilon, axis, where.
-        loss, grad, closed = _value_grad_closed("poly_loss_cross_entropy", x, y, epsilon, -1, where)
+        loss, grad, closed = value_grad_closed("poly_loss_cross_entropy", x, y, epsilon, -1, where)
         plain = jax.jit(lambda z: jaxce.softmax_cross_entropy(z, y, where=where))(x)
     expected, expected_grad = np_poly(x, y, epsilon, where)
     np.testing.assert_allclose(loss, expected, rtol=FLOAT64_TOLERANCE)
