@@ -47,6 +47,11 @@ def check_options(
     _checks.check_reduction(reduction)
     _checks.check_unit_interval(label_smoothing, "label_smoothing")
     _checks.check_nonnegative(z_loss, "z_loss")
+    check_ignore_index(ignore_index)
+
+
+def check_ignore_index(ignore_index: Any) -> None:
+    """An int that fits in int64, or None."""
     if ignore_index is not None and (
         not isinstance(ignore_index, int) or isinstance(ignore_index, bool)
     ):

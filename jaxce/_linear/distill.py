@@ -39,15 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxce import _checks, _formulas, _reduce
+from jaxce import _checks, _closed_form, _formulas, _integer_labels, _reduce
 from jaxce._linear import chunks, xla_cpu
-from jaxce._linear.options import check_temperature
+from jaxce._linear.options import check_count, check_plan, check_temperature
 from jaxce._linear.plan import LinearCrossEntropyPlan, plan_linear_cross_entropy
 from jaxce._reduce import Reduction
-
-_CONTRACT_DIM = (((1,), (1,)), ((), ()))  # [C, D] x [V, D] -> [C, V]
-_CONTRACT_VOCAB = (((1,), (0,)), ((), ()))  # [C, V] x [V, D] -> [C, D]
-_CONTRACT_TOKENS = (((0,), (0,)), ((), ()))  # [C, V] x [C, D] -> [V, D]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +84,8 @@ class Pass(NamedTuple):
 
 def _log_softmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(log softmax(x), softmax(x))`` over the last axis, in the shifted frame."""
-    shift, exps, total = _formulas.shifted_exponentials(x)
-    log_probs = (x - shift) - _formulas.log_of_total(total)[:, None]
-    return log_probs, exps * _formulas.reciprocal_of_total(total)[:, None]
+    row_max, log_normalizer, p, _ = _closed_form.softmax_parts(x)
+    return _formulas.log_probabilities(x - row_max[:, None], log_normalizer[:, None]), p
 
 
 def _expectation(p: jax.Array, values: jax.Array) -> jax.Array:
@@ -120,9 +115,11 @@ def _row_terms(
 ) -> tuple[jax.Array, jax.Array]:
     """``(loss, d loss / d z)`` of a chunk's rows (``[C]``, ``[C, V]``) from its hidden states."""
     compute = inputs.temperature.dtype
-    z = jax.lax.dot_general(hidden, inputs.weight, _CONTRACT_DIM, preferred_element_type=compute)
+    z = jax.lax.dot_general(
+        hidden, inputs.weight, chunks._CONTRACT_DIM, preferred_element_type=compute
+    )
     t = jax.lax.dot_general(
-        teacher_hidden, inputs.teacher_weight, _CONTRACT_DIM, preferred_element_type=compute
+        teacher_hidden, inputs.teacher_weight, chunks._CONTRACT_DIM, preferred_element_type=compute
     )
     temperature = inputs.temperature if config.temperature else None
     log_q, q = _log_softmax(_formulas.soften(z, None, temperature))
@@ -171,13 +168,13 @@ def one_pass(
             g = jnp.where(weights[:, None] != 0, weights[:, None] * slope, 0)
             g_in = g.astype(inputs.weight.dtype)
             rows = jax.lax.dot_general(
-                g_in, inputs.weight, _CONTRACT_VOCAB, preferred_element_type=compute
+                g_in, inputs.weight, chunks._CONTRACT_VOCAB, preferred_element_type=compute
             )
             old = jax.lax.dynamic_slice_in_dim(d_hidden, start, config.chunk)
             rows = jnp.where(fresh[:, None], rows, old)
             d_hidden = jax.lax.dynamic_update_slice_in_dim(d_hidden, rows, start, 0)
             d_weight = d_weight + jax.lax.dot_general(
-                g_in, hidden, _CONTRACT_TOKENS, preferred_element_type=compute
+                g_in, hidden, chunks._CONTRACT_TOKENS, preferred_element_type=compute
             )
         return Pass(total, token_losses, d_hidden, d_weight)
 
@@ -516,19 +513,9 @@ def prepare(
         raise ValueError(
             "`labels` are needed with `hard_label_weight` or `ignore_index`, got None."
         )
-    if ignore_index is not None and (
-        not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool)
-    ):
-        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
-    if chunk_size is not None and (
-        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-    ):
-        raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
-    if plan is not None and not isinstance(plan, LinearCrossEntropyPlan):
-        raise TypeError(
-            f"`plan` must be a LinearCrossEntropyPlan (jaxce.plan_linear_cross_entropy) or "
-            f"None, got {type(plan).__name__}."
-        )
+    _integer_labels.check_ignore_index(ignore_index)
+    check_count(chunk_size, "chunk_size", minimum=1, optional=True)
+    check_plan(plan)
     compute = jnp.result_type(
         _checks.compute_dtype(hidden),
         _checks.compute_dtype(weight),
@@ -547,8 +534,7 @@ def prepare(
     invalid = None
     if labels is not None:
         flat = labels.reshape(-1)
-        if ignore_index is not None:
-            counted = flat != ignore_index
+        counted = ~_integer_labels.ignored_labels(flat, ignore_index)
         target = jnp.clip(flat, 0, vocab - 1).astype(jnp.int32)
         if hard:
             invalid = counted & ((flat < 0) | (flat >= vocab))

@@ -45,15 +45,11 @@ class Options:
             self.reduction, self.label_smoothing, self.z_loss, self.ignore_index
         )
         check_softcap(self.softcap)
-        _check_count(self.shift, "shift", minimum=0, optional=False)
-        _check_count(self.chunk_size, "chunk_size", minimum=1, optional=True)
+        check_count(self.shift, "shift", minimum=0, optional=False)
+        check_count(self.chunk_size, "chunk_size", minimum=1, optional=True)
         if not isinstance(self.return_aux, bool):
             raise TypeError(f"`return_aux` must be True or False, got {self.return_aux!r}.")
-        if self.plan is not None and not isinstance(self.plan, LinearCrossEntropyPlan):
-            raise TypeError(
-                "`plan` must be a LinearCrossEntropyPlan from "
-                f"`jaxce.plan_linear_cross_entropy`, got {type(self.plan).__name__}."
-            )
+        check_plan(self.plan)
         if self.plan is not None and self.chunk_size is not None:
             raise ValueError(
                 "Pass `chunk_size` or `plan`, not both (`chunk_size` is a shortcut for a "
@@ -70,7 +66,16 @@ class Options:
         return check_temperature(self.temperature)
 
 
-def _check_count(value: Any, name: str, *, minimum: int, optional: bool) -> None:
+def check_plan(plan: Any) -> None:
+    """A `LinearCrossEntropyPlan`, or None."""
+    if plan is not None and not isinstance(plan, LinearCrossEntropyPlan):
+        raise TypeError(
+            "`plan` must be a LinearCrossEntropyPlan from "
+            f"`jaxce.plan_linear_cross_entropy`, got {type(plan).__name__}."
+        )
+
+
+def check_count(value: Any, name: str, *, minimum: int, optional: bool) -> None:
     if optional and value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
