@@ -241,7 +241,7 @@ def reduce_terms(
         if terms.z is not None:
             result = result + total(terms.z)
     elif _plain_mean(rule, terms, total):
-        result = _sum_over_count(terms.label)
+        result = _sum_over_examples(terms.label)
     else:
         mean = _Denominators.of(rule, terms.label.dtype, total)
 
@@ -266,7 +266,7 @@ def _plain_mean(rule: LabelRule, terms: Terms, total: Total) -> bool:
     return rule.all_count and not options and total is jnp.sum
 
 
-def _sum_over_count(label: jax.Array) -> jax.Array:
+def _sum_over_examples(label: jax.Array) -> jax.Array:
     """``sum(label) / N``: the mean without options, with no select around it.
 
     Every example counts (no ``ignore_index``, no ``where``), so the
