@@ -10,6 +10,7 @@ does instead.
 from __future__ import annotations
 
 import inspect
+import re
 import zlib
 
 import jax
@@ -482,3 +483,54 @@ def test_poly_zero_label_on_minus_inf_logit_is_finite_where_optax_gives_nan():
     np.testing.assert_allclose(ours[0], without[0], **TOLERANCE)
     np.testing.assert_allclose(ours[1], theirs[1], **TOLERANCE)
     assert grad[0, 0] == 0.0 and np.all(np.isfinite(grad))
+
+
+# --- what XLA:CPU compiles: no more work than optax's at the classifier shapes -------------
+
+
+def _logit_passes_and_fusions(fn, shape: tuple[int, int]) -> tuple[list[str], int]:
+    """The entry's instructions that read the ``[N, C]`` logits, and its number of fusions.
+
+    Each instruction that reads the logits is one pass over them (a fusion
+    reads its operand once); the fusions count XLA's kernels. Read from the
+    optimised HLO, so this holds whatever the machine's speed.
+    """
+    logits = jax.ShapeDtypeStruct(shape, jnp.float32)
+    labels = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
+    text = jax.jit(fn).lower(logits, labels).compile().as_text()
+    entry = text[text.index("\nENTRY") :]
+    dims = ",".join(map(str, shape))
+    parameter = re.search(r"(%\S+) = f32\[" + dims + r"\]\{1,0\} parameter\(0\)", entry)
+    assert parameter is not None, entry
+    reads = [
+        line.split("=")[0].strip()
+        for line in entry.splitlines()
+        if re.search(re.escape(parameter.group(1)) + r"[,)]", line) and "parameter(0)" not in line
+    ]
+    return reads, len(re.findall(r"= \S+ fusion\(", entry))
+
+
+@pytest.mark.parametrize("shape", [(8192, 10), (4096, 100), (1024, 1000), (256, 32000)])
+@pytest.mark.parametrize("mode", ["forward", "value_and_grad"])
+def test_plain_mean_compiles_to_no_more_passes_than_optax(shape, mode):
+    """The plain mean pays for no option: as many passes over the logits as optax's.
+
+    At the shapes ``python -m benchmarks`` times against optax. jaxce's
+    options (``ignore_index``, ``where``, class weights, smoothing, z-loss) and
+    its NaN for invalid labels must cost nothing when unused: the passes over
+    the logits are the same count as optax's (max, sum of exponentials, the
+    label's logit; and the gradient), and at most one more small fusion.
+    """
+
+    def ours(x, y):
+        return jaxce.softmax_cross_entropy_with_integer_labels(x, y, reduction="mean")
+
+    def theirs(x, y):
+        return optax.losses.softmax_cross_entropy_with_integer_labels(x, y).mean()
+
+    if mode == "value_and_grad":
+        ours, theirs = jax.value_and_grad(ours), jax.value_and_grad(theirs)
+    our_reads, our_fusions = _logit_passes_and_fusions(ours, shape)
+    their_reads, their_fusions = _logit_passes_and_fusions(theirs, shape)
+    assert len(our_reads) <= len(their_reads), (our_reads, their_reads)
+    assert our_fusions <= their_fusions + 1, (our_fusions, their_fusions)
