@@ -49,7 +49,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy jaxce examples benchmarks
 
 # The suite without the tests marked slow (the notebooks re-executed, the wheel built, ...):
-# under ten minutes on two cores. `make test-all` runs those too.
+# about seven minutes on two idle cores with ruff and mypy. `make test-all` runs those too.
 test: lint typecheck
 	$(PYTEST) -m "not slow" jaxce tests
 

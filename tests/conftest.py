@@ -59,14 +59,24 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 # How the suite compiles (the tests' own subprocesses inherit it through the environment):
-# - XLA:CPU's LLVM backend at -O0 without its expensive passes, as `jaxce.verify` compiles:
-#   the tests' arrays are small, so compiling is most of their time, and the HLO (fusions,
-#   buffers, `memory_analysis()`) is the same at any backend level;
+# - XLA:CPU's LLVM backend at -O0 without its expensive passes, as `jaxce.verify` compiles;
+#   its older elemental fusion emitters (`--xla_cpu_use_fusion_emitters=false`), and the
+#   LLVM module compiled whole instead of split across threads (the workers already use
+#   every core). The tests' arrays are small, so compiling is most of their time: these
+#   halve it (`make test` went from about ten minutes to six on two cores). The older
+#   emitters fuse a few operations differently, so a test that reads what XLA compiled (its
+#   HLO, `memory_analysis()`) compiles with the default ones (`helpers.compile_as_users_do`).
+#   JAXCE_TESTS_XLA_DEFAULTS=1 runs the whole suite with XLA's default code generation;
 # - a compilation cache for this process, so that a program another test compiled already
 #   (the same loss at the same shapes, from a new `jit`) is loaded, not compiled again. It
 #   starts empty: every run compiles from scratch once, as CI does.
-_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+_FAST_COMPILE = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    " --xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+)
+if os.environ.get("JAXCE_TESTS_XLA_DEFAULTS") != "1" and _FAST_COMPILE not in os.environ.get(
+    "XLA_FLAGS", ""
+):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="jaxce-tests-compilation-cache-")

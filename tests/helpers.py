@@ -268,3 +268,14 @@ def value_grad_closed(name: str, x: Any, *rest: Any, **options: Any) -> list[np.
         return loss(z, *rest, **options), jax.grad(total)(z), closed
 
     return [np.asarray(out) for out in jax.jit(run)(x)]
+
+
+def compile_as_users_do(lowered: Any) -> Any:
+    """``lowered.compile()`` with the fusion emitters XLA:CPU uses by default.
+
+    tests/conftest.py compiles the suite with XLA:CPU's older elemental emitters (compiling
+    takes half the time), which fuse a few operations differently. A test that reads what XLA
+    compiled (its HLO, its passes over an array, ``memory_analysis()``) compiles with this,
+    so that it reads what users get.
+    """
+    return lowered.compile(compiler_options={"xla_cpu_use_fusion_emitters": True})

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import REDUCTIONS
+from helpers import REDUCTIONS, compile_as_users_do
 
 import jaxce
 import jaxce.derivatives as derivatives
@@ -316,7 +316,7 @@ def test_excluded_classes_with_smoothing_match_dropping_them(loss_kind):
 
 
 def _temp_bytes(function, *args) -> int:
-    compiled = jax.jit(jax.value_and_grad(function)).lower(*args).compile()
+    compiled = compile_as_users_do(jax.jit(jax.value_and_grad(function)).lower(*args))
     analysis = compiled.memory_analysis()
     assert analysis is not None, "XLA reported no memory analysis for this backend"
     return int(analysis.temp_size_in_bytes)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REDUCTIONS, assert_normwise_close
+from helpers import REDUCTIONS, assert_normwise_close, compile_as_users_do
 
 import jaxce
 from jaxce import _references
@@ -281,7 +281,7 @@ def test_temporaries_are_a_small_fraction_of_the_materialised_form(beta):
     ]
 
     def temporaries(loss):
-        compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*shapes).compile()
+        compiled = compile_as_users_do(jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*shapes))
         return compiled.memory_analysis().temp_size_in_bytes
 
     fused = temporaries(lambda *a: jaxce.linear_distillation_loss(*a, beta=beta))

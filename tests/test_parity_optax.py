@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import compile_as_users_do
 
 import jaxce
 
@@ -497,7 +498,7 @@ def _logit_passes_and_fusions(fn, shape: tuple[int, int]) -> tuple[list[str], in
     """
     logits = jax.ShapeDtypeStruct(shape, jnp.float32)
     labels = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
-    text = jax.jit(fn).lower(logits, labels).compile().as_text()
+    text = compile_as_users_do(jax.jit(fn).lower(logits, labels)).as_text()
     entry = text[text.index("\nENTRY") :]
     dims = ",".join(map(str, shape))
     parameter = re.search(r"(%\S+) = f32\[" + dims + r"\]\{1,0\} parameter\(0\)", entry)

@@ -16,6 +16,7 @@ from helpers import (
     EIGHT_DEVICES_FLAG,
     EIGHT_DEVICES_XLA_FLAG,
     REDUCTIONS,
+    compile_as_users_do,
     rounding_bound,
     run_on_eight_host_devices,
 )
@@ -332,7 +333,7 @@ else:
         def train_signal(x):
             return jax.value_and_grad(lambda x: sharded(x, labels)[2])(x)
 
-        hlo = jax.jit(train_signal).lower(logits).compile().as_text()
+        hlo = compile_as_users_do(jax.jit(train_signal).lower(logits)).as_text()
         found = collectives(hlo)
         assert found, "expected a pmax and a psum in the compiled HLO"
         rows_per_device = BATCH // 2
@@ -352,7 +353,7 @@ else:
                 check_vma=False,
             )(x, labels)
 
-        naive_hlo = jax.jit(naive).lower(logits).compile().as_text()
+        naive_hlo = compile_as_users_do(jax.jit(naive).lower(logits)).as_text()
         assert any(op == "all-gather" for op, _ in collectives(naive_hlo))
 
     def test_uneven_vocabulary_split_is_a_clear_error() -> None:

@@ -53,7 +53,7 @@ def _run_demo(*args: str) -> str:
 
 def test_demo_command_runs_all_but_the_transformer_section_and_passes() -> None:
     # The transformer section trains the model notebook 06 trains (its own pieces are
-    # tested below); skipped here to keep `make test` under ten minutes.
+    # tested below); skipped here to keep `make test` short.
     output = _run_demo("--skip", "transformer")
     for header in (
         "[1/5] Worked examples",
