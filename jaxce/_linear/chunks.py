@@ -36,9 +36,9 @@ from jaxce import _formulas, _integer_labels
 from jaxce._linear import xla_cpu
 from jaxce._linear.prepare import Config, Inputs
 
-_CONTRACT_DIM = (((1,), (1,)), ((), ()))  # [C, D] x [V, D] -> [C, V]
-_CONTRACT_VOCAB = (((1,), (0,)), ((), ()))  # [C, V] x [V, D] -> [C, D]
-_CONTRACT_TOKENS = (((0,), (0,)), ((), ()))  # [C, V] x [C, D] -> [V, D]
+CONTRACT_DIM = (((1,), (1,)), ((), ()))  # [C, D] x [V, D] -> [C, V]
+CONTRACT_VOCAB = (((1,), (0,)), ((), ()))  # [C, V] x [V, D] -> [C, D]
+CONTRACT_TOKENS = (((0,), (0,)), ((), ()))  # [C, V] x [C, D] -> [V, D]
 
 
 def is_zero(tangent: Any) -> bool:
@@ -185,7 +185,7 @@ def chunk_logits(config: Config, inputs: Inputs, index: jax.Array, compute: Any)
         # The label's column among this device's classes (outside [0, V / n)
         # when another device holds it).
         target = target - jax.lax.axis_index(config.axis_name) * weight.shape[0]
-    logits = jax.lax.dot_general(hidden, weight, _CONTRACT_DIM, preferred_element_type=compute)
+    logits = jax.lax.dot_general(hidden, weight, CONTRACT_DIM, preferred_element_type=compute)
     if bias is not None:
         logits = logits + bias.astype(compute)[None, :]
     logits = soften(config, inputs, logits)
@@ -547,12 +547,12 @@ def _add_weight_and_bias(
     weight, bias = carry.weight, carry.bias
     if weight is not None:
         if split and hidden.dtype == jnp.bfloat16:
-            update = split_product(g_block, hidden, _CONTRACT_TOKENS)
+            update = split_product(g_block, hidden, CONTRACT_TOKENS)
         else:
             update = jax.lax.dot_general(
                 g_block.astype(hidden.dtype),
                 hidden,
-                _CONTRACT_TOKENS,
+                CONTRACT_TOKENS,
                 preferred_element_type=weight.dtype,
             )
         weight = _add_rows(weight, v_start, update)
@@ -651,7 +651,7 @@ def _gradients_blocked(
         if hidden is not None:
             w_block = jax.lax.dynamic_slice_in_dim(weight, v_start, block).astype(compute)
             hidden = hidden + jax.lax.dot_general(
-                g, w_block, _CONTRACT_VOCAB, preferred_element_type=compute
+                g, w_block, CONTRACT_VOCAB, preferred_element_type=compute
             )
         return _add_weight_and_bias(carry._replace(hidden=hidden), g, hidden_up, v_start)
 
@@ -789,11 +789,11 @@ def _times_weight(config: Config, g: jax.Array, weight: jax.Array) -> jax.Array:
     """
     if weight.dtype == jnp.bfloat16 and config.bfloat16_products:
         return jax.lax.dot_general(
-            g.astype(weight.dtype), weight, _CONTRACT_VOCAB, preferred_element_type=g.dtype
+            g.astype(weight.dtype), weight, CONTRACT_VOCAB, preferred_element_type=g.dtype
         )
     if weight.dtype == jnp.bfloat16:
-        return split_product(g, weight, _CONTRACT_VOCAB)
-    return jax.lax.dot_general(g, weight.astype(g.dtype), _CONTRACT_VOCAB)
+        return split_product(g, weight, CONTRACT_VOCAB)
+    return jax.lax.dot_general(g, weight.astype(g.dtype), CONTRACT_VOCAB)
 
 
 class PerToken(NamedTuple):
@@ -882,7 +882,7 @@ def _tile(
     v_start = block_start(vocab, block, v_index)
     hidden = xla_cpu.take_rows(inputs.hidden, start, config.chunk)
     w_block = xla_cpu.take_rows(weight, v_start, block)
-    x = jax.lax.dot_general(hidden, w_block, _CONTRACT_DIM, preferred_element_type=compute)
+    x = jax.lax.dot_general(hidden, w_block, CONTRACT_DIM, preferred_element_type=compute)
     if inputs.bias is not None:
         x = x + jax.lax.dynamic_slice_in_dim(inputs.bias, v_start, block).astype(compute)[None, :]
     x = soften(config, inputs, x)
@@ -946,7 +946,7 @@ def per_token_tangent(
             tangent = tangent + jnp.sum(t_rows * _times_weight(config, g, tile.weight), axis=-1)
         if t_weight is not None:
             t_block = jax.lax.dynamic_slice_in_dim(t_weight, tile.v_start, block)
-            t_logits = jax.lax.dot_general(tile.hidden.astype(compute), t_block, _CONTRACT_DIM)
+            t_logits = jax.lax.dot_general(tile.hidden.astype(compute), t_block, CONTRACT_DIM)
             tangent = tangent + jnp.sum(g * t_logits, axis=-1)
         if t_bias is not None:
             tangent = tangent + g @ jax.lax.dynamic_slice_in_dim(t_bias, tile.v_start, block)

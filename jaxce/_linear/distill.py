@@ -116,10 +116,10 @@ def _row_terms(
     """``(loss, d loss / d z)`` of a chunk's rows (``[C]``, ``[C, V]``) from its hidden states."""
     compute = inputs.temperature.dtype
     z = jax.lax.dot_general(
-        hidden, inputs.weight, chunks._CONTRACT_DIM, preferred_element_type=compute
+        hidden, inputs.weight, chunks.CONTRACT_DIM, preferred_element_type=compute
     )
     t = jax.lax.dot_general(
-        teacher_hidden, inputs.teacher_weight, chunks._CONTRACT_DIM, preferred_element_type=compute
+        teacher_hidden, inputs.teacher_weight, chunks.CONTRACT_DIM, preferred_element_type=compute
     )
     temperature = inputs.temperature if config.temperature else None
     log_q, q = _log_softmax(_formulas.soften(z, None, temperature))
@@ -168,13 +168,13 @@ def one_pass(
             g = jnp.where(weights[:, None] != 0, weights[:, None] * slope, 0)
             g_in = g.astype(inputs.weight.dtype)
             rows = jax.lax.dot_general(
-                g_in, inputs.weight, chunks._CONTRACT_VOCAB, preferred_element_type=compute
+                g_in, inputs.weight, chunks.CONTRACT_VOCAB, preferred_element_type=compute
             )
             old = jax.lax.dynamic_slice_in_dim(d_hidden, start, config.chunk)
             rows = jnp.where(fresh[:, None], rows, old)
             d_hidden = jax.lax.dynamic_update_slice_in_dim(d_hidden, rows, start, 0)
             d_weight = d_weight + jax.lax.dot_general(
-                g_in, hidden, chunks._CONTRACT_TOKENS, preferred_element_type=compute
+                g_in, hidden, chunks.CONTRACT_TOKENS, preferred_element_type=compute
             )
         return Pass(total, token_losses, d_hidden, d_weight)
 
